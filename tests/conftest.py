@@ -1,0 +1,30 @@
+"""Test tiers (see README.md, "Tests").
+
+- unmarked: host tests, no KVM needed, fast.
+- @pytest.mark.testbed: need real KVM or /dev/vhost-*; they run inside
+  scripts/testbed, all in one VM. Outside it they fail (never skip).
+- @pytest.mark.launches_testbed: run on the host and start scripts/testbed
+  themselves, one VM at a time.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+TOP = Path(__file__).resolve().parent.parent
+IN_TESTBED = bool(os.environ.get("PYVMM_TESTBED"))
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("testbed") and not IN_TESTBED:
+        pytest.fail("needs real KVM and vhost: run it inside the testbed, "
+                    "scripts/testbed -- .venv/bin/python -m pytest -m testbed", pytrace=False)
+    if item.get_closest_marker("launches_testbed") and IN_TESTBED:
+        pytest.fail("starts scripts/testbed itself: run it on the host", pytrace=False)
+
+
+@pytest.fixture
+def top():
+    """The checkout's top directory."""
+    return TOP

@@ -1,0 +1,93 @@
+"""scripts/testbed itself: each launches_testbed test boots one testbed VM from the host."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+
+
+def run_testbed(top, *command, timeout=300, **kw):
+    return subprocess.run([str(top / "scripts" / "testbed"), *command], cwd=top,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def qemu_processes():
+    out = subprocess.run(["pgrep", "-f", "pyvmm_testbed.job="], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+@pytest.mark.launches_testbed
+def test_command_sees_kvm_vhost_checkout_and_environment(top):
+    marker = top / ".testbed-write-check"
+    marker.unlink(missing_ok=True)
+    script = r"""
+        set -e
+        test -c /dev/kvm && test -c /dev/vhost-net && test -c /dev/vhost-vsock && test -c /dev/net/tun
+        python3 -c 'import pyvmm'
+        echo "cwd=$(pwd) var=$PYVMM_TEST_VAR"
+        echo to-stderr >&2
+        touch .testbed-write-check                           # the checkout is writable
+        ! touch /var/tmp/.pyvmm-testbed-ro 2>/dev/null        # the rest is read-only
+        python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind("/tmp/s")'
+        test "$(stat -f -c %T /tmp)" = tmpfs
+        exit 3
+    """
+    env = dict(os.environ, PYVMM_TEST_VAR="it's passed")
+    try:
+        r = run_testbed(top, "--", "sh", "-c", script, env=env)
+        assert r.returncode == 3, r.stderr
+        assert r.stdout == f"cwd={top} var=it's passed\n"
+        assert "to-stderr\n" in r.stderr
+        assert "command started" in r.stderr
+        assert marker.exists()
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+@pytest.mark.launches_testbed
+def test_timeout_kills_the_vm(top):
+    r = run_testbed(top, "--timeout", "20", "--", "sleep", "600")
+    assert r.returncode == 124
+    assert "timeout" in r.stderr
+    assert qemu_processes() == []
+
+
+@pytest.mark.launches_testbed
+def test_vm_dying_is_a_testbed_error(top):
+    # Power the testbed VM off under the command: no exit status comes back.
+    r = run_testbed(top, "--", "sh", "-c", "echo o > /proc/sysrq-trigger; sleep 60")
+    assert r.returncode == 125
+    assert "before the command reported its exit status" in r.stderr
+
+
+@pytest.mark.launches_testbed
+def test_interrupt_leaves_no_qemu_behind(top):
+    proc = subprocess.Popen([str(top / "scripts" / "testbed"), "--", "sleep", "600"],
+                            cwd=top, stderr=subprocess.PIPE, text=True)
+    try:
+        # Wait until the command runs inside, then press "Ctrl-C".
+        for line in proc.stderr:
+            if "command started" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        proc.kill()
+    time.sleep(0.5)
+    assert qemu_processes() == []
+
+
+def test_bad_usage_is_one_line(top):
+    r = run_testbed(top)
+    assert r.returncode == 2
+    assert "no command given" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_refuses_to_nest(top):
+    r = run_testbed(top, "--", "true", env=dict(os.environ, PYVMM_TESTBED="1"))
+    assert r.returncode == 125
+    assert "already inside the testbed" in r.stderr
