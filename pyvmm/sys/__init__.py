@@ -1,0 +1,1 @@
+"""Small OS helpers: ioctl calls and their numbers, memfd, eventfd."""
