@@ -1,0 +1,132 @@
+"""Guest RAM: one memfd, mapped once, split around the MMIO hole below 4 GiB.
+
+Guest-physical layout (x86):
+
+    0           .. min(size, 3 GiB)    RAM, region 0 (memfd offset 0)
+    3 GiB       .. 4 GiB               MMIO hole: virtio-mmio devices,
+                                       IOAPIC, local APIC, KVM's TSS pages
+    4 GiB       .. 4 GiB + the rest    RAM, region 1 (memfd offset 3 GiB)
+
+The memfd is what makes vhost possible: a vhost-user back-end receives the
+fd and each region's offset, maps the same pages, and reads the rings
+without copies. Every access from pyvmm itself goes through read()/write()/
+view(), which refuse anything outside guest RAM.
+"""
+
+import ctypes
+import fcntl
+import mmap
+import os
+from dataclasses import dataclass
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+MMIO_HOLE_START = 3 * GiB
+MMIO_HOLE_END = 4 * GiB
+HUGE_PAGE_SIZE = 2 * MiB
+
+# <linux/memfd.h>: ask for 2 MiB pages (log2 of the size, shifted by 26).
+MFD_HUGE_2MB = 21 << 26
+
+
+class GuestMemoryError(Exception):
+    """An access outside guest RAM, or memory that cannot be set up."""
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """One contiguous piece of guest RAM, as a vhost back-end needs to see it."""
+    guest_phys_addr: int
+    size: int
+    memfd_offset: int     # where the region starts within the memfd
+    host_addr: int        # where pyvmm has it mapped (userspace_addr for KVM and vhost)
+
+    @property
+    def end(self):
+        return self.guest_phys_addr + self.size
+
+
+def free_huge_pages_bytes():
+    """Free 2 MiB huge pages, in bytes, from /proc/meminfo."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":")
+            info[key] = int(value.split()[0])
+    return info.get("HugePages_Free", 0) * info.get("Hugepagesize", 0) * KiB
+
+
+class GuestMemory:
+    def __init__(self, size, hugepages=False):
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise GuestMemoryError(f"guest memory size {size} is not a positive number of pages")
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        if hugepages:
+            if size % HUGE_PAGE_SIZE:
+                raise GuestMemoryError("with huge pages the memory size must be a multiple of 2 MiB")
+            free = free_huge_pages_bytes()
+            if free < size:
+                raise GuestMemoryError(
+                    f"not enough free 2 MiB huge pages: {free // MiB} MiB free, {size // MiB} MiB "
+                    f"needed (echo {size // HUGE_PAGE_SIZE} > /proc/sys/vm/nr_hugepages)")
+            flags |= os.MFD_HUGETLB | MFD_HUGE_2MB
+        self.size = size
+        self.fd = os.memfd_create("pyvmm-guest-ram", flags)
+        try:
+            os.ftruncate(self.fd, size)
+            # Nobody (a back-end included) may shrink the file under our
+            # mapping: a shrunk memfd turns our accesses into SIGBUS.
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            os.close(self.fd)
+            raise GuestMemoryError(f"cannot allocate {size // MiB} MiB of guest memory: "
+                                   f"{e.strerror}") from None
+        self._anchor = ctypes.c_char.from_buffer(self._map)
+        base = ctypes.addressof(self._anchor)
+        low = min(size, MMIO_HOLE_START)
+        self.regions = [MemoryRegion(0, low, 0, base)]
+        if size > low:
+            self.regions.append(MemoryRegion(MMIO_HOLE_END, size - low, low, base + low))
+
+    def close(self):
+        del self._anchor
+        self._map.close()
+        os.close(self.fd)
+
+    def _offset(self, gpa, length):
+        """The memfd offset of [gpa, gpa + length), which must lie in one region."""
+        if length < 0:
+            raise GuestMemoryError(f"negative length {length}")
+        for r in self.regions:
+            if r.guest_phys_addr <= gpa and gpa + length <= r.end:
+                return r.memfd_offset + gpa - r.guest_phys_addr
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not inside guest RAM")
+
+    def contains(self, gpa, length):
+        try:
+            self._offset(gpa, length)
+            return True
+        except GuestMemoryError:
+            return False
+
+    def view(self, gpa, length):
+        """A writable memoryview of guest RAM, without copying."""
+        off = self._offset(gpa, length)
+        return memoryview(self._map)[off:off + length]
+
+    def read(self, gpa, length):
+        off = self._offset(gpa, length)
+        return self._map[off:off + length]
+
+    def write(self, gpa, data):
+        off = self._offset(gpa, len(data))
+        self._map[off:off + len(data)] = data
+
+    def host_address(self, gpa, length=1):
+        """The address of guest-physical gpa in pyvmm's own address space."""
+        return self._base() + self._offset(gpa, length)
+
+    def _base(self):
+        return self.regions[0].host_addr

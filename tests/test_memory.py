@@ -1,0 +1,106 @@
+"""Guest memory: layout around the MMIO hole, memfd sharing, bounds checks."""
+
+import mmap
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyvmm.memory import GuestMemory, GuestMemoryError
+from pyvmm.memory.guest_memory import GiB, MiB, MMIO_HOLE_END, MMIO_HOLE_START
+
+
+@pytest.fixture
+def mem():
+    m = GuestMemory(64 * MiB)
+    yield m
+    m.close()
+
+
+def test_small_guest_is_one_region(mem):
+    assert [(r.guest_phys_addr, r.size, r.memfd_offset) for r in mem.regions] == [(0, 64 * MiB, 0)]
+
+
+def test_big_guest_skips_the_mmio_hole():
+    m = GuestMemory(5 * GiB)  # sparse: nothing is touched
+    try:
+        low, high = m.regions
+        assert (low.guest_phys_addr, low.size) == (0, MMIO_HOLE_START)
+        assert (high.guest_phys_addr, high.size, high.memfd_offset) == (MMIO_HOLE_END, 2 * GiB, 3 * GiB)
+        assert high.host_addr == low.host_addr + 3 * GiB
+        m.write(MMIO_HOLE_END + 5, b"high")
+        assert m.read(MMIO_HOLE_END + 5, 4) == b"high"
+        with pytest.raises(GuestMemoryError):
+            m.read(MMIO_HOLE_START + 4096, 1)
+    finally:
+        m.close()
+
+
+def test_the_memfd_shows_the_same_bytes(mem):
+    """What a vhost back-end would see when it maps the fd."""
+    mem.write(0x1234, b"shared")
+    other = mmap.mmap(mem.fd, 64 * MiB, mmap.MAP_SHARED, mmap.PROT_READ)
+    try:
+        assert other[0x1234:0x123A] == b"shared"
+    finally:
+        other.close()
+
+
+def test_memfd_is_sealed_against_shrinking(mem):
+    with pytest.raises(PermissionError):
+        os.ftruncate(mem.fd, 4096)
+
+
+@pytest.mark.parametrize("gpa,length", [(64 * MiB - 1, 2), (64 * MiB, 1), (-1, 1),
+                                        (0, 64 * MiB + 1), (2**64, 1)])
+def test_out_of_bounds_is_refused(mem, gpa, length):
+    with pytest.raises(GuestMemoryError):
+        mem.read(gpa, length)
+    with pytest.raises(GuestMemoryError):
+        mem.write(gpa, b"x" * length)
+
+
+def test_negative_length_is_refused(mem):
+    with pytest.raises(GuestMemoryError):
+        mem.view(0, -1)
+
+
+def test_view_is_zero_copy(mem):
+    v = mem.view(4096, 4)
+    v[:] = b"abcd"
+    assert mem.read(4096, 4) == b"abcd"
+
+
+@pytest.mark.parametrize("size", [0, 4095, -4096])
+def test_bad_sizes(size):
+    with pytest.raises(GuestMemoryError):
+        GuestMemory(size)
+
+
+def test_hugepages_refused_clearly_when_none_are_free():
+    if open("/proc/sys/vm/nr_hugepages").read().strip() != "0":
+        pytest.fail("this test expects a machine without reserved huge pages")
+    with pytest.raises(GuestMemoryError, match="nr_hugepages"):
+        GuestMemory(64 * MiB, hugepages=True)
+
+
+@pytest.fixture(scope="module")
+def shared_mem():
+    m = GuestMemory(64 * MiB)
+    yield m
+    m.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(gpa=st.integers(min_value=-2**65, max_value=2**65), length=st.integers(-10, 2**33))
+def test_every_access_is_inside_or_refused(shared_mem, gpa, length):
+    m = shared_mem
+    inside = length >= 0 and gpa >= 0 and gpa + length <= 64 * MiB
+    try:
+        view = m.view(gpa, length)
+    except GuestMemoryError:
+        assert not inside
+    else:
+        assert inside and len(view) == length
+
