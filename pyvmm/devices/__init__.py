@@ -1,0 +1,1 @@
+"""Device models: legacy PC devices today, virtio-mmio next."""
