@@ -1,22 +1,185 @@
 """The `pyvmm` command line."""
 
 import argparse
+import logging
+import os
+import re
 import sys
+import time
 
-from pyvmm import __version__
+from pyvmm import __version__, guest
+
+EXIT_ERROR = 1          # pyvmm could not start the VM (the message says why)
+EXIT_USAGE = 2          # bad command line (argparse's convention)
+EXIT_NO_STATUS = 125    # the VM ended without a status from the guest, or failed
+
+RUN_DESCRIPTION = """\
+Boot a Linux guest under KVM. By default: the tiny guest from images/, with
+256 MiB of memory and one vCPU.
+
+With `-- CMD ARGS...` the guest runs CMD and pyvmm exits with its exit
+status (the guest's init reports it on I/O port 0xf4; see guest/README.md).
+Without it you get an interactive shell on the serial console; type
+`poweroff` (or press Ctrl-A x) to leave.
+"""
+
+RUN_EPILOG = """\
+exit status: CMD's, or 0 after `poweroff`; 1 if the VM could not be set up;
+125 if the VM ended without a status from the guest (a crash, a reset, or a
+KVM failure); 130 on Ctrl-C (or Ctrl-A x).
+
+examples:
+  pyvmm run -- uname -a
+  pyvmm run --cpus 2 --mem 512M -- sh -c 'nproc; free -m'
+  pyvmm run --stats -- true        # boot time and vCPU exits per reason
+
+This host's KVM may be unable to boot Linux (a paravirtual KVM, no
+/dev/kvm); then run pyvmm inside the testbed VM:
+  scripts/testbed -- python3 -m pyvmm run -- uname -a
+"""
+
+SIZE_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text):
+    """'256M', '1G', '512K' or a plain number of MiB (as QEMU's -m)."""
+    m = re.fullmatch(r"(\d+)([KMG]?)(?:i?B)?", text.strip(), re.I)
+    if not m or int(m.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 256M or 1G")
+    return int(m.group(1)) * SIZE_UNITS[m.group(2).upper()]
+
+
+def parse_console(text):
+    if text == "stdio":
+        return ("stdio", None)
+    if text.startswith("file:") and len(text) > 5:
+        return ("file", text[5:])
+    raise argparse.ArgumentTypeError(f"{text!r}: use stdio or file:PATH")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="pyvmm",
-        description="A minimal KVM virtual machine monitor whose purpose is vhost.",
-    )
+        description="A minimal KVM virtual machine monitor whose purpose is vhost.")
     parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what pyvmm does (debug level) on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="boot a guest", description=RUN_DESCRIPTION,
+                         epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--kernel", default=str(guest.VMLINUX), metavar="PATH",
+                     help="vmlinux (ELF) or bzImage to boot (default: images/vmlinux)")
+    run.add_argument("--initrd", default=str(guest.INITRAMFS), metavar="PATH",
+                     help="initramfs (default: images/initramfs.cpio.gz); 'none' for none")
+    run.add_argument("--cmdline", default=guest.BASE_CMDLINE, metavar="STR",
+                     help=f"kernel command line (default: {guest.BASE_CMDLINE!r}); "
+                          "pyvmm appends what the guest's init needs for CMD")
+    run.add_argument("--mem", type=parse_size, default=parse_size("256M"), metavar="SIZE",
+                     help="guest memory, e.g. 256M or 4G (default 256M)")
+    run.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    run.add_argument("--hugepages", action="store_true",
+                     help="back guest memory with 2 MiB huge pages")
+    run.add_argument("--console", type=parse_console, default=("stdio", None),
+                     metavar="stdio|file:PATH",
+                     help="where the serial console goes (default stdio: your terminal)")
+    run.add_argument("--stats", action="store_true",
+                     help="at the end, print the boot time and vCPU exits per reason")
+    run.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                     help="run CMD in the guest and exit with its status")
     return parser
 
 
+def process_start_time():
+    """time.monotonic() at the moment this process started (from /proc/self/stat)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+        return time.monotonic() - age
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
+def error(message):
+    print(f"pyvmm: error: {message}", file=sys.stderr)
+
+
+def cmd_run(args, started_at):
+    from pyvmm.kvm import KvmError
+    from pyvmm.loader import LoaderError
+    from pyvmm.memory import GuestMemoryError
+    from pyvmm.vmm.console import ESCAPE_HELP, Console
+    from pyvmm.vmm.machine import Machine, MachineConfig
+
+    command = args.guest_command
+    if command[:1] == ["--"]:
+        command = command[1:]
+    cmdline = args.cmdline
+    if command:
+        cmdline += " " + guest.command_arg(command)
+    initrd = None if args.initrd == "none" else args.initrd
+
+    kind, path = args.console
+    out_file = None
+    if kind == "file":
+        try:
+            out_file = open(path, "wb", buffering=0)
+        except OSError as e:
+            error(f"--console file:{path}: {e.strerror}")
+            return EXIT_ERROR
+        console = Console(out_file.fileno())
+    else:
+        # With a command, the guest's stdin is not ours to give: keep the
+        # terminal as it is (Ctrl-C stops pyvmm).
+        console = Console(sys.stdout.fileno(), None if command else sys.stdin.fileno())
+
+    config = MachineConfig(kernel=args.kernel, initrd=initrd, cmdline=cmdline,
+                           mem_size=args.mem, cpus=args.cpus, hugepages=args.hugepages)
+    try:
+        machine = Machine(config, console, started_at=started_at)
+    except (KvmError, LoaderError, GuestMemoryError) as e:
+        error(str(e))
+        return EXIT_ERROR
+    except OSError as e:
+        error(f"setting up the VM failed: {e}")
+        return EXIT_ERROR
+    try:
+        if console.interactive:
+            print(ESCAPE_HELP, file=sys.stderr)
+        result = machine.run()
+    finally:
+        machine.close()
+        if out_file:
+            out_file.close()
+
+    if args.stats:
+        boot = f"{result.boot_time:.3f} s" if result.boot_time is not None else "not reached"
+        print(f"pyvmm: guest init reached after {boot} (from pyvmm's start)", file=sys.stderr)
+        print("pyvmm: vCPU exits:", file=sys.stderr)
+        for line in result.stats.report():
+            print(f"  {line}", file=sys.stderr)
+    if result.signal_exit is not None:
+        print(f"\npyvmm: {result.reason}", file=sys.stderr)
+        return result.signal_exit
+    if result.status is not None:
+        return result.status
+    if result.error:
+        error(result.reason)
+    else:
+        print(f"pyvmm: {result.reason}, without reporting an exit status", file=sys.stderr)
+    return EXIT_NO_STATUS
+
+
 def main(argv=None):
+    started_at = process_start_time()
     parser = build_parser()
-    parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="pyvmm: %(name)s: %(message)s")
+    if args.command == "run":
+        if args.cpus < 1:
+            parser.error("--cpus must be at least 1")
+        return cmd_run(args, started_at)
     parser.print_help()
-    return 0
+    return EXIT_USAGE

@@ -1,0 +1,1 @@
+"""Assembling and running a machine: memory, vCPUs, devices, event loop."""

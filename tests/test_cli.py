@@ -1,0 +1,88 @@
+"""`pyvmm` on the host: usage errors and host checks, each a single clear line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pyvmm.cli import parse_size
+from pyvmm.kvm import Kvm, KvmError, paravirtual_kvm
+
+PYVMM = [sys.executable, "-m", "pyvmm"]
+
+
+def pyvmm(*args):
+    return subprocess.run([*PYVMM, *args], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+def one_line_error(r):
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize("text,size", [("256M", 256 << 20), ("4G", 4 << 30), ("512", 512 << 20),
+                                       ("64k", 64 << 10), ("1GiB", 1 << 30)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mem", "lots"], "'lots' is not a size"),
+    (["--mem", "0"], "'0' is not a size"),
+    (["--cpus", "0"], "--cpus must be at least 1"),
+    (["--cpus", "two"], "invalid int value"),
+    (["--console", "tcp:1"], "use stdio or file:PATH"),
+])
+def test_usage_errors(args, message):
+    r = pyvmm("run", *args, "--", "true")
+    assert r.returncode == 2
+    assert message in one_line_error(r)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kernel", "/nonexistent/vmlinux"], "kernel /nonexistent/vmlinux does not exist"),
+    (["--kernel", "README.md"], "neither an ELF vmlinux nor a bzImage"),
+    (["--initrd", "/nonexistent.img"], "initrd /nonexistent.img does not exist"),
+    (["--mem", "16M"], "does not fit in guest memory (give more --mem)"),
+    (["--console", "file:/nonexistent/dir/log"], "No such file or directory"),
+])
+def test_bad_inputs_fail_before_kvm(args, message):
+    r = pyvmm("run", *args, "--", "true")
+    assert r.returncode == 1
+    assert message in one_line_error(r)
+    assert one_line_error(r).startswith("pyvmm: error: ")
+
+
+def test_this_hosts_kvm_is_refused_with_a_pointer_to_the_testbed():
+    """The development hosts have kvm_pvm, which cannot boot Linux (HOST-FACTS.md)."""
+    assert paravirtual_kvm(), "these tests expect the development host's kvm_pvm"
+    r = pyvmm("run", "--", "true")
+    assert r.returncode == 1
+    line = one_line_error(r)
+    assert "paravirtual kvm_pvm" in line and "scripts/testbed" in line
+
+
+def test_paravirtual_kvm_detection(tmp_path):
+    assert paravirtual_kvm(tmp_path) is None
+    (tmp_path / "kvm_pvm").mkdir()
+    assert paravirtual_kvm(tmp_path) == "kvm_pvm"
+
+
+def test_missing_kvm_device(tmp_path):
+    with pytest.raises(KvmError, match="does not exist: this host has no KVM"):
+        Kvm(str(tmp_path / "kvm"))
+
+
+def test_help_explains_the_guest_and_exit_statuses():
+    r = pyvmm("run", "--help")
+    assert r.returncode == 0
+    for text in ("-- CMD ARGS", "exit status", "Ctrl-A x", "scripts/testbed", "--stats"):
+        assert text in r.stdout
+
+
+def test_version_and_bare_command():
+    assert pyvmm("--version").stdout.startswith("pyvmm ")
+    r = pyvmm()
+    assert r.returncode == 2 and "run" in r.stdout
