@@ -20,7 +20,8 @@ Boot a Linux guest under KVM. By default: the tiny guest from images/, with
 With `-- CMD ARGS...` the guest runs CMD and pyvmm exits with its exit
 status (the guest's init reports it on I/O port 0xf4; see guest/README.md).
 Without it you get an interactive shell on the serial console; type
-`poweroff` (or press Ctrl-A x) to leave.
+`poweroff` (or press Ctrl-A x) to leave. If stdin is not a terminal, the
+shell reads it as its input instead and the VM ends when the input does.
 """
 
 RUN_EPILOG = """\
