@@ -1,6 +1,7 @@
 """The `pyvmm` command line."""
 
 import argparse
+import ipaddress
 import logging
 import os
 import re
@@ -20,8 +21,8 @@ Boot a Linux guest under KVM. By default: the tiny guest from images/, with
 With `-- CMD ARGS...` the guest runs CMD and pyvmm exits with its exit
 status (the guest's init reports it on I/O port 0xf4; see guest/README.md).
 Without it you get an interactive shell on the serial console; type
-`poweroff` (or press Ctrl-A x) to leave. If stdin is not a terminal, the
-shell reads it as its input instead and the VM ends when the input does.
+`poweroff` (or press Ctrl-A x) to leave. (When stdin is not a terminal,
+its bytes go to the console as they come; for scripts, use -- CMD.)
 """
 
 RUN_EPILOG = """\
@@ -31,6 +32,8 @@ KVM failure); 130 on Ctrl-C (or Ctrl-A x).
 
 examples:
   pyvmm run -- uname -a
+  pyvmm run --net vhost-kernel -- ping -c 3 10.10.0.1
+  pyvmm run --vsock vhost-kernel,cid=5
   pyvmm run --cpus 2 --mem 512M -- sh -c 'nproc; free -m'
   pyvmm run --stats -- true        # boot time and vCPU exits per reason
 
@@ -48,6 +51,56 @@ def parse_size(text):
     if not m or int(m.group(1)) == 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 256M or 1G")
     return int(m.group(1)) * SIZE_UNITS[m.group(2).upper()]
+
+
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+
+def parse_backend_options(text, option, allowed):
+    """'vhost-kernel,key=value,...' -> {key: value}; only the vhost-kernel back-end exists yet."""
+    backend, *pairs = text.split(",")
+    if backend != "vhost-kernel":
+        raise argparse.ArgumentTypeError(
+            f"{option} {text!r}: the back-end must be vhost-kernel (vhost-user comes later)")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"{option}: unknown option {pair!r} (known: {', '.join(sorted(allowed))})")
+        options[key] = value
+    return options
+
+
+def parse_net(text):
+    from pyvmm.vmm.virtio_devices import NetConfig
+    opts = parse_backend_options(text, "--net", {"tap", "mac", "host-ip", "guest-ip"})
+    cfg = NetConfig(tap=opts.get("tap") or None)
+    if "mac" in opts:
+        if not MAC_RE.fullmatch(opts["mac"]):
+            raise argparse.ArgumentTypeError(f"--net mac={opts['mac']}: use six hex bytes, "
+                                             "e.g. 02:00:00:00:00:01")
+        cfg.mac = bytes.fromhex(opts["mac"].replace(":", ""))
+        if cfg.mac[0] & 1:
+            raise argparse.ArgumentTypeError(f"--net mac={opts['mac']}: a multicast address")
+    for key in ("host-ip", "guest-ip"):
+        if key in opts:
+            try:
+                value = ipaddress.ip_interface(opts[key])
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"--net {key}={opts[key]}: give an address with prefix, e.g. 10.0.0.1/24") from None
+            setattr(cfg, key.replace("-", "_"), value)
+    return cfg
+
+
+def parse_vsock(text):
+    from pyvmm.vmm.virtio_devices import VsockConfig
+    opts = parse_backend_options(text, "--vsock", {"cid"})
+    try:
+        return VsockConfig(cid=int(opts.get("cid", 3)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--vsock cid={opts['cid']}: not a number") from None
 
 
 def parse_console(text):
@@ -84,6 +137,14 @@ def build_parser():
     run.add_argument("--console", type=parse_console, default=("stdio", None),
                      metavar="stdio|file:PATH",
                      help="where the serial console goes (default stdio: your terminal)")
+    run.add_argument("--net", type=parse_net, action="append", default=[],
+                     metavar="vhost-kernel[,tap=NAME][,mac=MAC][,host-ip=CIDR][,guest-ip=CIDR]",
+                     help="a virtio-net NIC whose packets the kernel's vhost-net moves to "
+                          "a tap; by default a new tap pyvmmN with 10.10.N.1/30 on the host "
+                          "and 10.10.N.2/30 as the guest's ethN. Repeat for more NICs")
+    run.add_argument("--vsock", type=parse_vsock, metavar="vhost-kernel[,cid=N]",
+                     help="a virtio-vsock device served by vhost-vsock; the guest's CID "
+                          "is N (default 3), the host is CID 2")
     run.add_argument("--stats", action="store_true",
                      help="at the end, print the boot time and vCPU exits per reason")
     run.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
@@ -110,6 +171,9 @@ def cmd_run(args, started_at):
     from pyvmm.kvm import KvmError
     from pyvmm.loader import LoaderError
     from pyvmm.memory import GuestMemoryError
+    from pyvmm.devices.virtio.device import DeviceError
+    from pyvmm.sys.tap import TapError
+    from pyvmm.vhost import VhostError
     from pyvmm.vmm.console import ESCAPE_HELP, Console
     from pyvmm.vmm.machine import Machine, MachineConfig
 
@@ -136,15 +200,18 @@ def cmd_run(args, started_at):
         console = Console(sys.stdout.fileno(), None if command else sys.stdin.fileno())
 
     config = MachineConfig(kernel=args.kernel, initrd=initrd, cmdline=cmdline,
-                           mem_size=args.mem, cpus=args.cpus, hugepages=args.hugepages)
+                           mem_size=args.mem, cpus=args.cpus, hugepages=args.hugepages,
+                           nets=args.net, vsock=args.vsock)
     try:
         machine = Machine(config, console, started_at=started_at)
-    except (KvmError, LoaderError, GuestMemoryError) as e:
+    except (KvmError, LoaderError, GuestMemoryError, VhostError, TapError, DeviceError) as e:
         error(str(e))
         return EXIT_ERROR
     except OSError as e:
         error(f"setting up the VM failed: {e}")
         return EXIT_ERROR
+    for planned in machine.devices:
+        print(f"pyvmm: {planned.summary}", file=sys.stderr)
     try:
         if console.interactive:
             print(ESCAPE_HELP, file=sys.stderr)

@@ -2,6 +2,7 @@
 
 import ctypes
 import gzip
+import os
 import random
 import struct
 
@@ -203,7 +204,8 @@ def test_gzip_file_is_not_a_kernel(mem, tmp_path):
 VMLINUX_HEAD = guest.VMLINUX.read_bytes()[:4096]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("PYVMM_FUZZ_EXAMPLES", 400)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.one_of(
     st.binary(max_size=600).map(lambda b: b"\x7fELF" + b),
     st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), max_size=12).map(

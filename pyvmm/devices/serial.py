@@ -43,8 +43,10 @@ UART_LSR_THRE = 0x20   # transmit holding register empty
 UART_LSR_TEMT = 0x40   # transmitter empty
 UART_MSR_CTS, UART_MSR_DSR, UART_MSR_RI, UART_MSR_DCD = 0x10, 0x20, 0x40, 0x80
 
-# Input the guest has not read yet; beyond this, bytes are dropped.
+# Host input the guest has not taken yet; beyond this, bytes are dropped.
 RX_BUFFER_LIMIT = 4096
+# The receive FIFO the guest sees (a 16550A has 16 bytes).
+RX_FIFO_SIZE = 16
 
 
 class Serial:
@@ -53,6 +55,10 @@ class Serial:
         self._set_irq = set_irq
         self._output = output
         self._lock = threading.Lock()
+        # Input waits in _pending until the guest's driver enables receive
+        # interrupts, so that nothing typed or piped early is lost when the
+        # driver clears the FIFO at start-up; then it moves to the FIFO, _rx.
+        self._pending = collections.deque()
         self._rx = collections.deque()
         self._irq_level = 0
         self.ier = 0
@@ -89,15 +95,22 @@ class Serial:
     def receive(self, data):
         """Bytes typed on the host side, for the guest to read."""
         with self._lock:
-            room = RX_BUFFER_LIMIT - len(self._rx)
-            self._rx.extend(data[:max(room, 0)])
+            room = RX_BUFFER_LIMIT - len(self._pending)
+            self._pending.extend(data[:max(room, 0)])
+            self._fill_fifo()
             self._update_irq()
+
+    def _fill_fifo(self):
+        if self.ier & UART_IER_RDI and not self.mcr & UART_MCR_LOOP:
+            while self._pending and len(self._rx) < RX_FIFO_SIZE:
+                self._rx.append(self._pending.popleft())
 
     # --- the guest side ----------------------------------------------------
 
     def read(self, offset, size):
         with self._lock:
             value = self._read(offset)
+            self._fill_fifo()
             self._update_irq()
             return value
 
@@ -137,6 +150,7 @@ class Serial:
         value &= 0xFF
         with self._lock:
             self._write(offset, value)
+            self._fill_fifo()
             self._update_irq()
 
     def _write(self, offset, value):
@@ -145,7 +159,7 @@ class Serial:
             if dlab:
                 self.dll = value
             elif self.mcr & UART_MCR_LOOP:
-                if len(self._rx) < RX_BUFFER_LIMIT:
+                if len(self._rx) < RX_FIFO_SIZE:
                     self._rx.append(value)
                 self._thr_pending = True
             else:

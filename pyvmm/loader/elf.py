@@ -56,7 +56,8 @@ def load_elf(memory, path, data):
             raise LoaderError(f"{path}: no loadable segment")
         entry = elf["e_entry"]
     # pyelftools reports truncated or inconsistent structures in several ways.
-    except (ELFError, ConstructError, ValueError, IndexError, KeyError, struct.error) as e:
+    except (ELFError, ConstructError, ValueError, IndexError, KeyError, ArithmeticError,
+            struct.error) as e:
         raise LoaderError(f"{path}: corrupt ELF file ({e or type(e).__name__})") from None
     if not any(start <= entry < stop for start, stop in segments):
         raise LoaderError(f"{path}: entry point {entry:#x} is outside the loaded segments")

@@ -13,9 +13,6 @@ import tty
 from pyvmm.devices.serial import RX_BUFFER_LIMIT
 
 CTRL_A = 0x01
-# Sent when piped input ends: Ctrl-D, end of input for the guest's shell, so
-# `echo uname | pyvmm run` runs the line and the VM ends with the shell.
-EOT = b"\x04"
 ESCAPE_HELP = "pyvmm: console escape: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A"
 
 
@@ -48,7 +45,7 @@ class Console:
         except PermissionError:
             # A regular file or /dev/null cannot be polled: it is all there
             # already, so hand it over in one go.
-            serial.receive(os.read(self.in_fd, RX_BUFFER_LIMIT - 1) + EOT)
+            serial.receive(os.read(self.in_fd, RX_BUFFER_LIMIT))
 
     def close(self):
         if self._saved_tty is not None:
@@ -57,10 +54,8 @@ class Console:
 
     def _on_input(self):
         data = os.read(self.in_fd, 4096)
-        if not data:
+        if not data:  # end of piped input: the guest just gets no more
             self._loop.remove_reader(self.in_fd)
-            if not self.interactive:
-                self._serial.receive(EOT)
             return
         if self.interactive:
             data = self._filter_escape(data)

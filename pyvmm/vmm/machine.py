@@ -21,6 +21,7 @@ from pyvmm.devices.bus import Bus
 from pyvmm.devices.debug_ports import DebugCon, ExitPort
 from pyvmm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from pyvmm.devices.serial import COM1_IRQ, COM1_PORT, Serial
+from pyvmm.devices.virtio.mmio import MMIO_SIZE, VirtioMmio, mmio_cmdline
 from pyvmm.guest import EXIT_PORT, INIT_MARK_PORT
 from pyvmm.kvm import Kvm, KvmError
 from pyvmm.loader import load_linux
@@ -30,6 +31,7 @@ from pyvmm.vmm.cpu import configure_vcpu
 from pyvmm.vmm.eventloop import EventLoop
 from pyvmm.vmm.stats import ExitStats
 from pyvmm.vmm.vcpu_thread import VcpuThread
+from pyvmm.vmm.virtio_devices import VsockConfig, plan_devices
 
 log = logging.getLogger("pyvmm.machine")
 
@@ -45,6 +47,8 @@ class MachineConfig:
     mem_size: int = 256 << 20
     cpus: int = 1
     hugepages: bool = False
+    nets: list = field(default_factory=list)   # NetConfig per --net
+    vsock: VsockConfig = None
 
 
 @dataclass
@@ -77,12 +81,17 @@ class Machine:
             raise
 
     def _build(self, config):
-        # Memory and the kernel first: a wrong path or too little memory is
-        # reported before anything is asked of KVM.
+        # Memory, the devices' host side and the kernel first: a wrong path,
+        # a missing /dev/vhost-net or too little memory is reported before
+        # anything is asked of KVM.
         self.memory = GuestMemory(config.mem_size, hugepages=config.hugepages)
         self._closers.append(self.memory.close)
-        self.boot = load_linux(self.memory, config.kernel, config.initrd, config.cmdline,
-                               config.cpus)
+        self.devices = plan_devices(config.nets, config.vsock)
+        for planned in self.devices:
+            self._closers.append(planned.device.close)
+        cmdline = " ".join([config.cmdline] + [
+            arg for p in self.devices for arg in [mmio_cmdline(p.base, p.gsi), *p.guest_args]])
+        self.boot = load_linux(self.memory, config.kernel, config.initrd, cmdline, config.cpus)
 
         self.kvm = Kvm()
         self._closers.append(self.kvm.close)
@@ -111,6 +120,10 @@ class Machine:
                      I8042(self._i8042_reset), "i8042")
         self.pio.add(EXIT_PORT, 1, ExitPort(self._guest_exit), "exit-port")
         self.pio.add(INIT_MARK_PORT, 1, DebugCon(self._debugcon), "debugcon")
+        for planned in self.devices:
+            transport = VirtioMmio(planned.device, self.vm, self.memory, planned.base, planned.gsi)
+            self._closers.append(transport.close)
+            self.mmio.add(planned.base, MMIO_SIZE, transport, planned.device.name)
 
         supported = self.kvm.supported_cpuid()
         for i in range(config.cpus):

@@ -109,7 +109,11 @@ class VcpuThread(threading.Thread):
     def _handle_mmio(self, mmio):
         bus = self.machine.mmio
         entry = bus.find(mmio.phys_addr)
-        self.stats.count("mmio", entry.name if entry else f"{mmio.phys_addr:#x}")
+        if entry is None:
+            self.stats.count("mmio", f"{mmio.phys_addr:#x}")
+        else:
+            # Per register, so that --stats shows QueueNotify staying at zero.
+            self.stats.count("mmio", f"{entry.name} {entry.device.describe(mmio.phys_addr - entry.base)}")
         size = min(mmio.len, 8)
         if mmio.is_write:
             bus.write(entry, mmio.phys_addr, size, int.from_bytes(bytes(mmio.data[:size]), "little"))

@@ -1,0 +1,65 @@
+"""What a virtio device model provides to its transport.
+
+The transport (mmio.py) owns the registers, the status state machine and the
+queues' addresses; the device owns its feature bits, its config space, and
+what happens when the driver says DRIVER_OK: hand the queues to a back-end.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+class DeviceError(Exception):
+    """The device cannot do what the driver asked (it will need a reset)."""
+
+
+@dataclass
+class Queue:
+    """One virtqueue as the driver set it up, plus the eventfds that serve it."""
+    index: int
+    size: int = 0
+    ready: bool = False
+    desc: int = 0
+    avail: int = 0
+    used: int = 0
+    kick_fd: int = None   # the guest's QueueNotify writes for this queue (an ioeventfd)
+    call_fd: int = None   # written to interrupt the guest (an irqfd)
+
+
+class VirtioDevice(ABC):
+    #: VIRTIO_ID_* and a name for messages and --stats
+    device_id = None
+    name = "virtio"
+    #: how many queues and how big each may be
+    num_queues = 0
+    queue_max_size = 256
+
+    @property
+    @abstractmethod
+    def features(self):
+        """Every feature bit offered to the driver."""
+
+    @abstractmethod
+    def config(self):
+        """The device-specific config space, as bytes."""
+
+    def write_config(self, offset, data):
+        """The driver wrote config space (read-only for most devices)."""
+
+    def vhost_queues(self):
+        """Indexes of the queues a back-end serves (the rest come to notify())."""
+        return range(self.num_queues)
+
+    @abstractmethod
+    def activate(self, memory, features, queues):
+        """DRIVER_OK: start serving queues (a list of Queue) with these features."""
+
+    @abstractmethod
+    def reset(self):
+        """The driver reset the device: stop serving the queues, forget features."""
+
+    def notify(self, index):
+        """A queue notification that no back-end took (queues outside vhost_queues())."""
+
+    def close(self):
+        """The VM is going away."""

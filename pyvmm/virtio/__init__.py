@@ -1,0 +1,1 @@
+"""Virtio itself, independent of any VMM: feature bits, the split ring."""

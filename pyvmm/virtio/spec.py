@@ -1,0 +1,53 @@
+"""Constants from the virtio 1.x specification, named as in <linux/virtio_*.h>."""
+
+# Device status (virtio_config.h)
+VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
+VIRTIO_CONFIG_S_DRIVER = 2
+VIRTIO_CONFIG_S_DRIVER_OK = 4
+VIRTIO_CONFIG_S_FEATURES_OK = 8
+VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
+VIRTIO_CONFIG_S_FAILED = 0x80
+
+# Device-independent feature bits (virtio_config.h, virtio_ring.h)
+VIRTIO_F_NOTIFY_ON_EMPTY = 24
+VIRTIO_F_ANY_LAYOUT = 27
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+VIRTIO_F_RING_PACKED = 34
+
+# Device ids (virtio_ids.h)
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_VSOCK = 19
+VIRTIO_ID_FS = 26
+
+# virtio-net feature bits (virtio_net.h)
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_GUEST_ECN = 9
+VIRTIO_NET_F_GUEST_UFO = 10
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_HOST_ECN = 13
+VIRTIO_NET_F_HOST_UFO = 14
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_S_LINK_UP = 1
+
+
+def bit(n):
+    return 1 << n
+
+
+def bits(*numbers):
+    mask = 0
+    for n in numbers:
+        mask |= 1 << n
+    return mask

@@ -1,0 +1,115 @@
+"""The virtio devices a machine is asked for, from command-line options to transports.
+
+Building one happens in two steps. Before the VM exists: the host side
+(tap, /dev/vhost-*), which is where most user errors show up, and the
+kernel command line entries that announce the device and configure the
+guest's end. After: the virtio-mmio transport, whose eventfds KVM wires up.
+"""
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from pyvmm.devices.virtio.device import DeviceError
+from pyvmm.devices.virtio.net import VhostKernelNetDevice
+from pyvmm.devices.virtio.vsock import VhostKernelVsockDevice
+from pyvmm.guest import net_arg
+from pyvmm.sys.tap import Tap
+
+# Devices sit one 4 KiB page apart in the MMIO hole below 4 GiB ...
+VIRTIO_MMIO_BASE = 0xD000_0000
+# ... each on its own IOAPIC pin. Not 0-4 and 8 (timer, keyboard, cascade,
+# COM2, COM1, RTC), which a guest may assume are the legacy devices'.
+VIRTIO_GSIS = [5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]
+
+DEFAULT_TAP = "pyvmm%d"
+
+
+@dataclass
+class NetConfig:
+    """--net vhost-kernel[,tap=NAME][,mac=MAC][,host-ip=CIDR][,guest-ip=CIDR]"""
+    tap: str = None
+    mac: bytes = None
+    host_ip: object = None      # ipaddress.ip_interface
+    guest_ip: object = None
+
+
+@dataclass
+class VsockConfig:
+    """--vsock vhost-kernel[,cid=N]"""
+    cid: int = 3
+
+
+def default_addresses(tap_name):
+    """10.10.N.1/30 on the host and 10.10.N.2/30 in the guest, for tap pyvmmN."""
+    m = re.fullmatch(r"pyvmm(\d+)", tap_name)
+    if not m or int(m.group(1)) > 255:
+        return None, None
+    n = int(m.group(1))
+    return (ipaddress.ip_interface(f"10.10.{n}.1/30"), ipaddress.ip_interface(f"10.10.{n}.2/30"))
+
+
+def peer_address(host_ip):
+    """The other usable address of the host's network, for the guest."""
+    for candidate in host_ip.network.hosts():
+        if candidate != host_ip.ip:
+            return ipaddress.ip_interface(f"{candidate}/{host_ip.network.prefixlen}")
+    return None
+
+
+@dataclass
+class PlannedDevice:
+    device: object        # a VirtioDevice
+    base: int
+    gsi: int
+    guest_args: list      # kernel command line entries for the guest's init
+    summary: str          # one line for the user
+
+
+def plan_net(cfg, index):
+    """Create the tap and open vhost-net for one --net; the guest is eth{index}."""
+    tap = Tap(cfg.tap or DEFAULT_TAP)
+    try:
+        host_ip, guest_ip = cfg.host_ip, cfg.guest_ip
+        if cfg.tap is None and host_ip is None:
+            host_ip, default_guest = default_addresses(tap.name)
+            guest_ip = guest_ip or default_guest
+        if host_ip is not None:
+            tap.configure(host_ip)
+            guest_ip = guest_ip or peer_address(host_ip)
+        else:
+            tap.up()
+        number = int(re.sub(r"\D", "", tap.name) or 0) & 0xFF
+        mac = cfg.mac or bytes([0x02, 0x70, 0x79, 0x76, 0x6D, number])
+        device = VhostKernelNetDevice(tap, mac, name=f"virtio-net{index}")
+    except BaseException:
+        tap.close()
+        raise
+    dev = f"eth{index}"
+    args = [net_arg(dev, str(guest_ip) if guest_ip else "")]
+    summary = (f"{dev} ({':'.join(f'{b:02x}' for b in mac)}) on tap {tap.name} via vhost-net"
+               + (f", guest {guest_ip.ip}" if guest_ip else "")
+               + (f", host {host_ip.ip}" if host_ip else ""))
+    return device, args, summary
+
+
+def plan_devices(nets, vsock):
+    """Host side of every device, in the order the guest will find them."""
+    planned = []
+    try:
+        for i, cfg in enumerate(nets):
+            device, args, summary = plan_net(cfg, i)
+            planned.append((device, args, summary))
+        if vsock is not None:
+            device = VhostKernelVsockDevice(vsock.cid)
+            planned.append((device, [], f"vsock CID {vsock.cid} via vhost-vsock"))
+    except BaseException:
+        for device, _, _ in planned:
+            device.close()
+        raise
+    if len(planned) > len(VIRTIO_GSIS):
+        for device, _, _ in planned:
+            device.close()
+        raise DeviceError(f"at most {len(VIRTIO_GSIS)} virtio devices")
+    return [PlannedDevice(device, VIRTIO_MMIO_BASE + i * 0x1000, VIRTIO_GSIS[i], args, summary)
+            for i, (device, args, summary) in enumerate(planned)]
