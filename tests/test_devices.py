@@ -113,7 +113,10 @@ def test_receive_buffer_is_bounded(com1):
 def test_i8042_answers_the_linux_probe_and_resets():
     resets = []
     kbc = I8042(lambda: resets.append(1))
-    status = lambda: kbc.read(4, 1)
+
+    def status():
+        return kbc.read(4, 1)
+
     kbc.write(4, 1, 0x20)                      # read CTR
     assert status() & 1 and kbc.read(0, 1) == 0x70
     kbc.write(4, 1, 0xAA)                      # self test

@@ -45,9 +45,11 @@ def kernel_values(tmp_path_factory):
     for struct, field in OFFSETS:
         lines.append(f'printf("offsetof {struct}.{field} %zu\\n", offsetof(struct {struct}, {field}));')
     for field in BOOTPARAM_OFFSETS:
-        lines.append(f'printf("offsetof boot_params.{field} %zu\\n", offsetof(struct boot_params, {field}));')
+        lines.append(f'printf("offsetof boot_params.{field} %zu\\n", '
+                     f'offsetof(struct boot_params, {field}));')
     for field in SETUP_HEADER_OFFSETS:
-        lines.append(f'printf("offsetof setup_header.{field} %zu\\n", offsetof(struct setup_header, {field}));')
+        lines.append(f'printf("offsetof setup_header.{field} %zu\\n", '
+                     f'offsetof(struct setup_header, {field}));')
     lines.append('printf("sizeof boot_params %zu\\n", sizeof(struct boot_params));')
     lines.append('printf("sizeof setup_header %zu\\n", sizeof(struct setup_header));')
     lines.append("return 0; }")

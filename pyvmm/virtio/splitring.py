@@ -2,9 +2,10 @@
 
 Three areas, written by the driver (guest) or the device (back-end):
 
-    descriptor table  16 bytes x num   driver   {addr u64, len u32, flags u16, next u16}
-    available ring    6 + 2 x num      driver   {flags u16, idx u16, ring[num] u16, used_event u16}
-    used ring         6 + 8 x num      device   {flags u16, idx u16, ring[num] {id u32, len u32}, avail_event u16}
+    descriptor table  16 x num    driver  {addr u64, len u32, flags u16, next u16}
+    available ring    6 + 2 x num driver  {flags u16, idx u16, ring[num] u16, used_event u16}
+    used ring         6 + 8 x num device  {flags u16, idx u16, ring[num] {id u32, len u32},
+                                           avail_event u16}
 
 check_ring() is what pyvmm does before it hands ring addresses to a
 back-end. DriverRing plays the guest's part on a ring in a GuestMemory, so
