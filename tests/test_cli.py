@@ -86,3 +86,47 @@ def test_version_and_bare_command():
     assert pyvmm("--version").stdout.startswith("pyvmm ")
     r = pyvmm()
     assert r.returncode == 2 and "run" in r.stdout
+
+
+def test_net_and_vsock_options_parse():
+    from pyvmm.cli import parse_net, parse_vsock
+    cfg = parse_net("vhost-kernel,tap=t0,mac=02:00:00:aa:bb:cc,host-ip=10.1.0.1/24,guest-ip=10.1.0.9/24")
+    assert cfg.tap == "t0" and cfg.mac == bytes.fromhex("020000aabbcc")
+    assert str(cfg.host_ip) == "10.1.0.1/24" and str(cfg.guest_ip) == "10.1.0.9/24"
+    assert parse_net("vhost-kernel").tap is None
+    assert parse_vsock("vhost-kernel,cid=42").cid == 42
+    assert parse_vsock("vhost-kernel").cid == 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--net", "vhost-user"], "the back-end must be vhost-kernel"),
+    (["--net", "vhost-kernel,speed=fast"], "unknown option 'speed=fast'"),
+    (["--net", "vhost-kernel,mac=01:00:00:00:00:01"], "a multicast address"),
+    (["--net", "vhost-kernel,mac=xyz"], "use six hex bytes"),
+    (["--net", "vhost-kernel,host-ip=10.0.0.1/33"], "give an address with prefix"),
+    (["--vsock", "vhost-kernel,cid=three"], "not a number"),
+])
+def test_device_option_errors(args, message):
+    r = pyvmm("run", *args, "--", "true")
+    assert r.returncode == 2
+    assert message in one_line_error(r)
+
+
+def test_missing_vhost_driver_is_one_clear_line():
+    """This host has no vhost drivers (HOST-FACTS.md): the error names the module."""
+    r = pyvmm("run", "--net", "vhost-kernel", "--", "true")
+    assert r.returncode == 1
+    assert one_line_error(r) == ("pyvmm: error: /dev/vhost-net does not exist: "
+                                 "load the driver with 'modprobe vhost_net'")
+    r = pyvmm("run", "--vsock", "vhost-kernel,cid=5", "--", "true")
+    assert one_line_error(r).endswith("load the driver with 'modprobe vhost_vsock'")
+
+
+def test_default_addresses():
+    from pyvmm.vmm.virtio_devices import default_addresses, peer_address
+    host, guest = default_addresses("pyvmm3")
+    assert (str(host), str(guest)) == ("10.10.3.1/30", "10.10.3.2/30")
+    assert default_addresses("mytap") == (None, None)
+    import ipaddress
+    assert str(peer_address(ipaddress.ip_interface("192.168.1.1/24"))) == "192.168.1.2/24"
+    assert str(peer_address(ipaddress.ip_interface("fd00::1/64"))) == "fd00::2/64"

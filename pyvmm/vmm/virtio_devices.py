@@ -15,6 +15,7 @@ from pyvmm.devices.virtio.net import VhostKernelNetDevice
 from pyvmm.devices.virtio.vsock import VhostKernelVsockDevice
 from pyvmm.guest import net_arg
 from pyvmm.sys.tap import Tap
+from pyvmm.vhost.kernel import VhostKernelNet
 
 # Devices sit one 4 KiB page apart in the MMIO hole below 4 GiB ...
 VIRTIO_MMIO_BASE = 0xD000_0000
@@ -67,8 +68,16 @@ class PlannedDevice:
 
 
 def plan_net(cfg, index):
-    """Create the tap and open vhost-net for one --net; the guest is eth{index}."""
-    tap = Tap(cfg.tap or DEFAULT_TAP)
+    """Open vhost-net and create the tap for one --net; the guest is eth{index}.
+
+    vhost-net first: without it, the host's network is left untouched.
+    """
+    vhost = VhostKernelNet()
+    try:
+        tap = Tap(cfg.tap or DEFAULT_TAP)
+    except BaseException:
+        vhost.close()
+        raise
     try:
         host_ip, guest_ip = cfg.host_ip, cfg.guest_ip
         if cfg.tap is None and host_ip is None:
@@ -81,9 +90,10 @@ def plan_net(cfg, index):
             tap.up()
         number = int(re.sub(r"\D", "", tap.name) or 0) & 0xFF
         mac = cfg.mac or bytes([0x02, 0x70, 0x79, 0x76, 0x6D, number])
-        device = VhostKernelNetDevice(tap, mac, name=f"virtio-net{index}")
+        device = VhostKernelNetDevice(vhost, tap, mac, name=f"virtio-net{index}")
     except BaseException:
         tap.close()
+        vhost.close()
         raise
     dev = f"eth{index}"
     args = [net_arg(dev, str(guest_ip) if guest_ip else "")]

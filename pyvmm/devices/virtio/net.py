@@ -16,7 +16,6 @@ from pyvmm.devices.virtio.device import DeviceError, VirtioDevice
 from pyvmm.sys.tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
                            TapError)
 from pyvmm.vhost.backend import VhostError, VringAddr
-from pyvmm.vhost.kernel import VhostKernelNet
 from pyvmm.virtio import spec
 
 log = logging.getLogger("pyvmm.virtio.net")
@@ -50,11 +49,12 @@ class VhostKernelNetDevice(VirtioDevice):
     num_queues = 2
     queue_max_size = 256
 
-    def __init__(self, tap, mac, name="virtio-net"):
+    def __init__(self, vhost, tap, mac, name="virtio-net"):
+        """vhost: an open VhostKernelNet; both it and tap now belong to the device."""
         self.name = name
         self.tap = tap
         self.mac = mac
-        self.vhost = VhostKernelNet()
+        self.vhost = vhost
         self.vhost.set_owner()
         self.vhost_features = self.vhost.get_features()
         missing = spec.bit(spec.VIRTIO_F_VERSION_1) & ~self.vhost_features

@@ -1,0 +1,242 @@
+"""virtio-mmio registers and the split ring, on the host (no KVM).
+
+The transport's eventfd wiring needs a VM; here a recorder stands in for
+the two Vm methods it calls, so the register state machine can be driven
+the way Linux's virtio_mmio driver drives it. The real thing runs in
+tests/testbed/.
+"""
+
+import struct
+
+import pytest
+
+from pyvmm.devices.virtio import mmio
+from pyvmm.devices.virtio.device import DeviceError, VirtioDevice
+from pyvmm.memory import GuestMemory
+from pyvmm.virtio import spec
+from pyvmm.virtio.splitring import DriverRing, RingError, check_ring, check_queue_size
+
+MiB = 1 << 20
+
+
+class RecordingVm:
+    """Records the ioeventfd/irqfd registrations a transport makes."""
+    def __init__(self):
+        self.ioeventfds, self.irqfds = [], []
+
+    def ioeventfd(self, fd, addr, length, datamatch=None, pio=False, deassign=False):
+        self.ioeventfds.append((addr, length, datamatch))
+
+    def irqfd(self, fd, gsi, deassign=False):
+        self.irqfds.append(gsi)
+
+
+class ToyDevice(VirtioDevice):
+    device_id = spec.VIRTIO_ID_NET
+    name = "toy"
+    num_queues = 3
+    queue_max_size = 64
+
+    def __init__(self, fail=False):
+        self.fail = fail
+        self.activations, self.resets, self.notified = [], 0, []
+
+    @property
+    def features(self):
+        return spec.bits(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_NET_F_MAC)
+
+    def config(self):
+        return b"\x02\x00\x00\x00\x00\x07\x01\x00"
+
+    def vhost_queues(self):
+        return (0, 1)
+
+    def activate(self, memory, features, queues):
+        if self.fail:
+            raise DeviceError("back-end said no")
+        self.activations.append((features, [(q.index, q.size, q.desc) for q in queues]))
+
+    def reset(self):
+        self.resets += 1
+
+    def notify(self, index):
+        self.notified.append(index)
+
+
+@pytest.fixture(scope="module")
+def memory():
+    m = GuestMemory(16 * MiB)
+    yield m
+    m.close()
+
+
+def make(memory, **kw):
+    vm = RecordingVm()
+    dev = ToyDevice(**kw)
+    return mmio.VirtioMmio(dev, vm, memory, 0xD000_0000, 5), dev, vm
+
+
+def r32(t, off):
+    return t.read(off, 4)
+
+
+def w32(t, off, value):
+    t.write(off, 4, value)
+
+
+def bring_up(t, features, queues=((0, 64, 0x10000), (1, 64, 0x20000))):
+    """What vm_probe/virtio_dev_probe/vm_setup_vq do, in order."""
+    w32(t, mmio.STATUS, spec.VIRTIO_CONFIG_S_ACKNOWLEDGE)
+    w32(t, mmio.STATUS, spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIVER)
+    for sel in (0, 1):
+        w32(t, mmio.DRIVER_FEATURES_SEL, sel)
+        w32(t, mmio.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFF_FFFF)
+    status = spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIVER
+    w32(t, mmio.STATUS, status | spec.VIRTIO_CONFIG_S_FEATURES_OK)
+    if not r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_FEATURES_OK:
+        return False
+    for index, size, gpa in queues:
+        ring = DriverRing(t.memory, gpa, size)
+        w32(t, mmio.QUEUE_SEL, index)
+        assert r32(t, mmio.QUEUE_NUM_MAX) == 64 and r32(t, mmio.QUEUE_READY) == 0
+        w32(t, mmio.QUEUE_NUM, size)
+        for low, addr in ((mmio.QUEUE_DESC_LOW, ring.desc_addr), (mmio.QUEUE_AVAIL_LOW, ring.avail_addr),
+                          (mmio.QUEUE_USED_LOW, ring.used_addr)):
+            w32(t, low, addr & 0xFFFF_FFFF)
+            w32(t, low + 4, addr >> 32)
+        w32(t, mmio.QUEUE_READY, 1)
+    w32(t, mmio.STATUS, status | spec.VIRTIO_CONFIG_S_FEATURES_OK | spec.VIRTIO_CONFIG_S_DRIVER_OK)
+    return True
+
+
+FEATURES = spec.bits(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_NET_F_MAC)
+
+
+def test_identity_registers(memory):
+    t, dev, vm = make(memory)
+    assert r32(t, mmio.MAGIC_VALUE) == 0x74726976
+    assert r32(t, mmio.VERSION) == 2
+    assert r32(t, mmio.DEVICE_ID) == spec.VIRTIO_ID_NET
+    w32(t, mmio.DEVICE_FEATURES_SEL, 1)
+    assert r32(t, mmio.DEVICE_FEATURES) == 1          # VERSION_1 is bit 32
+    w32(t, mmio.DEVICE_FEATURES_SEL, 0)
+    assert r32(t, mmio.DEVICE_FEATURES) == 1 << spec.VIRTIO_NET_F_MAC
+
+
+def test_notify_and_interrupt_wiring(memory):
+    t, dev, vm = make(memory)
+    # An ioeventfd per back-end queue (datamatch = index), one on InterruptACK.
+    assert sorted(vm.ioeventfds) == [(0xD000_0050, 4, 0), (0xD000_0050, 4, 1), (0xD000_0064, 4, None)]
+    assert vm.irqfds == [5, 5, 5, 5]                  # a call fd per queue, plus config
+    assert mmio.mmio_cmdline(t.base, t.gsi) == "virtio_mmio.device=4K@0xd0000000:5"
+
+
+def test_bring_up_activates_with_the_driver_features_and_ready_queues(memory):
+    t, dev, vm = make(memory)
+    assert bring_up(t, FEATURES)
+    assert dev.activations == [(FEATURES, [(0, 64, 0x10000), (1, 64, 0x20000)])]
+    assert r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_DRIVER_OK
+
+
+def test_features_without_version_1_or_unknown_are_refused(memory):
+    t, dev, vm = make(memory)
+    assert not bring_up(t, spec.bit(spec.VIRTIO_NET_F_MAC))
+    t, dev, vm = make(memory)
+    assert not bring_up(t, FEATURES | spec.bit(spec.VIRTIO_NET_F_MRG_RXBUF))
+    assert dev.activations == []
+
+
+def test_reset_stops_the_device_and_allows_bring_up_again(memory):
+    t, dev, vm = make(memory)
+    assert bring_up(t, FEATURES)
+    w32(t, mmio.STATUS, 0)
+    assert dev.resets == 1 and r32(t, mmio.STATUS) == 0
+    w32(t, mmio.QUEUE_SEL, 0)
+    assert r32(t, mmio.QUEUE_READY) == 0
+    assert bring_up(t, FEATURES)
+    assert len(dev.activations) == 2
+
+
+def test_bad_ring_sets_needs_reset_and_raises_config_interrupt(memory):
+    t, dev, vm = make(memory)
+    # Queue 0's descriptor table sits beyond the end of guest memory.
+    w32(t, mmio.STATUS, 3)
+    w32(t, mmio.DRIVER_FEATURES_SEL, 1)
+    w32(t, mmio.DRIVER_FEATURES, 1)
+    w32(t, mmio.STATUS, 3 | spec.VIRTIO_CONFIG_S_FEATURES_OK)
+    w32(t, mmio.QUEUE_SEL, 0)
+    w32(t, mmio.QUEUE_NUM, 64)
+    w32(t, mmio.QUEUE_DESC_LOW, 16 * MiB)
+    w32(t, mmio.QUEUE_READY, 1)
+    generation = r32(t, mmio.CONFIG_GENERATION)
+    w32(t, mmio.STATUS, 3 | spec.VIRTIO_CONFIG_S_FEATURES_OK | spec.VIRTIO_CONFIG_S_DRIVER_OK)
+    assert dev.activations == []
+    assert r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_NEEDS_RESET
+    assert r32(t, mmio.CONFIG_GENERATION) == generation + 1
+    assert r32(t, mmio.INTERRUPT_STATUS) == mmio.VIRTIO_MMIO_INT_VRING | mmio.VIRTIO_MMIO_INT_CONFIG
+    assert r32(t, mmio.INTERRUPT_STATUS) == mmio.VIRTIO_MMIO_INT_VRING   # consumed by the read
+
+
+def test_back_end_refusal_sets_needs_reset(memory):
+    t, dev, vm = make(memory, fail=True)
+    bring_up(t, FEATURES)
+    assert r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_NEEDS_RESET
+
+
+def test_queue_size_above_maximum_is_refused(memory):
+    t, dev, vm = make(memory)
+    bring_up(t, FEATURES, queues=((0, 128, 0x10000),))
+    assert dev.activations == []
+    assert r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_NEEDS_RESET
+
+
+def test_queues_outside_the_back_end_reach_notify(memory):
+    t, dev, vm = make(memory)
+    w32(t, mmio.QUEUE_NOTIFY, 2)
+    w32(t, mmio.QUEUE_NOTIFY, 99)   # no such queue: ignored
+    assert dev.notified == [2]
+
+
+def test_config_space_and_odd_accesses(memory):
+    t, dev, vm = make(memory)
+    assert t.read(mmio.CONFIG, 4) == 0x00000002
+    assert t.read(mmio.CONFIG + 5, 1) == 0x07
+    assert t.read(mmio.CONFIG + 6, 2) == 1
+    assert t.read(mmio.CONFIG + 200, 4) == 0          # beyond the config: zeros
+    assert t.read(mmio.MAGIC_VALUE, 2) == 0           # registers are 32-bit only
+    w32(t, mmio.QUEUE_SEL, 7)                          # a queue that does not exist
+    assert r32(t, mmio.QUEUE_NUM_MAX) == 0
+    w32(t, mmio.QUEUE_NUM, 16)                         # ignored, no crash
+    assert mmio.register_name(0x50) == "QueueNotify" and mmio.register_name(0x104) == "config"
+
+
+def test_driver_ring_layout_and_round_trip(memory):
+    ring = DriverRing(memory, 0x40000, 8)
+    assert (ring.avail_addr - ring.desc_addr, ring.used_addr % 4) == (128, 0)
+    assert DriverRing.ring_size(8) == ring.used_addr + 6 + 64 - 0x40000
+    head = ring.add([(0x50000, 100, False), (0x51000, 200, True)])
+    addr, length, flags, nxt = struct.unpack("<QIHH", memory.read(ring.desc_addr + 16 * head, 16))
+    assert (addr, length, flags) == (0x50000, 100, 1)   # NEXT
+    assert struct.unpack("<HH", memory.read(ring.avail_addr, 4)) == (0, 1)
+    # Play the device: one used entry.
+    memory.write(ring.used_addr + 4, struct.pack("<II", head, 200))
+    memory.write(ring.used_addr + 2, struct.pack("<H", 1))
+    assert ring.pop_used() == [(head, 200)]
+    memory.write(ring.used_addr + 12, struct.pack("<II", 5, 1))
+    memory.write(ring.used_addr + 2, struct.pack("<H", 2))
+    with pytest.raises(RingError, match="not in use"):
+        ring.pop_used()
+
+
+@pytest.mark.parametrize("num", [0, 3, 65536, -1])
+def test_queue_sizes(num):
+    with pytest.raises(RingError):
+        check_queue_size(num)
+
+
+def test_check_ring(memory):
+    check_ring(memory, 256, 0x1000, 0x2000, 0x3000)
+    with pytest.raises(RingError, match="available ring at 0x2001"):
+        check_ring(memory, 256, 0x1000, 0x2001, 0x3000)
+    with pytest.raises(RingError, match="used ring .* not inside guest RAM"):
+        check_ring(memory, 256, 0x1000, 0x2000, 16 * MiB - 8)
