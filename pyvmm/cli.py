@@ -76,6 +76,9 @@ def parse_net(text):
     from pyvmm.vmm.virtio_devices import NetConfig
     opts = parse_backend_options(text, "--net", {"tap", "mac", "host-ip", "guest-ip"})
     cfg = NetConfig(tap=opts.get("tap") or None)
+    if cfg.tap and (len(cfg.tap.encode()) > 15 or "/" in cfg.tap):
+        raise argparse.ArgumentTypeError(f"--net tap={cfg.tap}: an interface name has at most "
+                                         "15 characters and no '/'")
     if "mac" in opts:
         if not MAC_RE.fullmatch(opts["mac"]):
             raise argparse.ArgumentTypeError(f"--net mac={opts['mac']}: use six hex bytes, "

@@ -105,6 +105,7 @@ def test_net_and_vsock_options_parse():
     (["--net", "vhost-kernel,mac=xyz"], "use six hex bytes"),
     (["--net", "vhost-kernel,host-ip=10.0.0.1/33"], "give an address with prefix"),
     (["--vsock", "vhost-kernel,cid=three"], "not a number"),
+    (["--net", "vhost-kernel,tap=a-very-long-tap-name"], "at most 15 characters"),
 ])
 def test_device_option_errors(args, message):
     r = pyvmm("run", *args, "--", "true")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pyvmm.kvm import uapi
 from pyvmm.kvm.vm import Vm
+from pyvmm.sys.chardev import open_chardev
 from pyvmm.sys.ioctl import ioctl
 
 # Capabilities pyvmm cannot work without, and what each one is for.
@@ -43,14 +44,10 @@ class Kvm:
     """An open /dev/kvm."""
 
     def __init__(self, path="/dev/kvm"):
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise KvmError(f"{path} does not exist: this host has no KVM "
-                           f"(load kvm_intel or kvm_amd, or {TESTBED_HINT})") from None
-        except PermissionError:
-            raise KvmError(f"no permission to open {path}: add your user to the "
-                           f"'kvm' group or run as root") from None
+        self.fd = open_chardev(
+            path, KvmError, missing=f"this host has no KVM (load kvm_intel or kvm_amd, or "
+                                    f"{TESTBED_HINT})",
+            no_permission="add your user to the 'kvm' group or run as root")
         version = ioctl(self.fd, uapi.KVM_GET_API_VERSION, name="KVM_GET_API_VERSION")
         if version != uapi.KVM_API_VERSION:
             raise KvmError(f"{path} speaks KVM API {version}, pyvmm needs {uapi.KVM_API_VERSION}")

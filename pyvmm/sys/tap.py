@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 
+from pyvmm.sys.chardev import open_chardev
 from pyvmm.sys.ioctl import _IOR, _IOW
 
 TUNSETIFF = _IOW(ord("T"), 202, ctypes.c_int)
@@ -50,12 +51,9 @@ class Tap:
         """Create (or attach to) tap `name`; a %d in it lets the kernel number it."""
         if len(name.encode()) >= IFNAMSIZ:
             raise TapError(f"tap name {name!r} is longer than {IFNAMSIZ - 1} bytes")
-        try:
-            self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise TapError("/dev/net/tun does not exist: load the driver with 'modprobe tun'") from None
-        except PermissionError:
-            raise TapError("no permission to open /dev/net/tun (taps need root or CAP_NET_ADMIN)") from None
+        self.fd = open_chardev("/dev/net/tun", TapError, missing="load the driver with 'modprobe tun'",
+                               no_permission="taps need root or CAP_NET_ADMIN",
+                               flags=os.O_NONBLOCK)
         try:
             req = fcntl.ioctl(self.fd, TUNSETIFF,
                               _ifreq(name, struct.pack("H", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)))

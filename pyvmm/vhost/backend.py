@@ -85,6 +85,16 @@ class VhostBackend(ABC):
     @abstractmethod
     def _set_vring_addr(self, index, desc, avail, used, log): ...
 
+    def start_vring(self, index, num, addr, kick_fd, call_fd, err_fd=None, base=0):
+        """One queue's whole set-up, in the order the back-ends expect it."""
+        self.set_vring_num(index, num)
+        self.set_vring_base(index, base)
+        self.set_vring_addr(index, addr)
+        self.set_vring_kick(index, kick_fd)
+        self.set_vring_call(index, call_fd)
+        if err_fd is not None:
+            self.set_vring_err(index, err_fd)
+
     @abstractmethod
     def set_vring_kick(self, index, fd): ...
 

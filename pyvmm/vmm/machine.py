@@ -74,6 +74,7 @@ class Machine:
         self._lock = threading.Lock()
         self._closers = []
         self.threads = []
+        self.transports = []
         try:
             self._build(config)
         except BaseException:
@@ -124,6 +125,7 @@ class Machine:
             transport = VirtioMmio(planned.device, self.vm, self.memory, planned.base, planned.gsi)
             self._closers.append(transport.close)
             self.mmio.add(planned.base, MMIO_SIZE, transport, planned.device.name)
+            self.transports.append(transport)
 
         supported = self.kvm.supported_cpuid()
         for i in range(config.cpus):
@@ -179,6 +181,9 @@ class Machine:
         old_handlers[KICK_SIGNAL] = signal.signal(KICK_SIGNAL, lambda signum, frame: None)
         try:
             self.loop.add_reader(self._wake_fd, lambda: os.eventfd_read(self._wake_fd))
+            for transport in self.transports:
+                for fd, callback in transport.event_sources():
+                    self.loop.add_reader(fd, callback)
             self.console.start(self.loop, self.serial,
                                lambda: self._finish(MachineExit("quit from the console",
                                                                 signal_exit=130)))

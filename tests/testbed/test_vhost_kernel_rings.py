@@ -49,27 +49,23 @@ def rig():
     assert vhost.get_features() & spec.bit(spec.VIRTIO_F_VERSION_1)
     vhost.set_features(spec.bit(spec.VIRTIO_F_VERSION_1))
     vhost.set_mem_table(mem)
-    rings, kicks, calls = {}, {}, {}
+    rings, kicks, calls, errs = {}, {}, {}, {}
     for q in (RX, TX):
         rings[q] = DriverRing(mem, RING_GPA[q], 64)
-        kicks[q] = os.eventfd(0, os.EFD_NONBLOCK)
-        calls[q] = os.eventfd(0, os.EFD_NONBLOCK)
-        vhost.set_vring_num(q, 64)
-        vhost.set_vring_base(q, 0)
-        vhost.set_vring_addr(q, VringAddr(rings[q].desc_addr, rings[q].avail_addr,
-                                          rings[q].used_addr))
-        vhost.set_vring_kick(q, kicks[q])
-        vhost.set_vring_call(q, calls[q])
+        kicks[q], calls[q], errs[q] = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3))
+        vhost.start_vring(q, 64, VringAddr(rings[q].desc_addr, rings[q].avail_addr,
+                                           rings[q].used_addr), kicks[q], calls[q], errs[q])
         vhost.set_backend(q, tap.fd)
     packet = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_EXPERIMENTAL))
     packet.bind((tap.name, ETH_P_EXPERIMENTAL))
+    vhost.errs = errs
     yield mem, rings, kicks, calls, packet, vhost
     packet.close()
     for q in (RX, TX):
         vhost.set_backend(q, None)
     vhost.close()
     tap.close()
-    for fd in [*kicks.values(), *calls.values()]:
+    for fd in [*kicks.values(), *calls.values(), *errs.values()]:
         os.close(fd)
     mem.close()
 
@@ -106,3 +102,12 @@ def test_ring_outside_guest_memory_is_refused_before_the_ioctl(rig):
     with pytest.raises(VhostError, match="not 16-byte aligned"):
         vhost.set_vring_addr(RX, VringAddr(RING_GPA[RX] + 8, RING_GPA[RX] + 1024,
                                            RING_GPA[RX] + 2048))
+
+
+def test_broken_descriptor_is_reported_on_the_err_eventfd(rig):
+    """A guest's descriptor pointing outside its memory: vhost refuses and says so."""
+    mem, rings, kicks, calls, packet, vhost = rig
+    rings[TX].add([(64 << 20, 100, False)])   # 64 MiB, beyond the 16 MiB of RAM
+    os.eventfd_write(kicks[TX], 1)
+    wait_readable(vhost.errs[TX])
+    assert os.eventfd_read(vhost.errs[TX]) >= 1

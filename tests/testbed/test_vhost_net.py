@@ -102,3 +102,10 @@ def test_user_named_tap_and_mac():
     rc, out, err = finish(proc)
     assert rc == 0, out + err
     assert "02:00:00:aa:bb:cc" in out
+
+
+def test_tap_that_cannot_be_created_is_one_clear_line():
+    proc = start("--net", "vhost-kernel,tap=lo", guest_cmd="true")
+    rc, out, err = finish(proc)
+    assert rc == 1
+    assert err.strip().splitlines()[-1].startswith("pyvmm: error: cannot create tap 'lo': ")

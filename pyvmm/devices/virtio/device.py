@@ -24,6 +24,7 @@ class Queue:
     used: int = 0
     kick_fd: int = None   # the guest's QueueNotify writes for this queue (an ioeventfd)
     call_fd: int = None   # written to interrupt the guest (an irqfd)
+    err_fd: int = None    # signalled by the back-end when the guest broke the ring
 
 
 class VirtioDevice(ABC):

@@ -120,6 +120,7 @@ class VirtioMmio:
             if q.index in device.vhost_queues():
                 q.kick_fd = self._eventfd()
                 vm.ioeventfd(q.kick_fd, base + QUEUE_NOTIFY, 4, datamatch=q.index)
+                q.err_fd = self._eventfd()
         self._config_irq_fd = self._eventfd()
         vm.irqfd(self._config_irq_fd, gsi)
         self._ack_fd = self._eventfd()
@@ -147,6 +148,20 @@ class VirtioMmio:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+
+    def event_sources(self):
+        """(fd, callback) pairs for the machine's event loop."""
+        return [(q.err_fd, lambda q=q: self._vring_error(q)) for q in self.queues
+                if q.err_fd is not None]
+
+    def _vring_error(self, q):
+        """The back-end found the guest's ring broken: the device needs a reset."""
+        os.eventfd_read(q.err_fd)
+        log.warning("%s: the back-end reports a broken ring on queue %d; the device "
+                    "needs a reset", self.device.name, q.index)
+        with self._lock:
+            self.status |= spec.VIRTIO_CONFIG_S_NEEDS_RESET
+        self.config_changed()
 
     # --- interrupts pyvmm raises itself --------------------------------------
 

@@ -84,11 +84,8 @@ class VhostKernelNetDevice(VirtioDevice):
             self.vhost.set_features(features & self.vhost_features)
             self.vhost.set_mem_table(memory)
             for q in queues:
-                self.vhost.set_vring_num(q.index, q.size)
-                self.vhost.set_vring_base(q.index, 0)
-                self.vhost.set_vring_addr(q.index, VringAddr(q.desc, q.avail, q.used))
-                self.vhost.set_vring_kick(q.index, q.kick_fd)
-                self.vhost.set_vring_call(q.index, q.call_fd)
+                self.vhost.start_vring(q.index, q.size, VringAddr(q.desc, q.avail, q.used),
+                                       q.kick_fd, q.call_fd, q.err_fd)
                 self.vhost.set_backend(q.index, self.tap.fd)
                 self._started.append(q.index)
         except (VhostError, TapError, OSError) as e:

@@ -56,11 +56,8 @@ class VhostKernelVsockDevice(VirtioDevice):
             for q in queues:
                 if q.index not in self.vhost_queues():
                     continue
-                self.vhost.set_vring_num(q.index, q.size)
-                self.vhost.set_vring_base(q.index, 0)
-                self.vhost.set_vring_addr(q.index, VringAddr(q.desc, q.avail, q.used))
-                self.vhost.set_vring_kick(q.index, q.kick_fd)
-                self.vhost.set_vring_call(q.index, q.call_fd)
+                self.vhost.start_vring(q.index, q.size, VringAddr(q.desc, q.avail, q.used),
+                                       q.kick_fd, q.call_fd, q.err_fd)
                 self._started.append(q.index)
             self.vhost.set_running(True)
         except VhostError as e:

@@ -6,6 +6,7 @@ Each wrapper is one ioctl; its docstring says what the kernel does with it.
 import ctypes
 import os
 
+from pyvmm.sys.chardev import open_chardev
 from pyvmm.sys.ioctl import ioctl
 from pyvmm.vhost.backend import VhostBackend, VhostError
 from pyvmm.vhost.kernel import uapi
@@ -19,14 +20,9 @@ class VhostKernelBackend(VhostBackend):
     def __init__(self, device=None):
         super().__init__()
         self.path = path = device or self.device
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise VhostError(f"{path} does not exist: load the driver with "
-                             f"'modprobe {self.module}'") from None
-        except PermissionError:
-            raise VhostError(f"no permission to open {path} (run as root, or give your "
-                             f"user access to it)") from None
+        self.fd = open_chardev(path, VhostError,
+                               missing=f"load the driver with 'modprobe {self.module}'",
+                               no_permission="run as root, or give your user access to it")
 
     def close(self):
         if self.fd is not None:
