@@ -170,66 +170,32 @@ def error(message):
     print(f"pyvmm: error: {message}", file=sys.stderr)
 
 
-def cmd_run(args, started_at):
-    from pyvmm.kvm import KvmError
-    from pyvmm.loader import LoaderError
-    from pyvmm.memory import GuestMemoryError
-    from pyvmm.devices.virtio.device import DeviceError
-    from pyvmm.sys.tap import TapError
-    from pyvmm.vhost import VhostError
-    from pyvmm.vmm.console import ESCAPE_HELP, Console
-    from pyvmm.vmm.machine import Machine, MachineConfig
-
-    command = args.guest_command
-    if command[:1] == ["--"]:
-        command = command[1:]
-    cmdline = args.cmdline
-    if command:
-        cmdline += " " + guest.command_arg(command)
-    initrd = None if args.initrd == "none" else args.initrd
-
+def make_console(args, command):
+    """The serial console's ends: (Console, file to close or None), or None on error."""
+    from pyvmm.vmm.console import Console
     kind, path = args.console
-    out_file = None
     if kind == "file":
         try:
             out_file = open(path, "wb", buffering=0)
         except OSError as e:
             error(f"--console file:{path}: {e.strerror}")
-            return EXIT_ERROR
-        console = Console(out_file.fileno())
-    else:
-        # With a command, the guest's stdin is not ours to give: keep the
-        # terminal as it is (Ctrl-C stops pyvmm).
-        console = Console(sys.stdout.fileno(), None if command else sys.stdin.fileno())
+            return None
+        return Console(out_file.fileno()), out_file
+    # With a command, the guest's stdin is not ours to give: the terminal
+    # stays as it is (and Ctrl-C stops pyvmm).
+    return Console(sys.stdout.fileno(), None if command else sys.stdin.fileno()), None
 
-    config = MachineConfig(kernel=args.kernel, initrd=initrd, cmdline=cmdline,
-                           mem_size=args.mem, cpus=args.cpus, hugepages=args.hugepages,
-                           nets=args.net, vsock=args.vsock)
-    try:
-        machine = Machine(config, console, started_at=started_at)
-    except (KvmError, LoaderError, GuestMemoryError, VhostError, TapError, DeviceError) as e:
-        error(str(e))
-        return EXIT_ERROR
-    except OSError as e:
-        error(f"setting up the VM failed: {e}")
-        return EXIT_ERROR
-    for planned in machine.devices:
-        print(f"pyvmm: {planned.summary}", file=sys.stderr)
-    try:
-        if console.interactive:
-            print(ESCAPE_HELP, file=sys.stderr)
-        result = machine.run()
-    finally:
-        machine.close()
-        if out_file:
-            out_file.close()
 
-    if args.stats:
-        boot = f"{result.boot_time:.3f} s" if result.boot_time is not None else "not reached"
-        print(f"pyvmm: guest init reached after {boot} (from pyvmm's start)", file=sys.stderr)
-        print("pyvmm: vCPU exits:", file=sys.stderr)
-        for line in result.stats.report():
-            print(f"  {line}", file=sys.stderr)
+def print_stats(result):
+    boot = f"{result.boot_time:.3f} s" if result.boot_time is not None else "not reached"
+    print(f"pyvmm: guest init reached after {boot} (from pyvmm's start)", file=sys.stderr)
+    print("pyvmm: vCPU exits:", file=sys.stderr)
+    for line in result.stats.report():
+        print(f"  {line}", file=sys.stderr)
+
+
+def exit_status(result):
+    """pyvmm's exit status for how the run ended (see RUN_EPILOG)."""
     if result.signal_exit is not None:
         print(f"\npyvmm: {result.reason}", file=sys.stderr)
         return result.signal_exit
@@ -242,6 +208,55 @@ def cmd_run(args, started_at):
     return EXIT_NO_STATUS
 
 
+def cmd_run(args, started_at):
+    from pyvmm.devices.virtio.device import DeviceError
+    from pyvmm.kvm import KvmError
+    from pyvmm.loader import LoaderError
+    from pyvmm.memory import GuestMemoryError
+    from pyvmm.sys.tap import TapError
+    from pyvmm.vhost import VhostError
+    from pyvmm.vmm.console import ESCAPE_HELP
+    from pyvmm.vmm.machine import Machine, MachineConfig
+
+    command = args.guest_command
+    if command[:1] == ["--"]:
+        command = command[1:]
+    cmdline = args.cmdline
+    if command:
+        cmdline += " " + guest.command_arg(command)
+    config = MachineConfig(kernel=args.kernel, initrd=None if args.initrd == "none" else args.initrd,
+                           cmdline=cmdline, mem_size=args.mem, cpus=args.cpus,
+                           hugepages=args.hugepages, nets=args.net, vsock=args.vsock)
+
+    made = make_console(args, command)
+    if made is None:
+        return EXIT_ERROR
+    console, out_file = made
+    try:
+        try:
+            machine = Machine(config, console, started_at=started_at)
+        except (KvmError, LoaderError, GuestMemoryError, VhostError, TapError, DeviceError) as e:
+            error(str(e))
+            return EXIT_ERROR
+        except OSError as e:
+            error(f"setting up the VM failed: {e}")
+            return EXIT_ERROR
+        try:
+            for planned in machine.devices:
+                print(f"pyvmm: {planned.summary}", file=sys.stderr)
+            if console.interactive:
+                print(ESCAPE_HELP, file=sys.stderr)
+            result = machine.run()
+        finally:
+            machine.close()
+    finally:
+        if out_file:
+            out_file.close()
+    if args.stats:
+        print_stats(result)
+    return exit_status(result)
+
+
 def main(argv=None):
     started_at = process_start_time()
     parser = build_parser()
@@ -251,6 +266,10 @@ def main(argv=None):
     if args.command == "run":
         if args.cpus < 1:
             parser.error("--cpus must be at least 1")
-        return cmd_run(args, started_at)
+        try:
+            return cmd_run(args, started_at)
+        except KeyboardInterrupt:  # Ctrl-C while setting up (the run handles its own)
+            print("\npyvmm: interrupted", file=sys.stderr)
+            return 130
     parser.print_help()
     return EXIT_USAGE

@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import re
 import struct
+import subprocess
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -13,13 +14,20 @@ from pyvmm import guest
 IMAGES = guest.IMAGES
 
 
-def test_sha256sums_match():
+def test_sha256sums_match(top):
     lines = (IMAGES / "SHA256SUMS").read_text().splitlines()
-    assert {line.split()[1] for line in lines} >= {
-        "vmlinux", "bzImage", "initramfs.cpio.gz", "kernel.config", "MANIFEST"}
+    names = {line.split()[1] for line in lines}
+    assert names >= {f"images/{n}" for n in ("vmlinux", "bzImage", "initramfs.cpio.gz",
+                                             "kernel.config", "MANIFEST")}
     for line in lines:
         digest, name = line.split()
-        assert hashlib.sha256((IMAGES / name).read_bytes()).hexdigest() == digest, name
+        assert hashlib.sha256((top / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_sha256sum_tool_agrees(top):
+    r = subprocess.run(["sha256sum", "-c", "images/SHA256SUMS"], cwd=top,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_images_stay_small():
