@@ -111,9 +111,11 @@ class VcpuThread(threading.Thread):
         entry = bus.find(mmio.phys_addr)
         if entry is None:
             self.stats.count("mmio", f"{mmio.phys_addr:#x}")
-        else:
+        elif hasattr(entry.device, "describe"):
             # Per register, so that --stats shows QueueNotify staying at zero.
             self.stats.count("mmio", f"{entry.name} {entry.device.describe(mmio.phys_addr - entry.base)}")
+        else:
+            self.stats.count("mmio", entry.name)
         size = min(mmio.len, 8)
         if mmio.is_write:
             bus.write(entry, mmio.phys_addr, size, int.from_bytes(bytes(mmio.data[:size]), "little"))

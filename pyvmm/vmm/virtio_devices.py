@@ -105,6 +105,8 @@ def plan_net(cfg, index):
 
 def plan_devices(nets, vsock):
     """Host side of every device, in the order the guest will find them."""
+    if len(nets) + (vsock is not None) > len(VIRTIO_GSIS):
+        raise DeviceError(f"at most {len(VIRTIO_GSIS)} virtio devices")
     planned = []
     try:
         for i, cfg in enumerate(nets):
@@ -117,9 +119,5 @@ def plan_devices(nets, vsock):
         for device, _, _ in planned:
             device.close()
         raise
-    if len(planned) > len(VIRTIO_GSIS):
-        for device, _, _ in planned:
-            device.close()
-        raise DeviceError(f"at most {len(VIRTIO_GSIS)} virtio devices")
     return [PlannedDevice(device, VIRTIO_MMIO_BASE + i * 0x1000, VIRTIO_GSIS[i], args, summary)
             for i, (device, args, summary) in enumerate(planned)]
