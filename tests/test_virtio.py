@@ -6,12 +6,16 @@ the way Linux's virtio_mmio driver drives it. The real thing runs in
 tests/testbed/.
 """
 
+import os
 import struct
+import threading
+import time
 
 import pytest
 
 from pyvmm.devices.virtio import mmio
 from pyvmm.devices.virtio.device import DeviceError, VirtioDevice
+from pyvmm.devices.virtio.net import NET_FEATURE_REQUIRES
 from pyvmm.memory import GuestMemory
 from pyvmm.virtio import spec
 from pyvmm.virtio.splitring import DriverRing, RingError, check_ring, check_queue_size
@@ -240,3 +244,188 @@ def test_check_ring(memory):
         check_ring(memory, 256, 0x1000, 0x2001, 0x3000)
     with pytest.raises(RingError, match="used ring .* not inside guest RAM"):
         check_ring(memory, 256, 0x1000, 0x2000, 16 * MiB - 8)
+
+
+# --- the device's life cycle under concurrent vCPUs (issue 10, item 1) -------
+
+class SlowDevice(ToyDevice):
+    """Records activate/reset; activate() holds on until told to finish, the
+    way a back-end over a socket takes its time."""
+
+    def __init__(self, hold=None):
+        super().__init__()
+        self.events = []
+        self.started = threading.Event()
+        self.hold = hold
+
+    def activate(self, memory, features, queues):
+        self.started.set()
+        if self.hold is not None:
+            self.hold.wait(timeout=2)
+        else:
+            time.sleep(0.0002)   # let the other vCPU run meanwhile
+        self.events.append(("activate", [(q.index, q.size, q.desc) for q in queues]))
+
+    def reset(self):
+        self.events.append(("reset",))
+
+
+def ready_for_driver_ok(t):
+    """bring_up() up to, not including, DRIVER_OK; the status to add it to."""
+    status = spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIVER
+    w32(t, mmio.STATUS, status)
+    w32(t, mmio.DRIVER_FEATURES_SEL, 1)
+    w32(t, mmio.DRIVER_FEATURES, 1)
+    status |= spec.VIRTIO_CONFIG_S_FEATURES_OK
+    w32(t, mmio.STATUS, status)
+    for index, gpa in ((0, 0x10000), (1, 0x20000)):
+        ring = DriverRing(t.memory, gpa, 64)
+        w32(t, mmio.QUEUE_SEL, index)
+        w32(t, mmio.QUEUE_NUM, 64)
+        for low, addr in ((mmio.QUEUE_DESC_LOW, ring.desc_addr),
+                          (mmio.QUEUE_AVAIL_LOW, ring.avail_addr),
+                          (mmio.QUEUE_USED_LOW, ring.used_addr)):
+            w32(t, low, addr)
+        w32(t, mmio.QUEUE_READY, 1)
+    return status
+
+
+def test_a_reset_from_another_vcpu_waits_for_the_activation(memory):
+    """vCPU A writes DRIVER_OK; while the back-end is being set up, vCPU B
+    resets the device. B must wait: the device ends reset and stopped, and
+    the activation saw the queues as they were at DRIVER_OK."""
+    hold = threading.Event()
+    dev = SlowDevice(hold)
+    t = mmio.VirtioMmio(dev, RecordingVm(), memory, 0xD000_0000, 5)
+    status = ready_for_driver_ok(t)
+    a = threading.Thread(target=w32, args=(t, mmio.STATUS, status | spec.VIRTIO_CONFIG_S_DRIVER_OK))
+    a.start()
+    assert dev.started.wait(5)
+    b = threading.Thread(target=w32, args=(t, mmio.STATUS, 0))
+    b.start()
+    b.join(0.2)
+    assert b.is_alive(), "the reset did not wait for the activation in progress"
+    hold.set()
+    a.join(5)
+    b.join(5)
+    assert dev.events == [("activate", [(0, 64, 0x10000), (1, 64, 0x20000)]), ("reset",)]
+    assert r32(t, mmio.STATUS) == 0 and not t.active
+
+
+def test_status_writes_from_two_vcpus_never_leave_a_stopped_device_running(memory):
+    """Random interleavings of bring-up and reset: whenever both vCPUs are
+    done, the device runs exactly when the transport says it is active, and
+    never with a ring the guest had not set up."""
+    for i in range(150):
+        dev = SlowDevice()
+        t = mmio.VirtioMmio(dev, RecordingVm(), memory, 0xD000_0000, 5)
+        status = ready_for_driver_ok(t)
+        go = threading.Barrier(2)
+
+        def driver_ok():
+            go.wait()
+            w32(t, mmio.STATUS, status | spec.VIRTIO_CONFIG_S_DRIVER_OK)
+
+        def reset():
+            go.wait()
+            time.sleep(i * 0.00001)   # from 0 to 1.5 ms after the other vCPU
+            w32(t, mmio.STATUS, 0)
+
+        threads = [threading.Thread(target=f) for f in (driver_ok, reset)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(5)
+        activations = [e for e in dev.events if e[0] == "activate"]
+        resets = [e for e in dev.events if e[0] == "reset"]
+        running = len(activations) - len(resets)
+        assert running == (1 if t.active else 0), dev.events
+        assert not (t.active and r32(t, mmio.STATUS) == 0), dev.events
+        for _, queues in activations:
+            assert queues == [(0, 64, 0x10000), (1, 64, 0x20000)], dev.events
+
+
+# --- registers and rules of the virtio spec (issue 10, items 7 and 9) -----------
+
+def test_device_features_above_word_1_read_zero(memory):
+    t, dev, vm = make(memory)
+    for sel in (2, 3, 0xFFFF_FFFF):
+        w32(t, mmio.DEVICE_FEATURES_SEL, sel)
+        assert r32(t, mmio.DEVICE_FEATURES) == 0
+
+
+def test_driver_features_after_features_ok_are_ignored(memory):
+    t, dev, vm = make(memory)
+    w32(t, mmio.STATUS, 3)
+    w32(t, mmio.DRIVER_FEATURES_SEL, 1)
+    w32(t, mmio.DRIVER_FEATURES, 1)
+    w32(t, mmio.STATUS, 3 | spec.VIRTIO_CONFIG_S_FEATURES_OK)
+    w32(t, mmio.DRIVER_FEATURES_SEL, 0)
+    w32(t, mmio.DRIVER_FEATURES, 1 << spec.VIRTIO_NET_F_MAC)
+    w32(t, mmio.DRIVER_FEATURES_SEL, 2)             # no such word: ignored too
+    w32(t, mmio.DRIVER_FEATURES, 0xFFFF_FFFF)
+    assert t.driver_features == spec.bit(spec.VIRTIO_F_VERSION_1)
+
+
+def test_driver_ok_without_features_ok_needs_reset(memory):
+    t, dev, vm = make(memory)
+    w32(t, mmio.STATUS, 3)
+    w32(t, mmio.STATUS, 3 | spec.VIRTIO_CONFIG_S_DRIVER_OK)
+    assert dev.activations == []
+    assert r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_NEEDS_RESET
+    assert r32(t, mmio.INTERRUPT_STATUS) & mmio.VIRTIO_MMIO_INT_CONFIG
+
+
+def test_stopping_a_queue_of_a_running_device_is_refused(memory):
+    t, dev, vm = make(memory)
+    assert bring_up(t, FEATURES)
+    w32(t, mmio.QUEUE_SEL, 0)
+    w32(t, mmio.QUEUE_READY, 0)
+    assert r32(t, mmio.QUEUE_READY) == 1               # no VIRTIO_F_RING_RESET
+    w32(t, mmio.QUEUE_DESC_LOW, 0x80000)               # still locked while ready
+    assert t.queues[0].desc == 0x10000
+    w32(t, mmio.STATUS, 0)                             # after a reset, all is open again
+    assert r32(t, mmio.QUEUE_READY) == 0
+
+
+def test_no_shared_memory_regions(memory):
+    """Linux's vm_get_shm_region() takes only a length of ~0 as "none"."""
+    t, dev, vm = make(memory)
+    w32(t, mmio.SHM_SEL, 0)
+    assert r32(t, mmio.SHM_LEN_LOW) == 0xFFFF_FFFF
+    assert r32(t, mmio.SHM_LEN_HIGH) == 0xFFFF_FFFF
+
+
+def test_back_end_error_eventfd_sets_needs_reset(memory):
+    t, dev, vm = make(memory)
+    assert bring_up(t, FEATURES)
+    sources = dict(t.event_sources())
+    err_fd = t.queues[1].err_fd
+    assert set(sources) == {t.queues[0].err_fd, err_fd}
+    os.eventfd_write(err_fd, 1)
+    sources[err_fd]()
+    assert r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_NEEDS_RESET
+    assert r32(t, mmio.INTERRUPT_STATUS) == mmio.VIRTIO_MMIO_INT_VRING | mmio.VIRTIO_MMIO_INT_CONFIG
+    assert os.eventfd_read(t._config_irq_fd) == 1      # the config interrupt went to KVM
+
+
+class OffloadDevice(ToyDevice):
+    """Offers virtio-net's checksum and TSO bits, with the spec's rules for them."""
+    feature_requires = NET_FEATURE_REQUIRES
+
+    @property
+    def features(self):
+        return spec.bits(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_NET_F_GUEST_CSUM,
+                         spec.VIRTIO_NET_F_GUEST_TSO4, spec.VIRTIO_NET_F_GUEST_ECN)
+
+
+@pytest.mark.parametrize("accepted,ok", [
+    ((spec.VIRTIO_NET_F_GUEST_CSUM, spec.VIRTIO_NET_F_GUEST_TSO4), True),
+    ((spec.VIRTIO_NET_F_GUEST_TSO4,), False),                     # TSO4 needs GUEST_CSUM
+    ((spec.VIRTIO_NET_F_GUEST_CSUM, spec.VIRTIO_NET_F_GUEST_ECN), False),  # ECN needs TSO4/6
+    ((spec.VIRTIO_NET_F_GUEST_CSUM, spec.VIRTIO_NET_F_GUEST_TSO4, spec.VIRTIO_NET_F_GUEST_ECN), True),
+])
+def test_features_ok_enforces_the_net_feature_requirements(memory, accepted, ok):
+    dev = OffloadDevice()
+    t = mmio.VirtioMmio(dev, RecordingVm(), memory, 0xD000_0000, 5)
+    assert bring_up(t, spec.bits(spec.VIRTIO_F_VERSION_1, *accepted), queues=()) == ok

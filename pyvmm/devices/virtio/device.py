@@ -34,6 +34,9 @@ class VirtioDevice(ABC):
     #: how many queues and how big each may be
     num_queues = 0
     queue_max_size = 256
+    #: feature bit -> bits of which the driver must accept at least one with it
+    #: (the "Feature bit requirements" section of each device type in the spec)
+    feature_requires = {}
 
     @property
     @abstractmethod
@@ -43,6 +46,18 @@ class VirtioDevice(ABC):
     @abstractmethod
     def config(self):
         """The device-specific config space, as bytes."""
+
+    def refuse_features(self, features):
+        """Why the driver's feature set breaks the device's rules, or None.
+
+        The transport checks first that every bit was offered and VERSION_1
+        is set; this adds the dependencies between the device's own bits.
+        """
+        for feature, needs in self.feature_requires.items():
+            if features & (1 << feature) and not any(features & (1 << n) for n in needs):
+                return (f"feature bit {feature} needs " +
+                        " or ".join(f"bit {n}" for n in needs))
+        return None
 
     def write_config(self, offset, data):
         """The driver wrote config space (read-only for most devices)."""

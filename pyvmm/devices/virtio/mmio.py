@@ -28,6 +28,7 @@ The one exit left per interrupt is the InterruptStatus read; `--stats`
 shows it, and shows that QueueNotify causes none.
 """
 
+import dataclasses
 import logging
 import os
 import threading
@@ -64,6 +65,9 @@ STATUS = 0x070
 QUEUE_DESC_LOW, QUEUE_DESC_HIGH = 0x080, 0x084
 QUEUE_AVAIL_LOW, QUEUE_AVAIL_HIGH = 0x090, 0x094
 QUEUE_USED_LOW, QUEUE_USED_HIGH = 0x0A0, 0x0A4
+SHM_SEL = 0x0AC
+SHM_LEN_LOW, SHM_LEN_HIGH = 0x0B0, 0x0B4
+SHM_BASE_LOW, SHM_BASE_HIGH = 0x0B8, 0x0BC
 CONFIG_GENERATION = 0x0FC
 CONFIG = 0x100
 
@@ -80,6 +84,8 @@ REGISTER_NAMES = {
     QUEUE_DESC_LOW: "QueueDescLow", QUEUE_DESC_HIGH: "QueueDescHigh",
     QUEUE_AVAIL_LOW: "QueueDriverLow", QUEUE_AVAIL_HIGH: "QueueDriverHigh",
     QUEUE_USED_LOW: "QueueDeviceLow", QUEUE_USED_HIGH: "QueueDeviceHigh",
+    SHM_SEL: "SHMSel", SHM_LEN_LOW: "SHMLenLow", SHM_LEN_HIGH: "SHMLenHigh",
+    SHM_BASE_LOW: "SHMBaseLow", SHM_BASE_HIGH: "SHMBaseHigh",
     CONFIG_GENERATION: "ConfigGeneration",
 }
 
@@ -102,8 +108,25 @@ def register_name(offset):
     return REGISTER_NAMES.get(offset & ~3, f"{offset:#x}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """What DRIVER_OK hands to the device: a copy taken under the register lock,
+    so that nothing the guest writes meanwhile can change it."""
+    features: int
+    queues: tuple     # copies of the ready Queues
+
+
 class VirtioMmio:
-    """The register file of one device, at base, interrupting on gsi."""
+    """The register file of one device, at base, interrupting on gsi.
+
+    Two locks. _lock guards the registers and is only ever held briefly (the
+    InterruptStatus read, on the data path, takes it). _status_lock
+    serialises Status writes with what they start: activation and reset,
+    which talk to a back-end and may take long. A vCPU that writes Status
+    waits for an activation or reset in progress on another vCPU, so a reset
+    can never overtake an activation and leave a device running that the
+    guest thinks is stopped.
+    """
 
     def __init__(self, device, vm, memory, base, gsi):
         self.device = device
@@ -112,6 +135,7 @@ class VirtioMmio:
         self.base = base
         self.gsi = gsi
         self._lock = threading.Lock()
+        self._status_lock = threading.Lock()
         self._fds = []
         self.queues = [Queue(i) for i in range(device.num_queues)]
         for q in self.queues:
@@ -157,20 +181,30 @@ class VirtioMmio:
     def _vring_error(self, q):
         """The back-end found the guest's ring broken: the device needs a reset."""
         os.eventfd_read(q.err_fd)
+        with self._lock:
+            if not self.active:   # a late report about rings already given up
+                return
+            self._needs_reset()
         log.warning("%s: the back-end reports a broken ring on queue %d; the device "
                     "needs a reset", self.device.name, q.index)
-        with self._lock:
-            self.status |= spec.VIRTIO_CONFIG_S_NEEDS_RESET
-        self.config_changed()
 
     # --- interrupts pyvmm raises itself --------------------------------------
 
     def config_changed(self):
         """Tell the driver the config space changed (link status, needs-reset)."""
         with self._lock:
-            self.config_generation += 1
-            self.config_pending = True
+            self._config_interrupt()
+
+    def _config_interrupt(self):
+        """(under _lock) A new config generation, and INT_CONFIG for the driver."""
+        self.config_generation += 1
+        self.config_pending = True
         os.eventfd_write(self._config_irq_fd, 1)
+
+    def _needs_reset(self):
+        """(under _lock) DEVICE_NEEDS_RESET, which the driver learns of by a config interrupt."""
+        self.status |= spec.VIRTIO_CONFIG_S_NEEDS_RESET
+        self._config_interrupt()
 
     # --- guest accesses ------------------------------------------------------
 
@@ -189,6 +223,12 @@ class VirtioMmio:
 
     def _read_register(self, offset):
         q = self._queue()
+        if offset == INTERRUPT_STATUS:   # first: the one read on the data path
+            status = VIRTIO_MMIO_INT_VRING
+            if self.config_pending:
+                status |= VIRTIO_MMIO_INT_CONFIG
+                self.config_pending = False
+            return status
         if offset == MAGIC_VALUE:
             return VIRTIO_MMIO_MAGIC
         if offset == VERSION:
@@ -204,12 +244,11 @@ class VirtioMmio:
             return self.device.queue_max_size if q else 0
         if offset == QUEUE_READY:
             return int(q.ready) if q else 0
-        if offset == INTERRUPT_STATUS:
-            status = VIRTIO_MMIO_INT_VRING
-            if self.config_pending:
-                status |= VIRTIO_MMIO_INT_CONFIG
-                self.config_pending = False
-            return status
+        if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
+            # No shared memory regions. Linux takes only a length of ~0 as
+            # "no such region" (vm_get_shm_region); 0 would make a DAX-capable
+            # virtio-fs driver map an empty region at address 0.
+            return 0xFFFF_FFFF
         if offset == STATUS:
             return self.status
         if offset == CONFIG_GENERATION:
@@ -218,20 +257,16 @@ class VirtioMmio:
         return 0
 
     def write(self, offset, size, value):
-        activate = False
+        if offset == STATUS and size == 4:
+            self._write_status(value & 0xFF)
+            return
         with self._lock:
             if offset >= CONFIG:
                 self.device.write_config(offset - CONFIG, value.to_bytes(size, "little"))
-                return
-            if size != 4:
+            elif size != 4:
                 log.debug("%s: %d-byte write of register %#x ignored", self.device.name, size, offset)
-                return
-            if offset == STATUS:
-                activate = self._write_status(value & 0xFF)
             else:
                 self._write_register(offset, value)
-        if activate:
-            self._activate()
 
     def _write_register(self, offset, value):
         q = self._queue()
@@ -255,7 +290,14 @@ class VirtioMmio:
             log.debug("%s: queue register %#x for queue %d, which does not exist",
                       self.device.name, offset, self.queue_sel)
         elif offset == QUEUE_READY:
-            q.ready = bool(value & 1)
+            if self.active and q.ready and not value & 1:
+                # Stopping one queue of a running device is the spec's queue
+                # reset (VIRTIO_F_RING_RESET), which pyvmm does not offer: the
+                # queue keeps running and QueueReady reads back 1.
+                log.warning("%s: the driver tried to stop queue %d of a running device; "
+                            "ignored (no VIRTIO_F_RING_RESET)", self.device.name, q.index)
+            else:
+                q.ready = bool(value & 1)
         elif q.ready:
             log.debug("%s: queue %d changed while ready, ignored", self.device.name, q.index)
         elif offset == QUEUE_NUM:
@@ -267,34 +309,60 @@ class VirtioMmio:
         else:
             log.debug("%s: write of %#x to register %#x ignored", self.device.name, value, offset)
 
+    # --- Status: the device's life cycle ------------------------------------
+
     def _write_status(self, value):
-        """Apply a Status write; True if the device should be activated now."""
+        """A Status write, and the reset or activation it starts (see the class doc)."""
+        with self._status_lock:
+            with self._lock:
+                was_active = self.active
+                activation = self._apply_status(value)
+            if value == 0:
+                if was_active:
+                    self.device.reset()
+            elif activation is not None:
+                self._activate(activation)
+
+    def _apply_status(self, value):
+        """Update the registers for a Status write (under _lock); an Activation if
+        the device should start now."""
         if value == 0:
-            if self.active:
-                self.device.reset()
             self._reset_state()
-            return False
+            return None
         new = value & ~self.status
         if new & spec.VIRTIO_CONFIG_S_FEATURES_OK:
-            unsupported = self.driver_features & ~self.device.features
-            if unsupported or not self.driver_features & spec.bit(spec.VIRTIO_F_VERSION_1):
+            refused = self._refuse_features(self.driver_features)
+            if refused:
                 # Leaving FEATURES_OK clear is how the spec says "no".
-                log.warning("%s: driver features %#x refused (unsupported %#x, VERSION_1 %s)",
-                            self.device.name, self.driver_features, unsupported,
-                            "set" if self.driver_features & spec.bit(spec.VIRTIO_F_VERSION_1)
-                            else "missing")
+                log.warning("%s: driver features %#x refused: %s", self.device.name,
+                            self.driver_features, refused)
                 value &= ~spec.VIRTIO_CONFIG_S_FEATURES_OK
         if new & spec.VIRTIO_CONFIG_S_FAILED:
             log.warning("%s: the guest driver gave up on the device (FAILED)", self.device.name)
         self.status = value | (self.status & spec.VIRTIO_CONFIG_S_NEEDS_RESET)
-        return bool(new & spec.VIRTIO_CONFIG_S_DRIVER_OK
-                    and self.status & spec.VIRTIO_CONFIG_S_FEATURES_OK and not self.active)
+        if not new & spec.VIRTIO_CONFIG_S_DRIVER_OK or self.active:
+            return None
+        if not self.status & spec.VIRTIO_CONFIG_S_FEATURES_OK:
+            log.warning("%s: DRIVER_OK without FEATURES_OK (a legacy driver?); the device "
+                        "needs a reset", self.device.name)
+            self._needs_reset()
+            return None
+        return Activation(self.driver_features,
+                          tuple(dataclasses.replace(q) for q in self.queues if q.ready))
 
-    def _activate(self):
+    def _refuse_features(self, features):
+        """Why the driver's feature set cannot be accepted, or None."""
+        unsupported = features & ~self.device.features
+        if unsupported:
+            return f"bits {unsupported:#x} were not offered"
+        if not features & spec.bit(spec.VIRTIO_F_VERSION_1):
+            return "VIRTIO_F_VERSION_1 is missing (legacy drivers are not supported)"
+        return self.device.refuse_features(features)
+
+    def _activate(self, activation):
         """DRIVER_OK: check the queues, then hand them to the device's back-end."""
         try:
-            ready = [q for q in self.queues if q.ready]
-            for q in ready:
+            for q in activation.queues:
                 if q.size > self.device.queue_max_size:
                     raise DeviceError(f"queue {q.index}: size {q.size} is above the "
                                       f"maximum {self.device.queue_max_size}")
@@ -302,15 +370,15 @@ class VirtioMmio:
                     check_ring(self.memory, q.size, q.desc, q.avail, q.used)
                 except RingError as e:
                     raise DeviceError(f"queue {q.index}: {e}") from None
-            self.device.activate(self.memory, self.driver_features, ready)
-            self.active = True
+            self.device.activate(self.memory, activation.features, list(activation.queues))
         except DeviceError as e:
             log.warning("%s: cannot start the device: %s", self.device.name, e)
             with self._lock:
-                self.status |= spec.VIRTIO_CONFIG_S_NEEDS_RESET
-            self.config_changed()
+                self._needs_reset()
+            return
+        with self._lock:
+            self.active = True
 
     def describe(self, offset):
         """For --stats: which register an exit touched."""
         return register_name(offset)
-

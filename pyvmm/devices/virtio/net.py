@@ -31,6 +31,29 @@ DEVICE_FEATURES = spec.bits(
     spec.VIRTIO_NET_F_CSUM, spec.VIRTIO_NET_F_HOST_TSO4, spec.VIRTIO_NET_F_HOST_TSO6,
     spec.VIRTIO_NET_F_GUEST_CSUM, spec.VIRTIO_NET_F_GUEST_TSO4, spec.VIRTIO_NET_F_GUEST_TSO6)
 
+# virtio 1.x 5.1.3.1, "Feature bit requirements": bit -> bits one of which it needs.
+NET_FEATURE_REQUIRES = {
+    spec.VIRTIO_NET_F_GUEST_TSO4: (spec.VIRTIO_NET_F_GUEST_CSUM,),
+    spec.VIRTIO_NET_F_GUEST_TSO6: (spec.VIRTIO_NET_F_GUEST_CSUM,),
+    spec.VIRTIO_NET_F_GUEST_ECN: (spec.VIRTIO_NET_F_GUEST_TSO4, spec.VIRTIO_NET_F_GUEST_TSO6),
+    spec.VIRTIO_NET_F_GUEST_UFO: (spec.VIRTIO_NET_F_GUEST_CSUM,),
+    spec.VIRTIO_NET_F_GUEST_USO4: (spec.VIRTIO_NET_F_GUEST_CSUM,),
+    spec.VIRTIO_NET_F_GUEST_USO6: (spec.VIRTIO_NET_F_GUEST_CSUM,),
+    spec.VIRTIO_NET_F_HOST_TSO4: (spec.VIRTIO_NET_F_CSUM,),
+    spec.VIRTIO_NET_F_HOST_TSO6: (spec.VIRTIO_NET_F_CSUM,),
+    spec.VIRTIO_NET_F_HOST_ECN: (spec.VIRTIO_NET_F_HOST_TSO4, spec.VIRTIO_NET_F_HOST_TSO6),
+    spec.VIRTIO_NET_F_HOST_UFO: (spec.VIRTIO_NET_F_CSUM,),
+    spec.VIRTIO_NET_F_HOST_USO: (spec.VIRTIO_NET_F_CSUM,),
+    spec.VIRTIO_NET_F_CTRL_RX: (spec.VIRTIO_NET_F_CTRL_VQ,),
+    spec.VIRTIO_NET_F_CTRL_VLAN: (spec.VIRTIO_NET_F_CTRL_VQ,),
+    spec.VIRTIO_NET_F_GUEST_ANNOUNCE: (spec.VIRTIO_NET_F_CTRL_VQ,),
+    spec.VIRTIO_NET_F_MQ: (spec.VIRTIO_NET_F_CTRL_VQ,),
+    spec.VIRTIO_NET_F_CTRL_MAC_ADDR: (spec.VIRTIO_NET_F_CTRL_VQ,),
+    spec.VIRTIO_NET_F_NOTF_COAL: (spec.VIRTIO_NET_F_CTRL_VQ,),
+    spec.VIRTIO_NET_F_RSC_EXT: (spec.VIRTIO_NET_F_HOST_TSO4, spec.VIRTIO_NET_F_HOST_TSO6),
+    spec.VIRTIO_NET_F_RSS: (spec.VIRTIO_NET_F_CTRL_VQ,),
+}
+
 # Guest feature -> what the tap may then hand the guest.
 TAP_OFFLOADS = {
     spec.VIRTIO_NET_F_GUEST_CSUM: TUN_F_CSUM,
@@ -48,6 +71,7 @@ class VhostKernelNetDevice(VirtioDevice):
     device_id = spec.VIRTIO_ID_NET
     num_queues = 2
     queue_max_size = 256
+    feature_requires = NET_FEATURE_REQUIRES
 
     def __init__(self, vhost, tap, mac, name="virtio-net"):
         """vhost: an open VhostKernelNet; both it and tap now belong to the device."""
