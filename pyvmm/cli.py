@@ -252,6 +252,9 @@ def cmd_run(args, started_at):
     finally:
         if out_file:
             out_file.close()
+    if console.dropped:
+        print(f"pyvmm: {console.dropped} bytes of console output were dropped: "
+              f"nothing read them fast enough", file=sys.stderr)
     if args.stats:
         print_stats(result)
     return exit_status(result)

@@ -40,8 +40,9 @@ def vcpu_cpuid(supported, vcpu_id, ncpus):
             e.ecx |= CPUID_1_ECX_HYPERVISOR
             e.edx = e.edx | CPUID_1_EDX_HTT if ncpus > 1 else e.edx & ~CPUID_1_EDX_HTT
         elif e.function == 0x4:
-            # Intel: EAX[31:26] cores per package - 1
-            e.eax = (e.eax & 0x03FF_FFFF) | ((ncpus - 1) << 26)
+            # Intel: EAX[31:26] cores per package - 1, six bits (as Linux
+            # reads it: a maximum, not an exact count, above 64 cores)
+            e.eax = (e.eax & 0x03FF_FFFF) | (min(ncpus - 1, 0x3F) << 26)
         elif e.function == 0xB:
             # Intel extended topology: x2APIC id in EDX, one level per sub-leaf
             e.edx = vcpu_id

@@ -6,13 +6,11 @@
 Threads: the main thread runs the event loop (console input, signals); one
 thread per vCPU runs KVM_RUN and handles its exits. The machine ends when
 the guest reports an exit status (port 0xf4), resets (triple fault, i8042),
-on a fatal KVM exit, or on a signal.
+on a fatal KVM exit, a failing event-loop callback, or a signal
+(lifecycle.py: how the end is decided and the vCPUs stopped).
 """
 
 import logging
-import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +26,11 @@ from pyvmm.loader import load_linux
 from pyvmm.loader.mptable import MAX_APIC_ID
 from pyvmm.memory import GuestMemory
 from pyvmm.vmm.cpu import configure_vcpu
-from pyvmm.vmm.eventloop import EventLoop
-from pyvmm.vmm.stats import ExitStats
+from pyvmm.vmm.lifecycle import Lifecycle, MachineExit
 from pyvmm.vmm.vcpu_thread import VcpuThread
 from pyvmm.vmm.virtio_devices import VsockConfig, plan_devices
 
 log = logging.getLogger("pyvmm.machine")
-
-KICK_SIGNAL = signal.SIGUSR1
-STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 @dataclass
@@ -51,17 +45,6 @@ class MachineConfig:
     vsock: VsockConfig = None
 
 
-@dataclass
-class MachineExit:
-    """How the run ended. status: the guest's own exit status, if it gave one."""
-    reason: str
-    status: int = None
-    error: bool = False          # a failure of the VMM or of KVM, not of the guest
-    signal_exit: int = None      # 128 + signal number when a signal stopped us
-    stats: ExitStats = field(default_factory=ExitStats)
-    boot_time: float = None      # seconds from process start to the guest's init
-
-
 class Machine:
     def __init__(self, config, console, started_at=None):
         """started_at: time.monotonic() of the process start, for the boot time."""
@@ -69,17 +52,20 @@ class Machine:
         self.console = console
         self.started_at = time.monotonic() if started_at is None else started_at
         self.init_reached_at = None
-        self.stopping = False
-        self._result = None
-        self._lock = threading.Lock()
         self._closers = []
-        self.threads = []
         self.transports = []
+        self.lifecycle = Lifecycle()
+        self._closers.append(self.lifecycle.close)
+        self.threads = self.lifecycle.threads
         try:
             self._build(config)
         except BaseException:
             self.close()
             raise
+
+    @property
+    def stopping(self):
+        return self.lifecycle.stopping
 
     def _build(self, config):
         # Memory, the devices' host side and the kernel first: a wrong path,
@@ -134,34 +120,20 @@ class Machine:
             configure_vcpu(vcpu, supported, config.cpus, boot=self.boot if i == 0 else None)
             self.threads.append(VcpuThread(vcpu, self))
 
-        self.loop = EventLoop()
-        self._closers.append(self.loop.close)
-        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._closers.append(lambda: os.close(self._wake_fd))
-
     # --- how the run ends (any thread) -------------------------------------
 
-    def _finish(self, result):
-        with self._lock:
-            if self._result is not None:
-                return
-            self._result = result
-            self.stopping = True
-        for thread in self.threads:
-            thread.kick(KICK_SIGNAL)
-        os.eventfd_write(self._wake_fd, 1)
-
     def _guest_exit(self, status):
-        self._finish(MachineExit(f"the guest reported exit status {status}", status=status))
+        self.lifecycle.finish(MachineExit(f"the guest reported exit status {status}",
+                                          status=status))
 
     def _i8042_reset(self):
         self.guest_reset("the guest reset the machine (i8042)")
 
     def guest_reset(self, reason):
-        self._finish(MachineExit(reason))
+        self.lifecycle.finish(MachineExit(reason))
 
     def fail(self, message):
-        self._finish(MachineExit(message, error=True))
+        self.lifecycle.fail(message)
 
     def _debugcon(self, byte):
         if self.init_reached_at is None:
@@ -169,36 +141,24 @@ class Machine:
             log.debug("guest reached init %.3f s after pyvmm started",
                       self.init_reached_at - self.started_at)
 
-    def _on_signal(self, signum, frame):
-        self._finish(MachineExit(f"stopped by {signal.Signals(signum).name}",
-                                 signal_exit=STOP_SIGNALS[signum]))
-
     # --- running -----------------------------------------------------------
 
     def run(self):
         """Run the guest to its end; return a MachineExit. Call from the main thread."""
-        old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
-        old_handlers[KICK_SIGNAL] = signal.signal(KICK_SIGNAL, lambda signum, frame: None)
-        try:
-            self.loop.add_reader(self._wake_fd, lambda: os.eventfd_read(self._wake_fd))
+        loop = self.lifecycle.loop
+
+        def start():
             for transport in self.transports:
                 for fd, callback in transport.event_sources():
-                    self.loop.add_reader(fd, callback)
-            self.console.start(self.loop, self.serial,
-                               lambda: self._finish(MachineExit("quit from the console",
-                                                                signal_exit=130)))
-            for thread in self.threads:
-                thread.start()
-            self.loop.run_until(lambda: self.stopping)
-            for thread in self.threads:
-                thread.join(timeout=5)
-                if thread.is_alive():
-                    log.warning("vCPU thread %s did not stop", thread.name)
+                    loop.add_reader(fd, callback, f"{transport.device.name}'s error eventfd")
+            self.console.start(loop, self.serial,
+                               on_quit=lambda: self.lifecycle.finish(
+                                   MachineExit("quit from the console", signal_exit=130)),
+                               on_error=self.lifecycle.fail)
+        try:
+            result = self.lifecycle.run(start)
         finally:
             self.console.close()
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
-        result = self._result
         for thread in self.threads:
             result.stats.merge(thread.stats)
         if self.init_reached_at is not None:
@@ -206,6 +166,12 @@ class Machine:
         return result
 
     def close(self):
+        if self.lifecycle.stuck:
+            # A vCPU thread is still running: closing its fds or unmapping
+            # memory under it could crash the process. The exit frees all.
+            log.warning("not closing the VM: %d vCPU thread(s) still running",
+                        len(self.lifecycle.stuck))
+            return
         for closer in reversed(self._closers):
             closer()
         self._closers.clear()

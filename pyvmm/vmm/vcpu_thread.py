@@ -6,7 +6,6 @@ kvm_run.immediate_exit and sends the thread SIGUSR1: a vCPU inside the
 guest leaves KVM_RUN with EINTR, one about to enter returns at once.
 """
 
-import ctypes
 import logging
 import signal
 import threading
@@ -48,7 +47,7 @@ class VcpuThread(threading.Thread):
         try:
             while not self.machine.stopping:
                 if not self.vcpu.run():
-                    self.stats.count("intr")
+                    self.stats.count(uapi.KVM_EXIT_INTR)
                     continue
                 self._handle_exit()
         except Exception as e:  # never let a vCPU die silently
@@ -62,60 +61,60 @@ class VcpuThread(threading.Thread):
             self._handle_io(run.io)
         elif reason == uapi.KVM_EXIT_MMIO:
             self._handle_mmio(run.mmio)
-        elif reason == uapi.KVM_EXIT_INTR:
-            self.stats.count("intr")
+        else:
+            self._handle_other_exit(run, reason)
+
+    def _handle_other_exit(self, run, reason):
+        """Everything but I/O: rare exits, most of them the end of the VM."""
+        self.stats.count(reason)
+        if reason == uapi.KVM_EXIT_INTR:
+            pass
         elif reason == uapi.KVM_EXIT_SHUTDOWN:
             # A triple fault: how Linux reboots with reboot=t.
-            self.stats.count("shutdown")
             self.machine.guest_reset("the guest reset the machine (triple fault)")
         elif reason == uapi.KVM_EXIT_SYSTEM_EVENT:
-            self.stats.count("system_event")
             kind = run.system_event.type
             if kind == uapi.KVM_SYSTEM_EVENT_CRASH:
                 self.machine.fail("the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)")
             else:
                 self.machine.guest_reset(f"the guest asked for a power event ({kind})")
         elif reason == uapi.KVM_EXIT_INTERNAL_ERROR:
-            self.stats.count("internal_error")
             self.machine.fail(describe_internal_error(self.vcpu))
         elif reason == uapi.KVM_EXIT_FAIL_ENTRY:
-            self.stats.count("fail_entry")
             self.machine.fail(f"KVM could not enter the guest on vCPU {self.vcpu.id} "
                               f"(hardware reason {run.fail_entry.hardware_entry_failure_reason:#x})")
         elif reason == uapi.KVM_EXIT_HLT:
             # Only without an in-kernel irqchip; then a halt is final.
-            self.stats.count("hlt")
             self.machine.guest_reset("the guest halted")
         else:
             name = uapi.EXIT_REASONS.get(reason, str(reason))
-            self.stats.count(name)
             self.machine.fail(f"unexpected KVM exit '{name}' on vCPU {self.vcpu.id}")
 
     def _handle_io(self, io):
         bus = self.machine.pio
         entry = bus.find(io.port)
-        self.stats.count("io", entry.name if entry else f"port {io.port:#x}")
-        data = self.vcpu.io_data()
+        if entry is None:
+            self.stats.count_unclaimed(uapi.KVM_EXIT_IO, io.port)
+        else:
+            self.stats.count_access(uapi.KVM_EXIT_IO, entry, 0)
+        data = memoryview(self.vcpu.io_data()).cast("B")
         size = io.size
+        mask = (1 << (8 * size)) - 1
         # count > 1 for string instructions (rep outsb / insb).
-        for i in range(io.count):
-            chunk = (ctypes.c_uint8 * size).from_buffer(data, i * size)
+        for start in range(0, size * io.count, size):
             if io.direction == uapi.KVM_EXIT_IO_OUT:
-                bus.write(entry, io.port, size, int.from_bytes(bytes(chunk), "little"))
+                bus.write(entry, io.port, size, int.from_bytes(data[start:start + size], "little"))
             else:
                 value = bus.read(entry, io.port, size)
-                chunk[:] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+                data[start:start + size] = (value & mask).to_bytes(size, "little")
 
     def _handle_mmio(self, mmio):
         bus = self.machine.mmio
         entry = bus.find(mmio.phys_addr)
         if entry is None:
-            self.stats.count("mmio", f"{mmio.phys_addr:#x}")
-        elif hasattr(entry.device, "describe"):
-            # Per register, so that --stats shows QueueNotify staying at zero.
-            self.stats.count("mmio", f"{entry.name} {entry.device.describe(mmio.phys_addr - entry.base)}")
+            self.stats.count_unclaimed(uapi.KVM_EXIT_MMIO, mmio.phys_addr)
         else:
-            self.stats.count("mmio", entry.name)
+            self.stats.count_access(uapi.KVM_EXIT_MMIO, entry, mmio.phys_addr - entry.base)
         size = min(mmio.len, 8)
         if mmio.is_write:
             bus.write(entry, mmio.phys_addr, size, int.from_bytes(bytes(mmio.data[:size]), "little"))
