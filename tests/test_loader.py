@@ -220,3 +220,65 @@ def test_fuzzed_kernels_never_crash_the_loader(mem, tmp_path, data):
         load_linux(mem, path, None, "", 1)
     except LoaderError as e:
         assert "\n" not in str(e)
+
+
+# --- what kind of file, and how big (issue 10, item 4) --------------------------------
+
+def test_devices_fifos_and_directories_are_refused_at_once(mem, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, kind in (("/dev/zero", "a character device"), (fifo, "a FIFO"),
+                       (tmp_path, "a directory")):
+        with pytest.raises(LoaderError, match=f"kernel {path} is {kind}, not a regular file"):
+            load_linux(mem, path, None, "", 1)
+        with pytest.raises(LoaderError, match=f"initrd {path} is {kind}, not a regular file"):
+            load_linux(mem, guest.VMLINUX, path, "", 1)
+
+
+def test_an_initrd_larger_than_guest_memory_is_refused_unread(mem, tmp_path):
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(300 * MiB)            # sparse: refused by its size alone
+    with pytest.raises(LoaderError, match=r"initrd .* is 300 MiB, more than the guest's 256 MiB"):
+        load_linux(mem, guest.VMLINUX, big, "", 1)
+
+
+def test_a_kernel_file_larger_than_guest_memory_loads_if_its_segments_fit(mem, tmp_path):
+    """A vmlinux with debug information is much bigger than what it loads."""
+    path = write(tmp_path, "k", make_elf([(0x200000, b"\xf4" * 16, 4096)], entry=0x200000))
+    with open(path, "r+b") as f:
+        f.truncate(300 * MiB)
+    assert load_linux(mem, path, None, "", 1).entry == 0x200000
+
+
+@pytest.mark.parametrize("paddr,what", [(0x7000, "the zero page"), (0x9000, "the boot page tables"),
+                                        (0x20000, "the kernel command line"),
+                                        (0x500, "the boot GDT and IDT"),
+                                        (0xF0000, "the BIOS area")])
+def test_elf_segments_over_the_boot_data_are_refused(mem, tmp_path, paddr, what):
+    elf = make_elf([(paddr, b"\x90" * 16, 0x100)], entry=paddr)
+    with pytest.raises(LoaderError, match=f"overlaps {what}"):
+        load_linux(mem, write(tmp_path, "k", elf), None, "", 1)
+
+
+def test_the_elf_reader_agrees_with_pyelftools():
+    """pyvmm reads the two ELF structs itself; pyelftools is the reference."""
+    from elftools.elf.elffile import ELFFile
+
+    from pyvmm.loader.elf import program_headers, read_elf_header
+    from pyvmm.loader.image import Image
+
+    with Image(guest.VMLINUX, "kernel") as image:
+        ehdr = read_elf_header(image)
+        ours = [(p.p_type, p.p_offset, p.p_paddr, p.p_filesz, p.p_memsz)
+                for p in program_headers(image, ehdr)]
+    with open(guest.VMLINUX, "rb") as f:
+        elf = ELFFile(f)
+        theirs = [(ELF_SEGMENT_TYPES[s["p_type"]], s["p_offset"], s["p_paddr"], s["p_filesz"],
+                   s["p_memsz"]) for s in elf.iter_segments()]
+        assert ehdr.e_entry == elf["e_entry"]
+    assert ours == theirs and any(t == 1 for t, *_ in ours)
+
+
+ELF_SEGMENT_TYPES = {"PT_NULL": 0, "PT_LOAD": 1, "PT_DYNAMIC": 2, "PT_INTERP": 3, "PT_NOTE": 4,
+                     "PT_PHDR": 6, "PT_TLS": 7, "PT_GNU_STACK": 0x6474E551}

@@ -18,11 +18,13 @@ from pyvmm.memory import GuestMemoryError
 BZIMAGE_LOAD_ADDR = 0x10_0000
 ENTRY_64_OFFSET = 0x200
 MIN_BOOT_PROTOCOL = 0x020C  # 2.12: xloadflags, and with it XLF_KERNEL_64
+# The first bytes of the file: the boot sector and the setup header.
+HEADER_BYTES = SETUP_HEADER_OFFSET + ctypes.sizeof(setup_header)
 
 
 def parse_setup_header(path, data):
-    """The setup header of a bzImage, checked for what pyvmm needs."""
-    if len(data) < SETUP_HEADER_OFFSET + ctypes.sizeof(setup_header):
+    """The setup header of a bzImage (data: its first bytes), checked for what pyvmm needs."""
+    if len(data) < HEADER_BYTES:
         raise LoaderError(f"{path}: too short to be a kernel")
     hdr = setup_header.from_buffer_copy(data, SETUP_HEADER_OFFSET)
     if hdr.header != HDRS_MAGIC:
@@ -35,22 +37,25 @@ def parse_setup_header(path, data):
     return hdr
 
 
-def load_bzimage(memory, path, data):
-    hdr = parse_setup_header(path, data)
+def load_bzimage(memory, image):
+    """Read the protected-mode kernel of a bzImage (an open Image) to 1 MiB."""
+    head = image.read_at(0, min(image.size, HEADER_BYTES))
+    hdr = parse_setup_header(image.path, head)
     pm_offset = ((hdr.setup_sects or 4) + 1) * 512
-    if pm_offset >= len(data):
-        raise LoaderError(f"{path}: truncated: no protected-mode kernel after the setup code")
-    kernel = data[pm_offset:]
+    if pm_offset >= image.size:
+        raise LoaderError(f"{image.path}: truncated: no protected-mode kernel after the setup code")
+    kernel_size = image.size - pm_offset
     # The kernel decompresses itself into init_size bytes from its runtime
     # address (pref_address); all of that must be guest RAM.
-    end = max(BZIMAGE_LOAD_ADDR + len(kernel), hdr.pref_address + hdr.init_size)
+    end = max(BZIMAGE_LOAD_ADDR + kernel_size, hdr.pref_address + hdr.init_size)
     try:
         memory.view(BZIMAGE_LOAD_ADDR, end - BZIMAGE_LOAD_ADDR)
     except GuestMemoryError:
-        raise LoaderError(f"{path}: needs {end >> 20} MiB of guest memory to decompress "
+        raise LoaderError(f"{image.path}: needs {end >> 20} MiB of guest memory to decompress "
                           f"(give more --mem)") from None
-    memory.write(BZIMAGE_LOAD_ADDR, kernel)
+    image.read_into(pm_offset, memory.view(BZIMAGE_LOAD_ADDR, kernel_size))
     # The header ends where the jump at 0x200 (a short jmp: 0xEB, offset) lands.
-    header_end = 0x202 + data[0x201]
+    header_end = min(0x202 + head[0x201], len(head))
     return LoadedKernel(entry=BZIMAGE_LOAD_ADDR + ENTRY_64_OFFSET, end=end,
-                        setup_header=bytes(data[SETUP_HEADER_OFFSET:header_end]))
+                        setup_header=bytes(head[SETUP_HEADER_OFFSET:header_end]),
+                        segments=[(BZIMAGE_LOAD_ADDR, BZIMAGE_LOAD_ADDR + kernel_size)])

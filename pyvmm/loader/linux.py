@@ -21,7 +21,6 @@ structure, hvm_start_info, for what the zero page already carries.)
 
 import ctypes
 from dataclasses import dataclass
-from pathlib import Path
 
 from pyvmm.loader import entry64
 from pyvmm.loader.bootparams import (BOOT_FLAG_MAGIC, CAN_USE_HEAP, E820_RAM, HDRS_MAGIC,
@@ -29,6 +28,7 @@ from pyvmm.loader.bootparams import (BOOT_FLAG_MAGIC, CAN_USE_HEAP, E820_RAM, HD
 from pyvmm.loader.bzimage import load_bzimage
 from pyvmm.loader.elf import ELF_MAGIC, load_elf
 from pyvmm.loader.errors import LoaderError
+from pyvmm.loader.image import Image
 from pyvmm.loader.mptable import MPTABLE_START, build_mptable
 from pyvmm.memory import GuestMemoryError
 
@@ -52,23 +52,33 @@ class BootInfo:
     initrd: tuple = None  # (address, size)
 
 
-def _read(path, what):
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise LoaderError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise LoaderError(f"{what} {path} is a directory") from None
-    except OSError as e:
-        raise LoaderError(f"cannot read {what} {path}: {e.strerror}") from None
-
-
 def load_kernel(memory, path):
     """An ELF vmlinux or a bzImage, told apart by their first bytes."""
-    data = _read(path, "kernel")
-    if data.startswith(ELF_MAGIC):
-        return load_elf(memory, path, data)
-    return load_bzimage(memory, path, data)
+    with Image(path, "kernel") as image:
+        if image.read_at(0, min(4, image.size)) == ELF_MAGIC:
+            return load_elf(memory, image)
+        return load_bzimage(memory, image)
+
+
+def boot_data_areas(cmdline_size):
+    """(start, end, what) of guest memory that load_linux fills after the kernel."""
+    return [
+        (entry64.BOOT_GDT_ADDR, entry64.BOOT_IDT_ADDR + 8, "the boot GDT and IDT"),
+        (ZERO_PAGE_ADDR, ZERO_PAGE_ADDR + PAGE_SIZE, "the zero page"),
+        (ZERO_PAGE_ADDR + PAGE_SIZE, entry64.BOOT_STACK_POINTER, "the boot stack"),
+        (entry64.PML4_ADDR, entry64.PD_ADDR + PAGE_SIZE, "the boot page tables"),
+        (CMDLINE_ADDR, CMDLINE_ADDR + cmdline_size + 1, "the kernel command line"),
+        (EBDA_START, HIMEM_START, "the BIOS area (not RAM for the guest; the MP table)"),
+    ]
+
+
+def check_no_overlap(path, segments, cmdline_size):
+    """Refuse a kernel whose segments the boot data would overwrite."""
+    for start, end in segments:
+        for area_start, area_end, what in boot_data_areas(cmdline_size):
+            if start < area_end and area_start < end:
+                raise LoaderError(f"{path}: the segment at {start:#x}-{end:#x} overlaps "
+                                  f"{what} at {area_start:#x}-{area_end:#x}")
 
 
 def e820_map(memory):
@@ -121,17 +131,18 @@ def load_linux(memory, kernel, initrd=None, cmdline="", ncpus=1):
         if len(encoded) > limit:
             raise LoaderError(f"kernel command line is {len(encoded)} bytes, "
                               f"this kernel takes at most {limit}")
+        check_no_overlap(kernel, loaded.segments, limit)
         memory.write(CMDLINE_ADDR, encoded + b"\0")
         hdr.cmd_line_ptr = CMDLINE_ADDR
 
         initrd_range = None
         if initrd is not None:
-            data = _read(initrd, "initrd")
-            addr = place_initrd(memory, len(data), loaded.end,
-                                hdr.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX)
-            memory.write(addr, data)
-            hdr.ramdisk_image, hdr.ramdisk_size = addr, len(data)
-            initrd_range = (addr, len(data))
+            with Image(initrd, "initrd", limit=memory.size) as image:
+                addr = place_initrd(memory, image.size, loaded.end,
+                                    hdr.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX)
+                image.read_into(0, memory.view(addr, image.size))
+            hdr.ramdisk_image, hdr.ramdisk_size = addr, image.size
+            initrd_range = (addr, image.size)
 
         e820 = e820_map(memory)
         params.e820_entries = len(e820)
