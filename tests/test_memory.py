@@ -1,5 +1,6 @@
 """Guest memory: layout around the MMIO hole, memfd sharing, bounds checks."""
 
+import fcntl
 import mmap
 import os
 
@@ -8,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyvmm.memory import GuestMemory, GuestMemoryError
+from pyvmm.memory import guest_memory
 from pyvmm.memory.guest_memory import GiB, MiB, MMIO_HOLE_END, MMIO_HOLE_START
 
 
@@ -78,11 +80,45 @@ def test_bad_sizes(size):
         GuestMemory(size)
 
 
-def test_hugepages_refused_clearly_when_none_are_free():
-    if open("/proc/sys/vm/nr_hugepages").read().strip() != "0":
-        pytest.fail("this test expects a machine without reserved huge pages")
-    with pytest.raises(GuestMemoryError, match="nr_hugepages"):
+def huge_page_pool(tmp_path, monkeypatch, free):
+    """A stand-in for /sys/kernel/mm/hugepages/hugepages-2048kB with `free` pages."""
+    (tmp_path / "free_hugepages").write_text(f"{free}\n")
+    monkeypatch.setattr(guest_memory, "HUGEPAGES_2MB_SYSFS", str(tmp_path))
+
+
+def test_hugepages_refused_clearly_when_too_few_are_free(tmp_path, monkeypatch):
+    huge_page_pool(tmp_path, monkeypatch, free=16)       # 32 MiB
+    with pytest.raises(GuestMemoryError, match="32 MiB free, 64 MiB needed.*nr_hugepages"):
         GuestMemory(64 * MiB, hugepages=True)
+
+
+def test_hugepages_counted_from_the_2mb_pool(tmp_path, monkeypatch):
+    """Not from /proc/meminfo's Hugepagesize, which is the default size (1 GiB on some hosts)."""
+    huge_page_pool(tmp_path, monkeypatch, free=32)
+    assert guest_memory.free_huge_pages_bytes() == 64 * MiB
+    try:
+        GuestMemory(64 * MiB, hugepages=True).close()
+    except GuestMemoryError as e:   # the pool was faked; the kernel's may be empty
+        assert "cannot allocate" in str(e)
+
+
+def test_no_2mb_pool_means_no_huge_pages(tmp_path, monkeypatch):
+    monkeypatch.setattr(guest_memory, "HUGEPAGES_2MB_SYSFS", str(tmp_path / "missing"))
+    assert guest_memory.free_huge_pages_bytes() == 0
+
+
+F_SEAL_FUTURE_WRITE = 0x0010   # <linux/fcntl.h>; not in Python's fcntl module
+
+
+def test_memfd_seals_are_sealed(mem):
+    """A back-end holding the fd cannot add F_SEAL_FUTURE_WRITE (or any seal) and so
+    break every later writable mapping (a reconnecting or second back-end)."""
+    seals = fcntl.fcntl(mem.fd, fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_SEAL and seals & fcntl.F_SEAL_SHRINK
+    with pytest.raises(PermissionError):
+        fcntl.fcntl(mem.fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE)
+    other = mmap.mmap(mem.fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    other.close()
 
 
 @pytest.fixture(scope="module")

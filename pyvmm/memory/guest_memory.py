@@ -27,6 +27,15 @@ HUGE_PAGE_SIZE = 2 * MiB
 
 # <linux/memfd.h>: ask for 2 MiB pages (log2 of the size, shifted by 26).
 MFD_HUGE_2MB = 21 << 26
+# The pool MFD_HUGE_2MB draws from (whatever the default huge page size is).
+HUGEPAGES_2MB_SYSFS = "/sys/kernel/mm/hugepages/hugepages-2048kB"
+
+# What the memfd is sealed with, so that no process holding it (a vhost-user
+# back-end) can pull the memory from under another: no shrinking (our
+# accesses would SIGBUS), no growing, and no more seals, above all no
+# F_SEAL_FUTURE_WRITE, which would make every later writable mapping fail
+# (a reconnecting or second back-end).
+GUEST_MEMORY_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class GuestMemoryError(Exception):
@@ -46,14 +55,13 @@ class MemoryRegion:
         return self.guest_phys_addr + self.size
 
 
-def free_huge_pages_bytes():
-    """Free 2 MiB huge pages, in bytes, from /proc/meminfo."""
-    info = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, value = line.split(":")
-            info[key] = int(value.split()[0])
-    return info.get("HugePages_Free", 0) * info.get("Hugepagesize", 0) * KiB
+def free_huge_pages_bytes(sysfs=None):
+    """Free 2 MiB huge pages, in bytes (0 where the kernel has no such pool)."""
+    try:
+        with open(f"{sysfs or HUGEPAGES_2MB_SYSFS}/free_hugepages") as f:
+            return int(f.read()) * HUGE_PAGE_SIZE
+    except (OSError, ValueError):
+        return 0
 
 
 class GuestMemory:
@@ -68,15 +76,14 @@ class GuestMemory:
             if free < size:
                 raise GuestMemoryError(
                     f"not enough free 2 MiB huge pages: {free // MiB} MiB free, {size // MiB} MiB "
-                    f"needed (echo {size // HUGE_PAGE_SIZE} > /proc/sys/vm/nr_hugepages)")
+                    f"needed (echo {size // HUGE_PAGE_SIZE} > "
+                    f"{HUGEPAGES_2MB_SYSFS}/nr_hugepages)")
             flags |= os.MFD_HUGETLB | MFD_HUGE_2MB
         self.size = size
         self.fd = os.memfd_create("pyvmm-guest-ram", flags)
         try:
             os.ftruncate(self.fd, size)
-            # Nobody (a back-end included) may shrink the file under our
-            # mapping: a shrunk memfd turns our accesses into SIGBUS.
-            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, GUEST_MEMORY_SEALS)
             self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
