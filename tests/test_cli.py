@@ -1,5 +1,6 @@
 """`pyvmm` on the host: usage errors and host checks, each a single clear line."""
 
+import os
 import subprocess
 import sys
 
@@ -55,13 +56,31 @@ def test_bad_inputs_fail_before_kvm(args, message):
     assert one_line_error(r).startswith("pyvmm: error: ")
 
 
-def test_this_hosts_kvm_is_refused_with_a_pointer_to_the_testbed():
-    """The development hosts have kvm_pvm, which cannot boot Linux (HOST-FACTS.md)."""
-    assert paravirtual_kvm(), "these tests expect the development host's kvm_pvm"
-    r = pyvmm("run", "--", "true")
-    assert r.returncode == 1
-    line = one_line_error(r)
-    assert "paravirtual kvm_pvm" in line and "scripts/testbed" in line
+def run_in_process(capfd, *args):
+    """pyvmm's main() here, for tests that swap a path or a class first."""
+    from pyvmm.cli import main
+    status = main(["run", *args])
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    return status, err.strip().splitlines()
+
+
+def test_a_paravirtual_kvm_is_refused_with_a_pointer_to_the_testbed(tmp_path):
+    (tmp_path / "kvm_pvm").mkdir()
+    kvm = Kvm.__new__(Kvm)                     # no /dev/kvm needed to ask
+    with pytest.raises(KvmError, match=r"paravirtual kvm_pvm.*scripts/testbed"):
+        kvm.require_linux_guest_support(sys_module=tmp_path)
+
+
+def test_kvm_errors_reach_the_user_as_one_line(capfd, monkeypatch):
+    def no_kvm(path="/dev/kvm"):
+        raise KvmError("this host's KVM is the paravirtual kvm_pvm, which cannot boot a "
+                       "stock Linux kernel; run pyvmm inside the testbed VM")
+    monkeypatch.setattr("pyvmm.vmm.machine.Kvm", no_kvm)
+    status, lines = run_in_process(capfd, "--", "true")
+    assert status == 1
+    assert lines == ["pyvmm: error: this host's KVM is the paravirtual kvm_pvm, which cannot "
+                     "boot a stock Linux kernel; run pyvmm inside the testbed VM"]
 
 
 def test_paravirtual_kvm_detection(tmp_path):
@@ -113,14 +132,33 @@ def test_device_option_errors(args, message):
     assert message in one_line_error(r)
 
 
-def test_missing_vhost_driver_is_one_clear_line():
-    """This host has no vhost drivers (HOST-FACTS.md): the error names the module."""
-    r = pyvmm("run", "--net", "vhost-kernel", "--", "true")
+def test_missing_vhost_driver_is_one_clear_line(capfd, monkeypatch, tmp_path):
+    """The error names the module to load (no /dev/vhost-* at the paths given)."""
+    from pyvmm.vhost.kernel import VhostKernelNet, VhostKernelVsock
+    monkeypatch.setattr(VhostKernelNet, "device", str(tmp_path / "vhost-net"))
+    monkeypatch.setattr(VhostKernelVsock, "device", str(tmp_path / "vhost-vsock"))
+    status, lines = run_in_process(capfd, "--net", "vhost-kernel", "--", "true")
+    assert status == 1
+    assert lines == [f"pyvmm: error: {tmp_path}/vhost-net does not exist: "
+                     "load the driver with 'modprobe vhost_net'"]
+    status, lines = run_in_process(capfd, "--vsock", "vhost-kernel,cid=5", "--", "true")
+    assert status == 1 and len(lines) == 1
+    assert lines[0].endswith("load the driver with 'modprobe vhost_vsock'")
+
+
+@pytest.mark.parametrize("option,path,kind", [
+    ("--initrd", "/dev/zero", "a character device"),
+    ("--kernel", "/dev/zero", "a character device"),
+    ("--kernel", "FIFO", "a FIFO"),
+])
+def test_special_files_as_kernel_or_initrd_are_one_line(tmp_path, option, path, kind):
+    if path == "FIFO":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)                      # nobody writes it: opening it must not wait
+    r = pyvmm("run", option, str(path), "--", "true")
     assert r.returncode == 1
-    assert one_line_error(r) == ("pyvmm: error: /dev/vhost-net does not exist: "
-                                 "load the driver with 'modprobe vhost_net'")
-    r = pyvmm("run", "--vsock", "vhost-kernel,cid=5", "--", "true")
-    assert one_line_error(r).endswith("load the driver with 'modprobe vhost_vsock'")
+    what = option.lstrip("-")
+    assert one_line_error(r) == f"pyvmm: error: {what} {path} is {kind}, not a regular file"
 
 
 def test_default_addresses():

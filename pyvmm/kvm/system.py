@@ -59,9 +59,9 @@ class Kvm:
         """KVM_CHECK_EXTENSION: 0 if unsupported, else a capability-specific value."""
         return ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, cap, name="KVM_CHECK_EXTENSION")
 
-    def require_linux_guest_support(self):
+    def require_linux_guest_support(self, sys_module=Path("/sys/module")):
         """Fail with one clear line unless this KVM can boot a Linux guest."""
-        pvm = paravirtual_kvm()
+        pvm = paravirtual_kvm(sys_module)
         if pvm:
             raise KvmError(f"this host's KVM is the paravirtual {pvm}, which cannot boot a "
                            f"stock Linux kernel; {TESTBED_HINT}")
