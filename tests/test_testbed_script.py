@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -91,3 +92,27 @@ def test_refuses_to_nest(top):
     r = run_testbed(top, "--", "true", env=dict(os.environ, PYVMM_TESTBED="1"))
     assert r.returncode == 125
     assert "already inside the testbed" in r.stderr
+
+
+@pytest.mark.launches_testbed
+def test_a_checkout_under_tmp_works_too(top, tmp_path):
+    """The testbed's /tmp is a fresh tmpfs; a checkout there is still shared."""
+    clone = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(top), str(clone)], check=True)
+    r = run_testbed(clone, "--", "sh", "-c", "pwd; test -x scripts/testbed && touch written")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{clone}\n"
+    assert (clone / "written").exists()
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_a_cache_others_can_write_is_not_trusted(top, mode):
+    cache = tempfile.mkdtemp(prefix="pyvmm-cache-test-", dir="/var/tmp")
+    try:
+        os.chmod(cache, mode)
+        r = run_testbed(top, "--", "true", env=dict(os.environ, PYVMM_TESTBED_CACHE=cache))
+        assert r.returncode == 125
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is not yours alone" in lines[0], r.stderr
+    finally:
+        os.rmdir(cache)
