@@ -1,0 +1,82 @@
+"""scripts/bench's transfer helpers on loopback: a failed run is a RunFailed
+that the other runs survive, never a TypeError or a deadline meant for
+something else."""
+
+import importlib.machinery
+import importlib.util
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import TOP
+
+
+def load_bench():
+    loader = importlib.machinery.SourceFileLoader("bench", str(TOP / "scripts" / "bench"))
+    spec = importlib.util.spec_from_loader("bench", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+@pytest.fixture
+def vmm():
+    """A process standing in for the VMM: alive, printing nothing."""
+    proc = subprocess.Popen(["sleep", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    yield proc, bench.Output(proc)
+    proc.kill()
+    proc.wait()
+
+
+def test_a_connection_that_brings_nothing_is_a_failed_run():
+    a, b = socket.socketpair()
+    b.close()
+    with a, pytest.raises(bench.RunFailed, match="closed before any data"):
+        bench.receive_all(a, 1 << 20, check=lambda when: None)
+
+
+def test_a_transfer_gets_its_own_deadline_not_the_connects(vmm):
+    """Connecting may take at most connect_timeout; the send that follows may
+    take longer than that (64 MiB at nested speeds), up to its own timeout."""
+    proc, out = vmm
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    got = []
+
+    def slow_reader():
+        conn, _ = listener.accept()
+        time.sleep(2.5)                    # longer than the connect timeout below
+        with conn:
+            while chunk := conn.recv(1 << 16):
+                got.append(len(chunk))
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    data = bytes(4 << 20)
+    bench.send_to_guest(listener.getsockname(), data, proc, out, timeout=60,
+                        connect_timeout=0.5)
+    reader.join(30)
+    listener.close()
+    assert sum(got) == len(data)
+
+
+def test_a_vmm_that_dies_during_a_send_fails_the_run(vmm):
+    proc, out = vmm
+    a, b = socket.socketpair()
+    proc.kill()
+    proc.wait()
+    with a, b, pytest.raises(bench.RunFailed, match="exited"):
+        bench.send_all(a, bytes(16 << 20),
+                       lambda when: bench.check_alive(proc, out, None, when))
+
+
+def test_a_boot_that_fails_is_a_failed_run():
+    with pytest.raises(bench.RunFailed, match="before the guest printed its ready line"):
+        bench.measure(["false"])
