@@ -5,34 +5,40 @@ header, exactly what vhost-net moves to and from the guest's rings; with
 TUNSETOFFLOAD it accepts and produces checksum-less and GSO frames, which
 is what lets one interrupt carry 64 KiB instead of 1.5.
 
-The host side's IPv4 address is set with the classic interface ioctls;
-IPv6 addresses go through iproute2's `ip`.
+The host side's address is added through rtnetlink; the link is brought up
+with the classic interface ioctl. On a tap that outlives pyvmm (a
+persistent one, named with tap=), what pyvmm added is taken away again at
+the end, and nothing else.
 """
 
 import ctypes
 import errno
 import fcntl
 import ipaddress
+import logging
 import os
 import socket
 import struct
-import subprocess
 
+from pyvmm.sys import netlink
 from pyvmm.sys.chardev import open_chardev
 from pyvmm.sys.ioctl import _IOR, _IOW
 
+log = logging.getLogger("pyvmm.tap")
+
 TUNSETIFF = _IOW(ord("T"), 202, ctypes.c_int)
 TUNGETFEATURES = _IOR(ord("T"), 207, ctypes.c_uint)
+TUNGETIFF = _IOR(ord("T"), 210, ctypes.c_uint)
 TUNSETOFFLOAD = _IOW(ord("T"), 208, ctypes.c_uint)
 TUNSETVNETHDRSZ = _IOW(ord("T"), 216, ctypes.c_int)
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_PERSIST = 0x0800
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO = 0x01, 0x02, 0x04, 0x08, 0x10
 
 # <linux/sockios.h>, <linux/if.h>
 SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
-SIOCSIFADDR, SIOCSIFNETMASK = 0x8916, 0x891C
 IFF_UP = 0x1
 IFNAMSIZ = 16
 
@@ -62,11 +68,29 @@ class Tap:
             hint = " (it may exist already, owned by someone else)" if e.errno == errno.EBUSY else ""
             raise TapError(f"cannot create tap {name!r}: {e.strerror}{hint}") from None
         self.name = req[:IFNAMSIZ].rstrip(b"\0").decode()
+        flags = struct.unpack_from("H", fcntl.ioctl(self.fd, TUNGETIFF, _ifreq("")), IFNAMSIZ)[0]
+        # A tap that stays after pyvmm closes it gets back the state it had.
+        self.persistent = bool(flags & IFF_PERSIST)
+        self._added_addresses = []
+        self._brought_up = False
 
     def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.fd is None:
+            return
+        if self.persistent:
+            self._undo()
+        os.close(self.fd)
+        self.fd = None
+
+    def _undo(self):
+        """Take away what pyvmm added to a persistent tap."""
+        try:
+            for address in self._added_addresses:
+                netlink.del_address(self.name, address)
+            if self._brought_up:
+                self._set_flags(0, IFF_UP)
+        except OSError as e:
+            log.warning("tap %s: could not undo pyvmm's changes: %s", self.name, e.strerror)
 
     def set_vnet_hdr_size(self, size):
         """TUNSETVNETHDRSZ: 10 bytes (legacy) or 12 (VERSION_1 or MRG_RXBUF)."""
@@ -79,23 +103,25 @@ class Tap:
     def configure(self, address):
         """Give the host side address (an ip_interface, e.g. 10.10.0.1/30) and bring it up."""
         address = ipaddress.ip_interface(address)
-        if address.version == 4:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                def sockaddr(ip):
-                    return struct.pack("HH4s16x", socket.AF_INET, 0, ip.packed)
-                try:
-                    fcntl.ioctl(s, SIOCSIFADDR, _ifreq(self.name, sockaddr(address.ip)))
-                    fcntl.ioctl(s, SIOCSIFNETMASK, _ifreq(self.name, sockaddr(address.netmask)))
-                except OSError as e:
-                    raise TapError(f"cannot give {self.name} the address {address}: {e.strerror}") from None
-        else:
-            r = subprocess.run(["ip", "-6", "addr", "add", str(address), "dev", self.name],
-                               capture_output=True, text=True)
-            if r.returncode:
-                raise TapError(f"cannot give {self.name} the address {address}: {r.stderr.strip()}")
+        try:
+            netlink.add_address(self.name, address)
+            self._added_addresses.append(address)
+        except FileExistsError:
+            pass   # it had it already: not ours to take away later
+        except OSError as e:
+            raise TapError(f"cannot give {self.name} the address {address}: {e.strerror}") from None
         self.up()
 
     def up(self):
+        if self._set_flags(IFF_UP, 0):
+            self._brought_up = True
+
+    def _set_flags(self, set_bits, clear_bits):
+        """SIOCSIFFLAGS; True if that changed anything."""
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(self.name)), IFNAMSIZ)[0]
-            fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq(self.name, struct.pack("H", flags | IFF_UP)))
+            flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(self.name)),
+                                       IFNAMSIZ)[0]
+            new = (flags | set_bits) & ~clear_bits
+            if new != flags:
+                fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq(self.name, struct.pack("H", new)))
+            return new != flags
