@@ -348,8 +348,10 @@ def test_a_stalled_reader_costs_dropped_output_never_a_blocked_vcpu():
         out.close(timeout=0.2)            # the reader never comes: give up quickly
         assert errors == []
     finally:
-        os.close(r)
-        os.close(w)
+        os.close(r)                       # the blocked writer gets EPIPE and ends ...
+        out._thread.join(5)
+        assert not out._thread.is_alive()
+        os.close(w)                       # ... before its fd number can be reused
 
 
 def test_console_output_reaches_the_reader_in_order():
