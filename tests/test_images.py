@@ -5,13 +5,14 @@ import hashlib
 import re
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
 from pyvmm import guest
 
-IMAGES = guest.IMAGES
+IMAGES = Path(guest.IMAGES)
 
 
 def test_sha256sums_match(top):
@@ -47,7 +48,7 @@ def test_vmlinux_is_x86_64_elf_with_pvh_entry():
 
 
 def test_bzimage_has_a_modern_boot_header():
-    data = guest.BZIMAGE.read_bytes()
+    data = Path(guest.BZIMAGE).read_bytes()
     # Documentation/arch/x86/boot.rst: "HdrS" at 0x202, protocol version at 0x206.
     assert data[0x202:0x206] == b"HdrS"
     (version,) = struct.unpack_from("<H", data, 0x206)
@@ -71,14 +72,14 @@ def cpio_names(data):
 
 
 def test_initramfs_holds_busybox_and_the_init():
-    names = set(cpio_names(gzip.decompress(guest.INITRAMFS.read_bytes())))
+    names = set(cpio_names(gzip.decompress(Path(guest.INITRAMFS).read_bytes())))
     for name in ("init", "bin/busybox", "bin/sh", "bin/vsock", "dev/console", "etc/inittab",
                  "etc/init.d/rcS", "sbin/pyvmm-main", "sbin/pyvmm-exit", "sbin/pyvmm-outb"):
         assert name in names
 
 
 def fragment_lines():
-    for line in (guest.IMAGES.parent / "guest" / "kernel.config").read_text().splitlines():
+    for line in (IMAGES.parent / "guest" / "kernel.config").read_text().splitlines():
         if re.match(r"^(CONFIG_\w+=|# CONFIG_\w+ is not set$)", line):
             yield line
 

@@ -5,6 +5,7 @@ import gzip
 import os
 import random
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -61,11 +62,11 @@ def test_shipped_kernels_load(mem, kernel):
     assert mem.read(CMDLINE_ADDR, 20) == b"console=ttyS0 quiet\0"
     assert hdr.cmd_line_ptr == CMDLINE_ADDR
     # The initrd sits page-aligned at the top of RAM, after the kernel.
-    size = guest.INITRAMFS.stat().st_size
+    size = Path(guest.INITRAMFS).stat().st_size
     assert (hdr.ramdisk_image, hdr.ramdisk_size) == info.initrd == (info.initrd[0], size)
     assert hdr.ramdisk_image % 4096 == 0 and hdr.ramdisk_image >= info.kernel_end
     assert hdr.ramdisk_image + size <= 256 * MiB
-    assert mem.read(hdr.ramdisk_image, size) == guest.INITRAMFS.read_bytes()
+    assert mem.read(hdr.ramdisk_image, size) == Path(guest.INITRAMFS).read_bytes()
     e820 = [(params.e820_table[i].addr, params.e820_table[i].size, params.e820_table[i].type)
             for i in range(params.e820_entries)]
     assert e820 == [(0, 0x9FC00, E820_RAM), (0x100000, 255 * MiB, E820_RAM)]
@@ -173,7 +174,7 @@ def test_minimal_elf_loads(mem, tmp_path):
 # --- bad bzImages ---------------------------------------------------------------------
 
 def bzimage_with(**fields):
-    data = bytearray(guest.BZIMAGE.read_bytes())
+    data = bytearray(Path(guest.BZIMAGE).read_bytes())
     offsets = {"header": (0x202, "<I"), "version": (0x206, "<H"), "xloadflags": (0x236, "<H")}
     for name, value in fields.items():
         off, fmt = offsets[name]
@@ -186,7 +187,7 @@ def bzimage_with(**fields):
     (b"\0" * 4096, "neither an ELF vmlinux nor a bzImage"),
     (bzimage_with(version=0x0204), r"boot protocol 2\.04 is too old"),
     (bzimage_with(xloadflags=0), "no 64-bit entry point"),
-    (guest.BZIMAGE.read_bytes()[:0x800], "truncated"),
+    (Path(guest.BZIMAGE).read_bytes()[:0x800], "truncated"),
 ])
 def test_bad_bzimages(mem, tmp_path, data, message):
     with pytest.raises(LoaderError, match=message):
@@ -201,7 +202,7 @@ def test_gzip_file_is_not_a_kernel(mem, tmp_path):
 
 # --- fuzzing: anything at all gives a LoaderError, never another exception -----------
 
-VMLINUX_HEAD = guest.VMLINUX.read_bytes()[:4096]
+VMLINUX_HEAD = Path(guest.VMLINUX).read_bytes()[:4096]
 
 
 @settings(max_examples=int(os.environ.get("PYVMM_FUZZ_EXAMPLES", 400)), deadline=None,

@@ -125,6 +125,9 @@ class FakeMachine:
     def fail(self, message):
         self.ends.append(("fail", message))
 
+    def mark(self, what):
+        pass
+
 
 def run_script(machine, *script):
     vcpu = ScriptedVcpu(machine, script)

@@ -2,7 +2,6 @@
 
 import errno
 import os
-from pathlib import Path
 
 from pyvmm.kvm import uapi
 from pyvmm.kvm.vm import Vm
@@ -28,14 +27,14 @@ class KvmError(Exception):
     """KVM is missing or unfit; the message is one line for the user."""
 
 
-def paravirtual_kvm(sys_module=Path("/sys/module")):
+def paravirtual_kvm(sys_module="/sys/module"):
     """The name of a paravirtual KVM module, if this host's KVM is one.
 
     kvm_pvm runs guests without hardware virtualization, through shadow page
     tables; a stock Linux kernel does not boot under it (see
     ../shared/HOST-FACTS.md), so pyvmm refuses it instead of hanging.
     """
-    if (sys_module / "kvm_pvm").exists():
+    if os.path.exists(os.path.join(sys_module, "kvm_pvm")):
         return "kvm_pvm"
     return None
 
@@ -59,7 +58,7 @@ class Kvm:
         """KVM_CHECK_EXTENSION: 0 if unsupported, else a capability-specific value."""
         return ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, cap, name="KVM_CHECK_EXTENSION")
 
-    def require_linux_guest_support(self, sys_module=Path("/sys/module")):
+    def require_linux_guest_support(self, sys_module="/sys/module"):
         """Fail with one clear line unless this KVM can boot a Linux guest."""
         pvm = paravirtual_kvm(sys_module)
         if pvm:

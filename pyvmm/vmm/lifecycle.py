@@ -39,6 +39,7 @@ class MachineExit:
     signal_exit: int = None      # 128 + signal number when a signal stopped us
     stats: ExitStats = field(default_factory=ExitStats)
     boot_time: float = None      # seconds from process start to the guest's init
+    timeline: list = field(default_factory=list)   # (seconds from process start, what)
 
 
 def describe_error(e):

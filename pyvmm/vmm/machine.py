@@ -13,7 +13,6 @@ on a fatal KVM exit, a failing event-loop callback, or a signal
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pyvmm.devices.bus import Bus
 from pyvmm.devices.debug_ports import DebugCon, ExitPort
@@ -35,8 +34,8 @@ log = logging.getLogger("pyvmm.machine")
 
 @dataclass
 class MachineConfig:
-    kernel: Path
-    initrd: Path = None
+    kernel: str
+    initrd: str = None
     cmdline: str = ""
     mem_size: int = 256 << 20
     cpus: int = 1
@@ -52,6 +51,8 @@ class Machine:
         self.console = console
         self.started_at = time.monotonic() if started_at is None else started_at
         self.init_reached_at = None
+        self.timeline = []          # (time.monotonic(), what): where start-up time goes
+        self.mark("Python started, pyvmm imported")
         self._closers = []
         self.transports = []
         self.lifecycle = Lifecycle()
@@ -67,6 +68,10 @@ class Machine:
     def stopping(self):
         return self.lifecycle.stopping
 
+    def mark(self, what):
+        """Note a step of the start-up for --stats (any thread)."""
+        self.timeline.append((time.monotonic(), what))
+
     def _build(self, config):
         # Memory, the devices' host side and the kernel first: a wrong path,
         # a missing /dev/vhost-net or too little memory is reported before
@@ -76,9 +81,11 @@ class Machine:
         self.devices = plan_devices(config.nets, config.vsock)
         for planned in self.devices:
             self._closers.append(planned.device.close)
+        self.mark("guest memory and the devices' host side")
         cmdline = " ".join([config.cmdline] + [
             arg for p in self.devices for arg in [mmio_cmdline(p.base, p.gsi), *p.guest_args]])
         self.boot = load_linux(self.memory, config.kernel, config.initrd, cmdline, config.cpus)
+        self.mark("kernel and initrd loaded")
 
         self.kvm = Kvm()
         self._closers.append(self.kvm.close)
@@ -97,6 +104,7 @@ class Machine:
         for slot, region in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(slot, region.guest_phys_addr, region.size,
                                            region.host_addr)
+        self.mark("KVM VM created (irqchip, timer, memory)")
 
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
@@ -119,6 +127,7 @@ class Machine:
             self._closers.append(vcpu.close)
             configure_vcpu(vcpu, supported, config.cpus, boot=self.boot if i == 0 else None)
             self.threads.append(VcpuThread(vcpu, self))
+        self.mark("devices and vCPUs set up")
 
     # --- how the run ends (any thread) -------------------------------------
 
@@ -138,6 +147,7 @@ class Machine:
     def _debugcon(self, byte):
         if self.init_reached_at is None:
             self.init_reached_at = time.monotonic()
+            self.mark("the guest reached init")
             log.debug("guest reached init %.3f s after pyvmm started",
                       self.init_reached_at - self.started_at)
 
@@ -163,6 +173,7 @@ class Machine:
             result.stats.merge(thread.stats)
         if self.init_reached_at is not None:
             result.boot_time = self.init_reached_at - self.started_at
+        result.timeline = [(t - self.started_at, what) for t, what in self.timeline]
         return result
 
     def close(self):

@@ -44,6 +44,8 @@ class VcpuThread(threading.Thread):
                 pass
 
     def run(self):
+        if self.vcpu.id == 0:
+            self.machine.mark("first KVM_RUN")
         try:
             while not self.machine.stopping:
                 if not self.vcpu.run():

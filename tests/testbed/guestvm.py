@@ -5,11 +5,12 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from pyvmm import guest
 
 PYVMM = [sys.executable, "-m", "pyvmm"]
-TOP = guest.IMAGES.parent
+TOP = Path(guest.IMAGES).parent
 
 
 def start(*args, guest_cmd):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ from pyvmm import guest
 pytestmark = pytest.mark.testbed
 
 PYVMM = [sys.executable, "-m", "pyvmm"]
-TOP = guest.IMAGES.parent
+TOP = Path(guest.IMAGES).parent
 
 
 def pyvmm_run(*args, timeout=180):
