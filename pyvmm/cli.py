@@ -236,12 +236,7 @@ def exit_status(result):
 
 
 def cmd_run(args, started_at):
-    from pyvmm.devices.virtio.device import DeviceError
-    from pyvmm.kvm import KvmError
-    from pyvmm.loader import LoaderError
-    from pyvmm.memory import GuestMemoryError
-    from pyvmm.sys.tap import TapError
-    from pyvmm.vhost import VhostError
+    from pyvmm.errors import PyvmmError
     from pyvmm.vmm.console import ESCAPE_HELP
     from pyvmm.vmm.machine import Machine, MachineConfig
 
@@ -262,7 +257,7 @@ def cmd_run(args, started_at):
     try:
         try:
             machine = Machine(config, console, started_at=started_at)
-        except (KvmError, LoaderError, GuestMemoryError, VhostError, TapError, DeviceError) as e:
+        except PyvmmError as e:
             error(str(e))
             return EXIT_ERROR
         except OSError as e:

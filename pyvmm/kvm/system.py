@@ -3,6 +3,7 @@
 import errno
 import os
 
+from pyvmm.errors import PyvmmError
 from pyvmm.kvm import uapi
 from pyvmm.kvm.vm import Vm
 from pyvmm.sys.chardev import open_chardev
@@ -23,7 +24,7 @@ REQUIRED_CAPS = {
 TESTBED_HINT = "run pyvmm inside the testbed VM: scripts/testbed -- python3 -m pyvmm run ..."
 
 
-class KvmError(Exception):
+class KvmError(PyvmmError):
     """KVM is missing or unfit; the message is one line for the user."""
 
 

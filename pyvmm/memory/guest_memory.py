@@ -19,6 +19,8 @@ import mmap
 import os
 from dataclasses import dataclass
 
+from pyvmm.errors import PyvmmError
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 MMIO_HOLE_START = 3 * GiB
@@ -38,7 +40,7 @@ HUGEPAGES_2MB_SYSFS = "/sys/kernel/mm/hugepages/hugepages-2048kB"
 GUEST_MEMORY_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
-class GuestMemoryError(Exception):
+class GuestMemoryError(PyvmmError):
     """An access outside guest RAM, or memory that cannot be set up."""
 
 

@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 
+from pyvmm.errors import PyvmmError
 from pyvmm.sys import netlink
 from pyvmm.sys.chardev import open_chardev
 from pyvmm.sys.ioctl import _IOR, _IOW
@@ -43,7 +44,7 @@ IFF_UP = 0x1
 IFNAMSIZ = 16
 
 
-class TapError(Exception):
+class TapError(PyvmmError):
     pass
 
 

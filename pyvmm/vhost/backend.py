@@ -19,10 +19,11 @@ device follows (Documentation and QEMU's hw/virtio/vhost.c):
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from pyvmm.errors import PyvmmError
 from pyvmm.virtio.splitring import RingError, check_ring
 
 
-class VhostError(Exception):
+class VhostError(PyvmmError):
     """A back-end refused or failed an operation; the message is for the user."""
 
 

@@ -11,11 +11,11 @@ import re
 from dataclasses import dataclass
 
 from pyvmm.devices.virtio.device import DeviceError
-from pyvmm.devices.virtio.net import VhostKernelNetDevice
-from pyvmm.devices.virtio.vsock import VhostKernelVsockDevice
 from pyvmm.guest import net_arg
-from pyvmm.sys.tap import Tap
-from pyvmm.vhost.kernel import VhostKernelNet
+
+# The modules of each kind of device (taps, vhost ioctls, sockets) are
+# imported when a device of that kind is asked for: a run without it does
+# not pay for them at start-up.
 
 # Devices sit one 4 KiB page apart in the MMIO hole below 4 GiB ...
 VIRTIO_MMIO_BASE = 0xD000_0000
@@ -72,6 +72,9 @@ def plan_net(cfg, index):
 
     vhost-net first: without it, the host's network is left untouched.
     """
+    from pyvmm.devices.virtio.net import VhostKernelNetDevice
+    from pyvmm.sys.tap import Tap
+    from pyvmm.vhost.kernel import VhostKernelNet
     vhost = VhostKernelNet()
     try:
         tap = Tap(cfg.tap or DEFAULT_TAP)
@@ -113,6 +116,7 @@ def plan_devices(nets, vsock):
             device, args, summary = plan_net(cfg, i)
             planned.append((device, args, summary))
         if vsock is not None:
+            from pyvmm.devices.virtio.vsock import VhostKernelVsockDevice
             device = VhostKernelVsockDevice(vsock.cid)
             planned.append((device, [], f"vsock CID {vsock.cid} via vhost-vsock"))
     except BaseException:

@@ -8,8 +8,10 @@ what happens when the driver says DRIVER_OK: hand the queues to a back-end.
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from pyvmm.errors import PyvmmError
 
-class DeviceError(Exception):
+
+class DeviceError(PyvmmError):
     """The device cannot do what the driver asked (it will need a reset)."""
 
 
