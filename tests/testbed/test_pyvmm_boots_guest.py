@@ -92,10 +92,13 @@ def test_sigint_stops_a_running_guest():
 class Terminal:
     """pyvmm on a pseudo-terminal, as a user at a shell prompt would run it."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, stderr_path=None):
+        """stderr_path: send pyvmm's stderr there instead of to the terminal."""
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
             os.chdir(TOP)
+            if stderr_path:
+                os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT, 0o600), 2)
             os.execv(sys.executable, [*PYVMM, "run", *args])
         self.seen = b""
 
@@ -144,3 +147,40 @@ def test_interactive_ctrl_a_x_quits():
     term.expect(rb"/root # ")
     term.type(b"\x01x")
     assert term.exit_status() == 130
+
+
+def test_a_hung_up_terminal_ends_the_vm_cleanly(tmp_path):
+    """The terminal goes away under an interactive session (an ssh drop): one
+    line and an exit, no traceback from restoring a terminal that is gone."""
+    err = tmp_path / "stderr"
+    term = Terminal(stderr_path=err)
+    term.expect(rb"/root # ")
+    os.close(term.fd)                           # hang up
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(term.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(term.pid, signal.SIGKILL)
+        raise AssertionError(f"pyvmm did not exit after the hang-up: {err.read_text()}")
+    assert os.waitstatus_to_exitcode(status) in (125, 129), err.read_text()
+    assert "Traceback" not in err.read_text()
+
+
+def test_a_console_nobody_reads_does_not_stop_the_guest():
+    """stdout is a pipe nobody reads: once it is full, the guest's output is
+    dropped and counted, and the guest still runs to its end."""
+    proc = subprocess.Popen([*PYVMM, "run", "--", "sh", "-c",
+                             "head -c 150000 /dev/zero | tr '\\0' x; echo; exit 3"],
+                            cwd=TOP, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        status = proc.wait(timeout=300)       # nothing reads stdout meanwhile
+    finally:
+        proc.kill()
+    out, err = proc.stdout.read(), proc.stderr.read().decode()
+    assert status == 3, err
+    assert len(out) >= 64 << 10               # a full pipe's worth came through
+    assert "Traceback" not in err
