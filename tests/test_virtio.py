@@ -161,13 +161,21 @@ def test_reset_stops_the_device_and_allows_bring_up_again(memory):
     assert len(dev.activations) == 2
 
 
+def negotiate_version_1(t):
+    """ACKNOWLEDGE, DRIVER, accept VIRTIO_F_VERSION_1 alone, FEATURES_OK: the status."""
+    status = spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIVER
+    w32(t, mmio.STATUS, status)
+    w32(t, mmio.DRIVER_FEATURES_SEL, 1)
+    w32(t, mmio.DRIVER_FEATURES, 1)
+    status |= spec.VIRTIO_CONFIG_S_FEATURES_OK
+    w32(t, mmio.STATUS, status)
+    return status
+
+
 def test_bad_ring_sets_needs_reset_and_raises_config_interrupt(memory):
     t, dev, vm = make(memory)
     # Queue 0's descriptor table sits beyond the end of guest memory.
-    w32(t, mmio.STATUS, 3)
-    w32(t, mmio.DRIVER_FEATURES_SEL, 1)
-    w32(t, mmio.DRIVER_FEATURES, 1)
-    w32(t, mmio.STATUS, 3 | spec.VIRTIO_CONFIG_S_FEATURES_OK)
+    negotiate_version_1(t)
     w32(t, mmio.QUEUE_SEL, 0)
     w32(t, mmio.QUEUE_NUM, 64)
     w32(t, mmio.QUEUE_DESC_LOW, 16 * MiB)
@@ -211,6 +219,7 @@ def test_config_space_and_odd_accesses(memory):
     w32(t, mmio.QUEUE_SEL, 7)                          # a queue that does not exist
     assert r32(t, mmio.QUEUE_NUM_MAX) == 0
     w32(t, mmio.QUEUE_NUM, 16)                         # ignored, no crash
+    assert [q.size for q in t.queues] == [0, 0, 0]
     assert mmio.register_name(0x50) == "QueueNotify" and mmio.register_name(0x104) == "config"
 
 
@@ -272,12 +281,7 @@ class SlowDevice(ToyDevice):
 
 def ready_for_driver_ok(t):
     """bring_up() up to, not including, DRIVER_OK; the status to add it to."""
-    status = spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIVER
-    w32(t, mmio.STATUS, status)
-    w32(t, mmio.DRIVER_FEATURES_SEL, 1)
-    w32(t, mmio.DRIVER_FEATURES, 1)
-    status |= spec.VIRTIO_CONFIG_S_FEATURES_OK
-    w32(t, mmio.STATUS, status)
+    status = negotiate_version_1(t)
     for index, gpa in ((0, 0x10000), (1, 0x20000)):
         ring = DriverRing(t.memory, gpa, 64)
         w32(t, mmio.QUEUE_SEL, index)
@@ -356,10 +360,7 @@ def test_device_features_above_word_1_read_zero(memory):
 
 def test_driver_features_after_features_ok_are_ignored(memory):
     t, dev, vm = make(memory)
-    w32(t, mmio.STATUS, 3)
-    w32(t, mmio.DRIVER_FEATURES_SEL, 1)
-    w32(t, mmio.DRIVER_FEATURES, 1)
-    w32(t, mmio.STATUS, 3 | spec.VIRTIO_CONFIG_S_FEATURES_OK)
+    negotiate_version_1(t)
     w32(t, mmio.DRIVER_FEATURES_SEL, 0)
     w32(t, mmio.DRIVER_FEATURES, 1 << spec.VIRTIO_NET_F_MAC)
     w32(t, mmio.DRIVER_FEATURES_SEL, 2)             # no such word: ignored too

@@ -50,10 +50,9 @@ class LoadedKernel:
 
 def read_elf_header(image):
     """The ELF header, checked for an x86_64 executable."""
-    ehdr = Elf64_Ehdr.from_buffer_copy(image.read_at(0, ctypes.sizeof(Elf64_Ehdr))) \
-        if image.size >= ctypes.sizeof(Elf64_Ehdr) else None
-    if ehdr is None or bytes(ehdr.e_ident[:4]) != ELF_MAGIC:
+    if image.size < ctypes.sizeof(Elf64_Ehdr):
         raise LoaderError(f"{image.path}: corrupt ELF file (header truncated)")
+    ehdr = Elf64_Ehdr.from_buffer_copy(image.read_at(0, ctypes.sizeof(Elf64_Ehdr)))
     elfclass = {1: "32-bit", 2: "64-bit"}.get(ehdr.e_ident[EI_CLASS], "unknown class")
     if (ehdr.e_ident[EI_CLASS] != ELFCLASS64 or ehdr.e_ident[EI_DATA] != ELFDATA2LSB
             or ehdr.e_machine != EM_X86_64):
