@@ -1,0 +1,207 @@
+"""The only socket code of vhost-user: a Unix stream socket carrying frames.
+
+Sending attaches the fds (SCM_RIGHTS) to the sendmsg() that carries the
+first byte of the header (FE-3). Receiving reads the 12-byte header, with
+whatever fds come with it, then exactly `size` bytes of payload, so a
+recvmsg never spans two messages and the fds belong to the message whose
+header carried them. Every read has a deadline; a peer that hangs up or
+stops answering becomes Disconnected or ChannelTimeout, with a message
+that says so in one line.
+"""
+
+import array
+import errno
+import os
+import socket
+import stat
+import time
+
+from pyvmm.vhost.user.errors import ChannelError, ChannelTimeout, Disconnected
+from pyvmm.vhost.user.messages import HEADER, HEADER_SIZE, MAX_FDS, MAX_PAYLOAD_SIZE
+from pyvmm.vhost.user.wire import close_fds
+
+# How long a peer may take to answer, by default. qemu-storage-daemon and
+# friends answer in microseconds; a peer silent for this long is stuck.
+DEFAULT_TIMEOUT = 10.0
+_FD_SIZE = array.array("i").itemsize
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
+
+
+class Connection:
+    """A connected Unix stream socket; `name` says which peer, in errors."""
+
+    def __init__(self, sock, name, timeout=DEFAULT_TIMEOUT):
+        self.sock = sock
+        self.name = name
+        self.timeout = timeout
+        sock.setblocking(True)
+
+    @classmethod
+    def connect(cls, path, name=None, timeout=DEFAULT_TIMEOUT):
+        """Connect to a back-end listening on path."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+        except FileNotFoundError:
+            sock.close()
+            raise ChannelError(f"no socket at {path}: is the back-end running?") from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise ChannelError(f"nothing listens on {path} (a stale socket file?)") from None
+        except OSError as e:
+            sock.close()
+            raise ChannelError(f"cannot connect to {path}: {e.strerror or e}") from None
+        return cls(sock, name or str(path), timeout)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+
+    # --- sending ----------------------------------------------------------------
+
+    def send(self, data, fds=()):
+        """Write one frame; its fds go with the first byte."""
+        try:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                          array.array("i", fds).tobytes())] if fds else []
+            self.sock.settimeout(self.timeout)
+            sent = self.sock.sendmsg([data], ancillary)
+            while sent < len(data):
+                sent += self.sock.send(data[sent:])
+        except (BrokenPipeError, ConnectionResetError):
+            raise Disconnected(f"{self.name} closed the connection") from None
+        except TimeoutError:
+            raise ChannelTimeout(f"{self.name} did not take a message for "
+                                 f"{self.timeout:g} s") from None
+        except OSError as e:
+            raise ChannelError(f"writing to {self.name}: {e.strerror or e}") from None
+
+    # --- receiving --------------------------------------------------------------
+
+    def receive(self, waiting_for=None, timeout=None):
+        """One frame's bytes and fds. waiting_for names what we expect, for
+        the timeout's message (e.g. "the reply to GET_FEATURES")."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        fds = []
+        try:
+            header = self._read(HEADER_SIZE, deadline, fds, waiting_for, first=True)
+            _, _, size = HEADER.unpack(header)
+            # A size beyond the limit is refused by the frame reader; do not
+            # wait for bytes that will never be read.
+            body = self._read(min(size, MAX_PAYLOAD_SIZE), deadline, None, waiting_for)
+        except BaseException:
+            close_fds(fds)
+            raise
+        return header + body, tuple(fds)
+
+    def _read(self, length, deadline, fds, waiting_for, first=False):
+        """Exactly length bytes; fds (a list) collects SCM_RIGHTS fds, or None
+        where fds are not allowed (they would belong to no header)."""
+        data = bytearray()
+        while len(data) < length:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelTimeout(f"{self.name} did not send "
+                                     f"{waiting_for or 'the rest of a message'} within "
+                                     f"{self.timeout:g} s")
+            self.sock.settimeout(left)
+            try:
+                chunk, ancillary, flags, _ = self.sock.recvmsg(
+                    length - len(data), _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                chunk, ancillary, flags = b"", [], 0
+            except OSError as e:
+                raise ChannelError(f"reading from {self.name}: {e.strerror or e}") from None
+            received = _fds_of(ancillary)
+            if fds is None:
+                close_fds(received)
+                if received:
+                    raise ChannelError(f"{self.name} sent fds in the middle of a message (FE-3)")
+            else:
+                fds.extend(received)
+            if flags & socket.MSG_CTRUNC:
+                raise ChannelError(f"{self.name} sent more than {MAX_FDS} fds with one message")
+            if not chunk:
+                if first and not data:
+                    raise Disconnected(f"{self.name} closed the connection"
+                                       + (f" instead of sending {waiting_for}"
+                                          if waiting_for else ""))
+                raise Disconnected(f"{self.name} closed the connection in the middle of a "
+                                   f"message ({len(data)} of {length} bytes)")
+            data += chunk
+        return bytes(data)
+
+
+def _fds_of(ancillary):
+    fds = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % _FD_SIZE
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+class Listener:
+    """A Unix socket pyvmm listens on (server mode), mode 0600, removed at close."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            # The socket file gets this mode (less the umask) when bound.
+            os.fchmod(self.sock.fileno(), 0o600)
+            try:
+                self.sock.bind(self.path)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or not _stale(self.path):
+                    raise
+                os.unlink(self.path)      # a socket file nobody listens on any more
+                self.sock.bind(self.path)
+            self.sock.listen(1)
+        except OSError as e:
+            self.sock.close()
+            raise ChannelError(f"cannot listen on {self.path}: {e.strerror or e}") from None
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def accept(self, name, timeout=None):
+        """Wait for the back-end (timeout None: as long as it takes)."""
+        self.sock.settimeout(timeout)
+        try:
+            sock, _ = self.sock.accept()
+        except TimeoutError:
+            raise ChannelTimeout(f"no back-end connected to {self.path} within "
+                                 f"{timeout:g} s") from None
+        return Connection(sock, name)
+
+    def close(self):
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _stale(path):
+    """A socket file at path that nobody listens on (never another kind of file)."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+        return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

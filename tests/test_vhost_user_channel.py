@@ -1,0 +1,132 @@
+"""The vhost-user socket layer on real Unix sockets: fds, pieces, hang-ups, silence."""
+
+import array
+import os
+import socket
+import stat
+import threading
+import time
+
+import pytest
+
+from pyvmm.vhost.user.channel import Connection, Listener
+from pyvmm.vhost.user.errors import ChannelError, ChannelTimeout, Disconnected
+from pyvmm.vhost.user.messages import FrontendReq, U64, VringFd
+from pyvmm.vhost.user.wire import encode
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours, theirs = Connection(a, "the back-end", timeout=0.5), b
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def send_with_fds(sock, data, fds):
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def test_a_frame_and_its_fd_arrive_together(pair):
+    ours, theirs = pair
+    efd = os.eventfd(0)
+    frame = encode(FrontendReq.SET_VRING_CALL, 0x1, VringFd(0).pack())
+    ours.send(frame, (efd,))
+    peer = Connection(theirs.dup(), "the front-end")
+    data, fds = peer.receive()
+    assert data == frame and len(fds) == 1
+    os.eventfd_write(fds[0], 5)                 # the same eventfd, through another fd
+    assert os.eventfd_read(efd) == 5
+    os.close(fds[0]), os.close(efd)
+    peer.close()
+
+
+def test_a_frame_in_pieces(pair):
+    ours, theirs = pair
+    frame = encode(FrontendReq.GET_FEATURES, 0x5, U64(1 << 32).pack())
+
+    def dribble():
+        for i in range(len(frame)):
+            theirs.send(frame[i:i + 1])
+            time.sleep(0.01)
+    threading.Thread(target=dribble).start()
+    assert ours.receive(timeout=5) == (frame, ())
+
+
+def test_the_peer_hanging_up_before_answering(pair):
+    ours, theirs = pair
+    theirs.close()
+    with pytest.raises(Disconnected, match="the back-end closed the connection instead of "
+                                           "sending the reply to GET_FEATURES"):
+        ours.receive("the reply to GET_FEATURES")
+
+
+def test_the_peer_hanging_up_in_the_middle_of_a_message(pair):
+    ours, theirs = pair
+    theirs.send(encode(FrontendReq.GET_FEATURES, 0x5, U64(1).pack())[:15])
+    theirs.close()
+    with pytest.raises(Disconnected, match="in the middle of a message \\(3 of 8 bytes\\)"):
+        ours.receive()
+
+
+def test_a_silent_peer_times_out(pair):
+    ours, theirs = pair
+    theirs.send(b"\x01\x00")                    # two bytes of a header, then nothing
+    started = time.monotonic()
+    with pytest.raises(ChannelTimeout, match="did not send the reply to GET_FEATURES within"):
+        ours.receive("the reply to GET_FEATURES")
+    assert time.monotonic() - started < 2
+
+
+def test_fds_in_the_payload_part_are_refused_and_closed(pair):
+    ours, theirs = pair
+    frame = encode(FrontendReq.GET_FEATURES, 0x5, U64(1).pack())
+    theirs.send(frame[:12])
+    r, w = os.pipe()
+    send_with_fds(theirs, frame[12:], [r])
+    with pytest.raises(ChannelError, match="fds in the middle of a message"):
+        ours.receive()
+    os.close(r), os.close(w)
+
+
+def test_a_dead_peer_on_send(pair):
+    ours, theirs = pair
+    theirs.close()
+    with pytest.raises(Disconnected, match="the back-end closed the connection"):
+        for _ in range(100):      # the first send may still fit in the buffer
+            ours.send(b"x" * 4096)
+
+
+def test_connect_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(ChannelError, match="no socket at .*is the back-end running"):
+        Connection.connect(tmp_path / "missing.sock")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(tmp_path / "dead.sock"))
+    dead.close()                               # bound, never listened: connect is refused
+    with pytest.raises(ChannelError, match="nothing listens on"):
+        Connection.connect(tmp_path / "dead.sock")
+
+
+def test_listener_mode_stale_sockets_and_cleanup(tmp_path):
+    path = tmp_path / "pyvmm.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()                              # a socket file left behind by a crash
+    listener = Listener(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    client = Connection.connect(path, "pyvmm")
+    conn = listener.accept("the back-end", timeout=5)
+    client.send(b"hello")
+    assert conn.sock.recv(5) == b"hello"
+    client.close(), conn.close()
+    listener.close()
+    assert not path.exists()
+
+
+def test_listener_never_removes_a_file_that_is_not_a_socket(tmp_path):
+    path = tmp_path / "precious"
+    path.write_text("data")
+    with pytest.raises(ChannelError, match="cannot listen on"):
+        Listener(path)
+    assert path.read_text() == "data"
