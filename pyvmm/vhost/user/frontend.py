@@ -1,0 +1,231 @@
+"""pyvmm as the front-end of a vhost-user back-end.
+
+VhostUserFrontend speaks the protocol over one Connection, with a
+Session(FRONTEND) checking every message both ways. It implements the same
+VhostBackend interface as the kernel's vhost drivers (set_owner,
+set_mem_table, set_vring_*, get_vring_base, ...), plus what only
+vhost-user has: protocol features, queue count, config space, status,
+device reset and the back-end's request channel.
+
+Each call sends one request and, when one is due, waits for its reply
+(one request at a time, under a lock). With REPLY_ACK negotiated, pyvmm
+asks for an ack on every request that has no reply of its own, so that a
+back-end's refusal shows up at the request that caused it; a non-zero ack
+raises PeerRefused.
+"""
+
+import logging
+import socket
+import threading
+
+from pyvmm.vhost.backend import VhostBackend
+from pyvmm.vhost.user.channel import DEFAULT_TIMEOUT, Connection
+from pyvmm.vhost.user.errors import PeerRefused, VhostUserError
+from pyvmm.vhost.user.messages import (
+    U64, VHOST_USER_F_PROTOCOL_FEATURES, DeviceConfig, Empty, FrontendReq, MemoryRegion,
+    MemTable, ProtocolFeature, SingleMemRegion, VringAddress, VringFd, VringState)
+from pyvmm.vhost.user.rules import Reply
+from pyvmm.vhost.user.session import NEED_DATA, Role, Session
+
+log = logging.getLogger("pyvmm.vhost-user")
+
+PF = ProtocolFeature
+R = FrontendReq
+
+# What pyvmm implements, and so the most it acks (never a bit it does not: FE-10).
+SUPPORTED_PROTOCOL_FEATURES = (PF.MQ.mask | PF.REPLY_ACK.mask | PF.BACKEND_REQ.mask
+                               | PF.CONFIG.mask | PF.RESET_DEVICE.mask
+                               | PF.CONFIGURE_MEM_SLOTS.mask | PF.STATUS.mask)
+
+
+class VhostUserFrontend(VhostBackend):
+    def __init__(self, connection, tracer=None):
+        """connection: a connected Connection; tracer(direction, message), if
+        given, sees every message ("->" sent, "<-" received)."""
+        super().__init__()
+        self.conn = connection
+        self.session = Session(Role.FRONTEND)
+        self.tracer = tracer
+        self._lock = threading.Lock()
+        self.vring_bases = {}        # index -> where GET_VRING_BASE said the ring stopped
+        self.backend_channel = None  # our end of SET_BACKEND_REQ_FD's socketpair
+        self._regions_sent = []      # MemoryRegions the back-end has (ADD_MEM_REG mode)
+
+    @classmethod
+    def connect(cls, path, name=None, timeout=DEFAULT_TIMEOUT, tracer=None):
+        return cls(Connection.connect(path, name, timeout), tracer)
+
+    @property
+    def negotiated(self):
+        return self.session.negotiated
+
+    def has(self, feature):
+        return self.negotiated.has(feature)
+
+    def close(self):
+        self.conn.close()
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+        self.session.close()
+
+    # --- one request, and its reply -------------------------------------------------
+
+    def call(self, request, payload=None, fds=()):
+        """Send request; return its reply Message (None when none is due).
+        A non-zero ack raises PeerRefused."""
+        with self._lock:
+            rule = self.session.channel.rules[request]
+            need_reply = rule.reply is Reply.ACK and self.has(PF.REPLY_ACK)
+            message = self.session.request(request, payload, fds, need_reply)
+            data, fds = self.session.send(message)
+            self._trace("->", message)
+            self.conn.send(data, fds)
+            if self.session.awaiting is not message:
+                return None
+            reply = self._read_reply(f"the reply to {request.spec_name}")
+            self._trace("<-", reply)
+        if rule.reply is Reply.ACK and reply.payload.value != 0:
+            raise PeerRefused(f"the back-end refused {request.spec_name} "
+                              f"(REPLY_ACK status {reply.payload.value:#x})", "BE-21")
+        return reply
+
+    def _read_reply(self, what):
+        while True:
+            data, fds = self.conn.receive(what)
+            self.session.receive(data, fds)
+            reply = self.session.next_message()
+            if reply is not NEED_DATA:
+                return reply
+
+    def _trace(self, direction, message):
+        if self.tracer is not None:
+            self.tracer(direction, message)
+
+    def _u64(self, request):
+        return self.call(request).payload.value
+
+    # --- negotiation (connect time) ----------------------------------------------------
+
+    def negotiate(self, want_protocol=SUPPORTED_PROTOCOL_FEATURES, backend_channel=True):
+        """The start of every connection, in QEMU's order: features, protocol
+        features, queue count, memory slots, the back-end channel, SET_OWNER.
+        Returns the back-end's virtio feature bits."""
+        features = self.get_features()
+        if features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
+            offered = self._u64(R.GET_PROTOCOL_FEATURES)
+            acked = offered & want_protocol
+            if not backend_channel:
+                acked &= ~PF.BACKEND_REQ.mask
+            self.call(R.SET_PROTOCOL_FEATURES, U64(acked))
+        if self.has(PF.MQ):
+            self._u64(R.GET_QUEUE_NUM)
+        if self.has(PF.CONFIGURE_MEM_SLOTS):
+            self._u64(R.GET_MAX_MEM_SLOTS)
+        if self.has(PF.BACKEND_REQ):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.call(R.SET_BACKEND_REQ_FD, fds=(theirs.fileno(),))
+            finally:
+                theirs.close()
+            self.backend_channel = Connection(ours, f"{self.conn.name} (back-end channel)")
+        self.set_owner()
+        return features
+
+    @property
+    def max_queues(self):
+        """The back-end's queue count (GET_QUEUE_NUM), or None without MQ."""
+        return self.negotiated.max_queues
+
+    # --- the VhostBackend interface ------------------------------------------------------
+
+    def set_owner(self):
+        """SET_OWNER: this connection is the back-end's session."""
+        self.call(R.SET_OWNER)
+
+    def get_features(self):
+        """GET_FEATURES: the virtio feature bits the back-end offers (and bit 30)."""
+        return self._u64(R.GET_FEATURES)
+
+    def set_features(self, features):
+        """SET_FEATURES: the guest's bits; bit 30 stays on while the back-end offers it."""
+        offered = self.negotiated.features_offered or 0
+        self.call(R.SET_FEATURES, U64(features | (offered & 1 << VHOST_USER_F_PROTOCOL_FEATURES)))
+
+    def set_mem_table(self, memory):
+        """Every region of guest RAM, each with the memfd and its offset in it."""
+        self.memory = memory
+        regions = [MemoryRegion(r.guest_phys_addr, r.size, r.host_addr, r.memfd_offset)
+                   for r in memory.regions]
+        if self.has(PF.CONFIGURE_MEM_SLOTS):
+            for old in [r for r in self._regions_sent if r not in regions]:
+                self.call(R.REM_MEM_REG, SingleMemRegion(old))
+                self._regions_sent.remove(old)
+            for new in [r for r in regions if r not in self._regions_sent]:
+                self.call(R.ADD_MEM_REG, SingleMemRegion(new), fds=(memory.fd,))
+                self._regions_sent.append(new)
+        else:
+            self.call(R.SET_MEM_TABLE, MemTable(tuple(regions)), fds=(memory.fd,) * len(regions))
+
+    def _set_mem_table(self, regions):
+        raise AssertionError("set_mem_table() sends the table itself")
+
+    def _set_vring_num(self, index, num):
+        self.call(R.SET_VRING_NUM, VringState(index, num))
+
+    def set_vring_base(self, index, base):
+        self.call(R.SET_VRING_BASE, VringState(index, base))
+
+    def get_vring_base(self, index):
+        """GET_VRING_BASE: stop the ring; where it stopped (kept for a reconnect)."""
+        base = self.call(R.GET_VRING_BASE, VringState(index, 0)).payload.num
+        self.vring_bases[index] = base
+        return base
+
+    def _set_vring_addr(self, index, desc, avail, used, log):
+        self.call(R.SET_VRING_ADDR, VringAddress(index, 1 if log is not None else 0,
+                                                 desc, used, avail, log or 0))
+
+    def _set_vring_fd(self, request, index, fd):
+        self.call(request, VringFd(index, no_fd=fd is None), fds=() if fd is None else (fd,))
+
+    def set_vring_kick(self, index, fd):
+        """SET_VRING_KICK: the eventfd the guest's notifications arrive on; starts the ring."""
+        self._set_vring_fd(R.SET_VRING_KICK, index, fd)
+
+    def set_vring_call(self, index, fd):
+        """SET_VRING_CALL: the eventfd the back-end signals to interrupt the guest."""
+        self._set_vring_fd(R.SET_VRING_CALL, index, fd)
+
+    def set_vring_err(self, index, fd):
+        """SET_VRING_ERR: the eventfd the back-end signals when the ring is broken."""
+        self._set_vring_fd(R.SET_VRING_ERR, index, fd)
+
+    # --- vhost-user only ------------------------------------------------------------------
+
+    def set_vring_enable(self, index, enabled):
+        """SET_VRING_ENABLE (with bit 30): let the back-end process the ring, or not."""
+        self.call(R.SET_VRING_ENABLE, VringState(index, int(enabled)))
+
+    def get_config(self, size, offset=0):
+        """GET_CONFIG: size bytes of the device's config space."""
+        reply = self.call(R.GET_CONFIG, DeviceConfig(offset, 0, bytes(size))).payload
+        if isinstance(reply, Empty) or len(reply.data) != size:
+            raise VhostUserError(f"the back-end could not give {size} bytes of config space "
+                                 f"at offset {offset} (GET_CONFIG failed)")
+        return reply.data
+
+    def set_config(self, offset, data):
+        """SET_CONFIG: a driver's write into the device's config space."""
+        self.call(R.SET_CONFIG, DeviceConfig(offset, 0, bytes(data)))
+
+    def get_status(self):
+        return self._u64(R.GET_STATUS)
+
+    def set_status(self, status):
+        """SET_STATUS (STATUS): the virtio device status byte, e.g. DRIVER_OK."""
+        self.call(R.SET_STATUS, U64(status))
+
+    def reset_device(self):
+        """RESET_DEVICE: back to the initial state, ownership kept."""
+        self.call(R.RESET_DEVICE)
