@@ -56,19 +56,23 @@ def parse_size(text):
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 
-def parse_backend_options(text, option, allowed):
-    """'vhost-kernel,key=value,...' -> {key: value}; only the vhost-kernel back-end exists yet."""
+def parse_backend_options(text, option, allowed, kind="vhost-kernel", flags=()):
+    """'KIND,key=value,flag,...' -> {key: value, flag: True}, for the one back-end
+    kind this option has so far; keys from allowed, bare words from flags."""
     backend, *pairs = text.split(",")
-    if backend != "vhost-kernel":
+    if backend != kind:
+        later = " (vhost-user comes later)" if kind == "vhost-kernel" else ""
         raise argparse.ArgumentTypeError(
-            f"{option} {text!r}: the back-end must be vhost-kernel (vhost-user comes later)")
+            f"{option} {text!r}: the back-end must be {kind}{later}")
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or key not in allowed:
+        if (sep and key in allowed) or (not sep and key in flags):
+            options[key] = value if sep else True
+        else:
+            known = sorted(allowed) + [f"{f} (no value)" for f in flags]
             raise argparse.ArgumentTypeError(
-                f"{option}: unknown option {pair!r} (known: {', '.join(sorted(allowed))})")
-        options[key] = value
+                f"{option}: unknown option {pair!r} (known: {', '.join(known)})")
     return options
 
 
@@ -104,6 +108,21 @@ def parse_vsock(text):
         return VsockConfig(cid=int(opts.get("cid", 3)))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--vsock cid={opts['cid']}: not a number") from None
+
+
+def parse_blk(text):
+    from pyvmm.vmm.virtio_devices import BlkConfig
+    opts = parse_backend_options(text, "--blk", {"socket"}, kind="vhost-user", flags={"server"})
+    if not opts.get("socket"):
+        raise argparse.ArgumentTypeError("--blk: give the back-end's socket, "
+                                         "e.g. vhost-user,socket=/tmp/vub.sock")
+    return BlkConfig(socket=opts["socket"], server=opts.get("server", False))
+
+
+def parse_trace(text):
+    if text != "vhost-user":
+        raise argparse.ArgumentTypeError(f"--trace {text!r}: only vhost-user can be traced")
+    return text
 
 
 def parse_console(text):
@@ -172,6 +191,18 @@ def build_parser():
     run.add_argument("--vsock", type=parse_vsock, metavar="vhost-kernel[,cid=N]",
                      help="a virtio-vsock device served by vhost-vsock; the guest's CID "
                           "is N (default 3), the host is CID 2")
+    run.add_argument("--blk", type=parse_blk, action="append", default=[],
+                     metavar="vhost-user,socket=PATH[,server]",
+                     help="a virtio-blk disk (the guest's vda, vdb, ...) served by a "
+                          "vhost-user back-end such as qemu-storage-daemon listening on "
+                          "PATH; with server, pyvmm listens there (mode 0600) and waits for "
+                          "the back-end to connect. Size, block size, read-only and queue "
+                          "count come from the back-end. Repeat for more disks")
+    run.add_argument("--trace", type=parse_trace, metavar="vhost-user",
+                     help="print every vhost-user message, both ways, decoded, one line "
+                          "each (to stderr, or --trace-file)")
+    run.add_argument("--trace-file", metavar="PATH",
+                     help="write the --trace lines to PATH instead of stderr")
     run.add_argument("--stats", action="store_true",
                      help="at the end, print the boot time and vCPU exits per reason")
     run.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
@@ -248,12 +279,23 @@ def cmd_run(args, started_at):
         cmdline += " " + guest.command_arg(command)
     config = MachineConfig(kernel=args.kernel, initrd=None if args.initrd == "none" else args.initrd,
                            cmdline=cmdline, mem_size=args.mem, cpus=args.cpus,
-                           hugepages=args.hugepages, nets=args.net, vsock=args.vsock)
+                           hugepages=args.hugepages, nets=args.net, vsock=args.vsock,
+                           blks=args.blk)
 
     made = make_console(args, command)
     if made is None:
         return EXIT_ERROR
     console, out_file = made
+    trace_file = None
+    if args.trace or args.trace_file:          # --trace-file alone implies --trace
+        from pyvmm.vhost.user.trace import Tracer
+        if args.trace_file:
+            try:
+                trace_file = open(args.trace_file, "w")
+            except OSError as e:
+                error(f"--trace-file {args.trace_file}: {e.strerror}")
+                return EXIT_ERROR
+        config.tracer = Tracer(trace_file or sys.stderr)
     try:
         try:
             machine = Machine(config, console, started_at=started_at)
@@ -272,8 +314,9 @@ def cmd_run(args, started_at):
         finally:
             machine.close()
     finally:
-        if out_file:
-            out_file.close()
+        for f in (out_file, trace_file):
+            if f:
+                f.close()
     if console.dropped:
         print(f"pyvmm: {console.dropped} bytes of console output were dropped: "
               f"nothing read them fast enough", file=sys.stderr)

@@ -6,6 +6,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_check_config_reproduces_images_config(top):
     # Installs and unpacks linux-source-6.12 on first use (about a minute).
     r = subprocess.run([str(top / "scripts" / "build-guest"), "--check-config"],

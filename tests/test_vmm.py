@@ -309,7 +309,7 @@ def test_event_loop_callbacks_may_add_and_remove_sources(lifecycle):
     try:
         def first():
             seen.append(os.read(r1, 10))
-            lifecycle.loop.remove_reader(r1)
+            lifecycle.loop.remove(r1)
             lifecycle.loop.add_reader(r2, second, "second")
             os.write(w2, b"2")
 

@@ -125,6 +125,8 @@ class DriverRing:
             self._free.extend(self._chains.pop(head))
             done.append((head, length))
             self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+        # used_event (VIRTIO_RING_F_EVENT_IDX): interrupt me at the next used buffer.
+        self.memory.write(self.avail_addr + 4 + 2 * self.num, struct.pack("<H", self.last_used_idx))
         return done
 
     def set_no_interrupt(self, suppress):

@@ -151,7 +151,7 @@ class Console:
     def _on_input(self):
         data = os.read(self.in_fd, 4096)
         if not data:  # end of piped input: the guest just gets no more
-            self._loop.remove_reader(self.in_fd)
+            self._loop.remove(self.in_fd)
             return
         if self.interactive:
             data = self._filter_escape(data)

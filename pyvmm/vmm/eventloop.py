@@ -1,40 +1,56 @@
 """The main thread's event loop: one epoll set, a callback per file descriptor.
 
-Console input, the VMM's own wake-up eventfd and the back-ends' error
-eventfds all come through here; callbacks may add and remove sources while
-the loop runs. Nothing polls: the loop sleeps in epoll_wait.
+Console input, the VMM's own wake-up eventfd, the back-ends' error
+eventfds and vhost-user back-end channels all come through here, and a
+vhost-user socket is watched for its peer hanging up; callbacks may add
+and remove sources while the loop runs. Nothing polls: the loop sleeps in
+epoll_wait.
 
 A callback that raises ends nothing by itself: the loop hands the exception
 to on_error(what, exception), and the machine decides (it ends the VM with
 one line, for instance when the terminal behind console input hangs up).
 """
 
-import selectors
+import select
 
 
 class EventLoop:
     def __init__(self, on_error):
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        self._sources = {}         # fd -> (callback, what)
         self._on_error = on_error
 
     def add_reader(self, fd, callback, what):
-        """Call callback() whenever fd is readable; what names it in errors."""
-        self._selector.register(fd, selectors.EVENT_READ, (callback, what))
+        """Call callback() whenever fd is readable; what names it in errors.
+        (A regular file cannot be watched: PermissionError.)"""
+        self._add(fd, select.EPOLLIN, callback, what)
 
-    def remove_reader(self, fd):
-        self._selector.unregister(fd)
+    def add_hangup_watch(self, fd, callback, what):
+        """Call callback() once the peer of socket fd has closed its end (EPOLLRDHUP),
+        whatever data comes and goes meanwhile. Remove the watch in the callback."""
+        self._add(fd, select.EPOLLRDHUP, callback, what)
+
+    def _add(self, fd, events, callback, what):
+        self._epoll.register(fd, events)
+        self._sources[fd] = (callback, what)
+
+    def remove(self, fd):
+        if self._sources.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
 
     def run_until(self, done, timeout=None):
         """Dispatch events until done() is true (checked after each batch)."""
         while not done():
-            for key, _ in self._selector.select(timeout):
-                if self._selector.get_map().get(key.fd) is not key:
+            ready = [(fd, self._sources.get(fd))
+                     for fd, _ in self._epoll.poll(-1 if timeout is None else timeout)]
+            for fd, source in ready:
+                if source is None or self._sources.get(fd) is not source:
                     continue   # removed (or replaced) by a callback of this batch
-                callback, what = key.data
+                callback, what = source
                 try:
                     callback()
                 except Exception as e:   # noqa: BLE001 - any failure ends the VM cleanly
                     self._on_error(what, e)
 
     def close(self):
-        self._selector.close()
+        self._epoll.close()

@@ -42,6 +42,8 @@ class MachineConfig:
     hugepages: bool = False
     nets: list = field(default_factory=list)   # NetConfig per --net
     vsock: VsockConfig = None
+    blks: list = field(default_factory=list)   # BlkConfig per --blk
+    tracer: object = None                      # a vhost-user Tracer (--trace vhost-user)
 
 
 class Machine:
@@ -78,7 +80,8 @@ class Machine:
         # anything is asked of KVM.
         self.memory = GuestMemory(config.mem_size, hugepages=config.hugepages)
         self._closers.append(self.memory.close)
-        self.devices = plan_devices(config.nets, config.vsock)
+        self.devices = plan_devices(config.nets, config.vsock, config.blks,
+                                    tracer=config.tracer.for_device if config.tracer else None)
         for planned in self.devices:
             self._closers.append(planned.device.close)
         self.mark("guest memory and the devices' host side")
@@ -159,8 +162,7 @@ class Machine:
 
         def start():
             for transport in self.transports:
-                for fd, callback in transport.event_sources():
-                    loop.add_reader(fd, callback, f"{transport.device.name}'s error eventfd")
+                transport.watch(loop)
             self.console.start(loop, self.serial,
                                on_quit=lambda: self.lifecycle.finish(
                                    MachineExit("quit from the console", signal_exit=130)),

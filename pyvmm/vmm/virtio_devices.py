@@ -1,9 +1,14 @@
 """The virtio devices a machine is asked for, from command-line options to transports.
 
 Building one happens in two steps. Before the VM exists: the host side
-(tap, /dev/vhost-*), which is where most user errors show up, and the
-kernel command line entries that announce the device and configure the
-guest's end. After: the virtio-mmio transport, whose eventfds KVM wires up.
+(tap, /dev/vhost-*, the connection to a vhost-user back-end), which is
+where most user errors show up, and the kernel command line entries that
+announce the device and configure the guest's end. After: the virtio-mmio
+transport, whose eventfds KVM wires up.
+
+Each device is a model (devices/virtio/net.py, vsock.py, blk.py) on a
+queue back-end: the kernel's vhost (vhost_kernel.py) or a vhost-user
+back-end process (vhost_user.py).
 """
 
 import ipaddress
@@ -41,6 +46,13 @@ class VsockConfig:
     cid: int = 3
 
 
+@dataclass
+class BlkConfig:
+    """--blk vhost-user,socket=PATH[,server]"""
+    socket: str
+    server: bool = False
+
+
 def default_addresses(tap_name):
     """10.10.N.1/30 on the host and 10.10.N.2/30 in the guest, for tap pyvmmN."""
     m = re.fullmatch(r"pyvmm(\d+)", tap_name)
@@ -72,7 +84,8 @@ def plan_net(cfg, index):
 
     vhost-net first: without it, the host's network is left untouched.
     """
-    from pyvmm.devices.virtio.net import VhostKernelNetDevice
+    from pyvmm.devices.virtio.net import VirtioNet
+    from pyvmm.devices.virtio.vhost_kernel import VhostKernelNetBackend
     from pyvmm.sys.tap import Tap
     from pyvmm.vhost.kernel import VhostKernelNet
     vhost = VhostKernelNet()
@@ -93,7 +106,7 @@ def plan_net(cfg, index):
             tap.up()
         number = int(re.sub(r"\D", "", tap.name) or 0) & 0xFF
         mac = cfg.mac or bytes([0x02, 0x70, 0x79, 0x76, 0x6D, number])
-        device = VhostKernelNetDevice(vhost, tap, mac, name=f"virtio-net{index}")
+        device = VirtioNet(VhostKernelNetBackend(vhost, tap), mac, name=f"virtio-net{index}")
     except BaseException:
         tap.close()
         vhost.close()
@@ -106,19 +119,90 @@ def plan_net(cfg, index):
     return device, args, summary
 
 
-def plan_devices(nets, vsock):
-    """Host side of every device, in the order the guest will find them."""
-    if len(nets) + (vsock is not None) > len(VIRTIO_GSIS):
+def plan_vsock(cfg):
+    from pyvmm.devices.virtio.vhost_kernel import VhostKernelVsockBackend
+    from pyvmm.devices.virtio.vsock import VirtioVsock
+    from pyvmm.vhost.kernel import VhostKernelVsock
+    vhost = VhostKernelVsock()
+    try:
+        device = VirtioVsock(VhostKernelVsockBackend(vhost, cfg.cid), cfg.cid)
+    except BaseException:
+        vhost.close()
+        raise
+    return device, [], f"vsock CID {cfg.cid} via vhost-vsock"
+
+
+# How long server mode waits for a back-end to connect.
+BACKEND_CONNECT_TIMEOUT = 60.0
+
+
+def connect_vhost_user(socket_path, server, name, tracer, feature_names=None):
+    """A negotiated VhostUserFrontend for the back-end at socket_path: pyvmm
+    connects to it, or (server) listens there and waits for it."""
+    import sys
+
+    from pyvmm.vhost.user.channel import Connection, Listener
+    from pyvmm.vhost.user.frontend import VhostUserFrontend
+    if server:
+        listener = Listener(socket_path)
+        try:
+            print(f"pyvmm: {name}: waiting for a vhost-user back-end to connect to "
+                  f"{socket_path} (at most {BACKEND_CONNECT_TIMEOUT:g} s)", file=sys.stderr)
+            conn = listener.accept(f"the back-end of {name}", timeout=BACKEND_CONNECT_TIMEOUT)
+        finally:
+            listener.close()
+    else:
+        conn = Connection.connect(socket_path, f"the back-end of {name} ({socket_path})")
+    frontend = VhostUserFrontend(conn, tracer=tracer(name, feature_names) if tracer else None)
+    try:
+        frontend.negotiate()
+    except BaseException:
+        frontend.close()
+        raise
+    return frontend
+
+
+def plan_blk(cfg, index, tracer):
+    """Connect to the vhost-user-blk back-end of one --blk; the guest sees vd{a+index}."""
+    from pyvmm.devices.virtio.blk import BLK_FEATURE_NAMES, VIRTIO_BLK_CONFIG_SIZE, VirtioBlk
+    from pyvmm.devices.virtio.vhost_user import VhostUserBackend
+    from pyvmm.vhost.user.messages import ProtocolFeature
+    name = f"virtio-blk{index}"
+    frontend = connect_vhost_user(cfg.socket, cfg.server, name, tracer, BLK_FEATURE_NAMES)
+    try:
+        if not frontend.has(ProtocolFeature.CONFIG):
+            raise DeviceError(f"--blk socket={cfg.socket}: the back-end does not offer the "
+                              f"CONFIG protocol feature, so pyvmm cannot learn the disk's size")
+        backend = VhostUserBackend(frontend, f"the vhost-user back-end at {cfg.socket}",
+                                   config_size=VIRTIO_BLK_CONFIG_SIZE)
+        device = VirtioBlk(backend, name=name, max_queues=frontend.max_queues or 1)
+    except BaseException:
+        frontend.close()
+        raise
+    disk = f"vd{chr(ord('a') + index)}"
+    summary = (f"{disk}: {device.capacity / (1 << 20):g} MiB disk"
+               f"{' (read-only)' if device.read_only else ''}, {device.block_size}-byte "
+               f"blocks, {device.num_queues} queue{'s' if device.num_queues > 1 else ''}, "
+               f"via vhost-user {cfg.socket}")
+    return device, [], summary
+
+
+def plan_devices(nets, vsock, blks=(), tracer=None):
+    """Host side of every device, in the order the guest will find them.
+
+    tracer(device name): a tracer(direction, message) for its vhost-user
+    messages (--trace vhost-user), or None.
+    """
+    if len(nets) + (vsock is not None) + len(blks) > len(VIRTIO_GSIS):
         raise DeviceError(f"at most {len(VIRTIO_GSIS)} virtio devices")
     planned = []
     try:
+        for i, cfg in enumerate(blks):
+            planned.append(plan_blk(cfg, i, tracer))
         for i, cfg in enumerate(nets):
-            device, args, summary = plan_net(cfg, i)
-            planned.append((device, args, summary))
+            planned.append(plan_net(cfg, i))
         if vsock is not None:
-            from pyvmm.devices.virtio.vsock import VhostKernelVsockDevice
-            device = VhostKernelVsockDevice(vsock.cid)
-            planned.append((device, [], f"vsock CID {vsock.cid} via vhost-vsock"))
+            planned.append(plan_vsock(vsock))
     except BaseException:
         for device, _, _ in planned:
             device.close()

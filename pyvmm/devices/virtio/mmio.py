@@ -151,6 +151,8 @@ class VirtioMmio:
         vm.ioeventfd(self._ack_fd, base + INTERRUPT_ACK, 4)
         self._reset_state()
         self.config_generation = 0
+        device.on_config_change = self.config_changed
+        device.on_failure = self.device_failed
 
     def _eventfd(self):
         fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -174,9 +176,21 @@ class VirtioMmio:
         self._fds.clear()
 
     def event_sources(self):
-        """(fd, callback) pairs for the machine's event loop."""
+        """(fd, callback) pairs for the machine's event loop: the error eventfds."""
         return [(q.err_fd, lambda q=q: self._vring_error(q)) for q in self.queues
                 if q.err_fd is not None]
+
+    def watch(self, loop):
+        """Put the error eventfds, and what the device's back-end needs, in the loop."""
+        for fd, callback in self.event_sources():
+            loop.add_reader(fd, callback, f"{self.device.name}'s error eventfd")
+        self.device.watch(loop)
+
+    def device_failed(self, reason):
+        """The back-end failed for good (it went away): DEVICE_NEEDS_RESET, one line."""
+        log.warning("%s: %s; the device needs a reset", self.device.name, reason)
+        with self._lock:
+            self._needs_reset()
 
     def _vring_error(self, q):
         """The back-end found the guest's ring broken: the device needs a reset."""

@@ -1,0 +1,142 @@
+"""Queue back-ends in the kernel: vhost-net with a tap, and vhost-vsock.
+
+pyvmm only answers the control plane. At DRIVER_OK it hands the rings to
+the kernel (memory table, ring addresses, the kick ioeventfd and the call
+irqfd of each queue); packets then go guest rings -> vhost -> tap or
+AF_VSOCK and back without pyvmm.
+
+vhost-net: the tap carries the virtio-net header itself (IFF_VNET_HDR) and
+accepts frames whose checksum is not filled in and 64 KiB TSO frames
+(VIRTIO_NET_F_CSUM, HOST_TSO4/6); what the guest accepts the other way
+(GUEST_CSUM, GUEST_TSO4/6) is set on the tap with TUNSETOFFLOAD once the
+guest has said so. Fewer, bigger frames mean fewer interrupts.
+"""
+
+import logging
+
+from pyvmm.devices.virtio.device import QueueBackend
+from pyvmm.sys.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO
+from pyvmm.vhost.backend import VhostError, VringAddr
+from pyvmm.virtio import spec
+
+log = logging.getLogger("pyvmm.vhost")
+
+# Ring features vhost-net implements and pyvmm passes on.
+VHOST_NET_RING_FEATURES = spec.bits(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_RING_F_INDIRECT_DESC,
+                                    spec.VIRTIO_RING_F_EVENT_IDX, spec.VIRTIO_NET_F_MRG_RXBUF)
+# What the tap does whatever vhost-net says: checksums and segmentation.
+TAP_FEATURES = spec.bits(
+    spec.VIRTIO_NET_F_CSUM, spec.VIRTIO_NET_F_HOST_TSO4, spec.VIRTIO_NET_F_HOST_TSO6,
+    spec.VIRTIO_NET_F_GUEST_CSUM, spec.VIRTIO_NET_F_GUEST_TSO4, spec.VIRTIO_NET_F_GUEST_TSO6)
+VHOST_VSOCK_RING_FEATURES = spec.bits(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_RING_F_INDIRECT_DESC,
+                                      spec.VIRTIO_RING_F_EVENT_IDX)
+
+# Guest feature -> what the tap may then hand the guest.
+TAP_OFFLOADS = {
+    spec.VIRTIO_NET_F_GUEST_CSUM: TUN_F_CSUM,
+    spec.VIRTIO_NET_F_GUEST_TSO4: TUN_F_TSO4,
+    spec.VIRTIO_NET_F_GUEST_TSO6: TUN_F_TSO6,
+    spec.VIRTIO_NET_F_GUEST_ECN: TUN_F_TSO_ECN,
+    spec.VIRTIO_NET_F_GUEST_UFO: TUN_F_UFO,
+}
+
+# struct virtio_net_hdr_mrg_rxbuf (12 bytes) once VERSION_1 or MRG_RXBUF is on.
+VNET_HDR_SIZE_MODERN, VNET_HDR_SIZE_LEGACY = 12, 10
+
+
+def start_vrings(vhost, queues, started):
+    """Hand each queue to a kernel vhost device, noting each one in started."""
+    for q in queues:
+        vhost.start_vring(q.index, q.size, VringAddr(q.desc, q.avail, q.used),
+                          q.kick_fd, q.call_fd, q.err_fd)
+        started.append(q.index)
+
+
+class VhostKernelNetBackend(QueueBackend):
+    def __init__(self, vhost, tap):
+        """vhost: an open VhostKernelNet; both it and tap now belong to the back-end."""
+        self.vhost = vhost
+        self.tap = tap
+        self.description = f"vhost-net on tap {tap.name}"
+        self.vhost.set_owner()
+        self.vhost_features = self.vhost.get_features()
+        if not self.vhost_features & spec.bit(spec.VIRTIO_F_VERSION_1):
+            raise VhostError("this kernel's vhost-net lacks VIRTIO_F_VERSION_1 "
+                             "(Linux 4.0 or later needed)")
+        self._started = []
+
+    def features(self):
+        return (self.vhost_features & VHOST_NET_RING_FEATURES) | TAP_FEATURES
+
+    def start(self, memory, features, queues):
+        try:
+            offload = 0
+            for feature, flag in TAP_OFFLOADS.items():
+                if features & spec.bit(feature):
+                    offload |= flag
+            self.tap.set_offload(offload)
+            modern = features & spec.bits(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_NET_F_MRG_RXBUF)
+            self.tap.set_vnet_hdr_size(VNET_HDR_SIZE_MODERN if modern else VNET_HDR_SIZE_LEGACY)
+            # vhost only cares about the bits it implements.
+            self.vhost.set_features(features & self.vhost_features)
+            self.vhost.set_mem_table(memory)
+            start_vrings(self.vhost, queues, self._started)
+            for index in self._started:
+                self.vhost.set_backend(index, self.tap.fd)
+        except BaseException:
+            self.stop()
+            raise
+        log.debug("vhost-net running on %s with features %#x", self.tap.name, features)
+
+    def stop(self):
+        for index in self._started:
+            try:
+                self.vhost.set_backend(index, None)
+                self.vhost.get_vring_base(index)
+            except VhostError as e:
+                log.warning("%s: stopping queue %d: %s", self.description, index, e)
+        self._started = []
+
+    def close(self):
+        self.stop()
+        self.vhost.close()
+        self.tap.close()
+
+
+class VhostKernelVsockBackend(QueueBackend):
+    def __init__(self, vhost, cid):
+        """vhost: an open VhostKernelVsock, now the back-end's."""
+        self.vhost = vhost
+        self.description = f"vhost-vsock (CID {cid})"
+        self.vhost.set_owner()
+        self.vhost.set_guest_cid(cid)
+        self.vhost_features = self.vhost.get_features()
+        self._started = []
+
+    def features(self):
+        return self.vhost_features & VHOST_VSOCK_RING_FEATURES
+
+    def start(self, memory, features, queues):
+        try:
+            self.vhost.set_features(features & self.vhost_features)
+            self.vhost.set_mem_table(memory)
+            start_vrings(self.vhost, queues, self._started)
+            self.vhost.set_running(True)
+        except BaseException:
+            self.stop()
+            raise
+        log.debug("vhost-vsock running")
+
+    def stop(self):
+        if self._started:
+            try:
+                self.vhost.set_running(False)
+                for index in self._started:
+                    self.vhost.get_vring_base(index)
+            except VhostError as e:
+                log.warning("%s: stopping: %s", self.description, e)
+        self._started = []
+
+    def close(self):
+        self.stop()
+        self.vhost.close()

@@ -1,0 +1,162 @@
+"""The virtio-blk model on a vhost-user back-end, through the virtio-mmio
+transport, against a real qemu-storage-daemon; no VM.
+
+The test plays the guest's driver on the transport's registers (as Linux's
+virtio_mmio does) and on a DriverRing, and plays KVM by writing the queue's
+kick eventfd and reading its call eventfd.
+"""
+
+import io
+import os
+import select
+import struct
+import time
+
+import pytest
+from backends import storage_daemon
+from test_virtio import RecordingVm, r32, w32
+
+from pyvmm.devices.virtio import mmio
+from pyvmm.devices.virtio.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VirtioBlk
+from pyvmm.memory import GuestMemory
+from pyvmm.vhost.user.trace import Tracer
+from pyvmm.virtio import spec
+from pyvmm.virtio.splitring import DriverRing
+from pyvmm.vmm.eventloop import EventLoop
+from pyvmm.vmm.virtio_devices import BlkConfig, plan_blk
+
+MiB = 1 << 20
+RING, HEADER, DATA, STATUS = 0x10000, 0x100000, 0x101000, 0x102000
+VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH = 0, 1, 4
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.write(os.urandom(64 << 10))
+        f.truncate(8 * MiB)
+    return path
+
+
+@pytest.fixture
+def memory():
+    m = GuestMemory(16 * MiB)
+    yield m
+    m.close()
+
+
+def start_driver(t, memory, features, size=64):
+    """ACKNOWLEDGE .. DRIVER_OK with one queue, as vm_probe and vm_setup_vq do."""
+    status = spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIVER
+    w32(t, mmio.STATUS, status)
+    for sel in (0, 1):
+        w32(t, mmio.DRIVER_FEATURES_SEL, sel)
+        w32(t, mmio.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFF_FFFF)
+    status |= spec.VIRTIO_CONFIG_S_FEATURES_OK
+    w32(t, mmio.STATUS, status)
+    assert r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_FEATURES_OK
+    ring = DriverRing(memory, RING, size)
+    w32(t, mmio.QUEUE_SEL, 0)
+    w32(t, mmio.QUEUE_NUM, size)
+    for low, addr in ((mmio.QUEUE_DESC_LOW, ring.desc_addr), (mmio.QUEUE_AVAIL_LOW, ring.avail_addr),
+                      (mmio.QUEUE_USED_LOW, ring.used_addr)):
+        w32(t, low, addr)
+    w32(t, mmio.QUEUE_READY, 1)
+    w32(t, mmio.STATUS, status | spec.VIRTIO_CONFIG_S_DRIVER_OK)
+    return ring
+
+
+def request(t, ring, memory, kind, sector, length):
+    """One virtio-blk request; waits for it; returns the status byte."""
+    q = t.queues[0]
+    memory.write(HEADER, struct.pack("<IIQ", kind, 0, sector))
+    memory.write(STATUS, b"\xff")
+    buffers = [(HEADER, 16, False)]
+    if length:
+        buffers.append((DATA, length, kind == VIRTIO_BLK_T_IN))
+    buffers.append((STATUS, 1, True))
+    head = ring.add(buffers)
+    os.eventfd_write(q.kick_fd, 1)                # what KVM's ioeventfd does
+    deadline = time.monotonic() + 10
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([q.call_fd], [], [], left)[0], "no interrupt"
+        os.eventfd_read(q.call_fd)                # what KVM's irqfd would take
+        used = ring.pop_used()
+        if used:
+            assert [h for h, _ in used] == [head]
+            return memory.read(STATUS, 1)[0]
+
+
+def test_the_blk_model_on_qemu_storage_daemon_through_the_transport(tmp_path, image, memory):
+    trace = io.StringIO()
+    with storage_daemon(str(tmp_path), image) as sock:
+        device, _, summary = plan_blk(BlkConfig(sock), 0, Tracer(trace).for_device)
+        t = mmio.VirtioMmio(device, RecordingVm(), memory, 0xD000_0000, 5)
+        try:
+            assert summary.startswith("vda: 8 MiB disk, 512-byte blocks, 1 queue")
+            assert r32(t, mmio.DEVICE_ID) == spec.VIRTIO_ID_BLOCK
+            assert t.read(mmio.CONFIG, 4) == 8 * MiB // 512          # capacity, from the cache
+            offered = device.features
+            assert offered & spec.bit(VIRTIO_BLK_F_FLUSH)
+            assert not offered & spec.bit(VIRTIO_BLK_F_RO)
+            ring = start_driver(t, memory, offered)
+            assert t.active
+
+            with open(image, "rb") as f:
+                on_disk = f.read(4096)
+            assert request(t, ring, memory, VIRTIO_BLK_T_IN, 0, 4096) == 0
+            assert memory.read(DATA, 4096) == on_disk
+            data = os.urandom(4096)
+            memory.write(DATA, data)
+            assert request(t, ring, memory, VIRTIO_BLK_T_OUT, 16, 4096) == 0
+            assert request(t, ring, memory, VIRTIO_BLK_T_FLUSH, 0, 0) == 0
+            with open(image, "rb") as f:
+                f.seek(16 * 512)
+                assert f.read(4096) == data
+
+            w32(t, mmio.STATUS, 0)                     # the guest resets the device
+            assert device.backend.frontend.vring_bases == {0: 3}
+        finally:
+            t.close()
+            device.close()
+    lines = trace.getvalue().splitlines()
+    assert lines[0] == "virtio-blk0 -> GET_FEATURES"
+    assert lines[1].startswith("virtio-blk0 <- reply to GET_FEATURES: features=0x")
+    assert "VERSION_1" in lines[1] and "FLUSH" in lines[1]
+    assert any("-> SET_VRING_KICK [NEED_REPLY] index=0 (1 fd)" in line for line in lines)
+    assert any("<- reply to GET_VRING_BASE: index=0 base=3" in line for line in lines)
+
+
+def test_a_back_end_that_goes_away_fails_its_device_only(tmp_path, image, memory, caplog):
+    with storage_daemon(str(tmp_path), image) as sock:
+        device, _, _ = plan_blk(BlkConfig(sock), 0, None)
+        t = mmio.VirtioMmio(device, RecordingVm(), memory, 0xD000_0000, 5)
+        loop = EventLoop(on_error=lambda what, e: pytest.fail(f"{what}: {e}"))
+        t.watch(loop)
+        start_driver(t, memory, device.features)
+    # The storage daemon is gone now.
+    loop.run_until(lambda: r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_NEEDS_RESET, timeout=10)
+    assert r32(t, mmio.INTERRUPT_STATUS) & mmio.VIRTIO_MMIO_INT_CONFIG
+    assert "virtio-blk0: the vhost-user back-end at" in caplog.text
+    assert "closed its connection; the device needs a reset" in caplog.text
+    w32(t, mmio.STATUS, 0)                             # a reset does not hang on a dead socket
+    loop.close()
+    t.close()
+    device.close()
+
+
+def test_server_mode_waits_for_the_back_end(tmp_path, image):
+    """With server, pyvmm listens and waits; a back-end that never comes ends the
+    wait with one line, and the socket file goes."""
+    from pyvmm.vmm import virtio_devices
+    from pyvmm.vhost.user.errors import ChannelTimeout
+    old = virtio_devices.BACKEND_CONNECT_TIMEOUT
+    virtio_devices.BACKEND_CONNECT_TIMEOUT = 0.3
+    try:
+        with pytest.raises(ChannelTimeout, match="no back-end connected to .* within 0.3 s"):
+            plan_blk(BlkConfig(str(tmp_path / "s.sock"), server=True), 0, None)
+    finally:
+        virtio_devices.BACKEND_CONNECT_TIMEOUT = old
+    assert not (tmp_path / "s.sock").exists()
