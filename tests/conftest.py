@@ -28,3 +28,12 @@ def pytest_runtest_setup(item):
 def top():
     """The checkout's top directory."""
     return TOP
+
+
+@pytest.fixture
+def memory16():
+    """16 MiB of guest memory in a memfd, as a VM would have."""
+    from pyvmm.memory import GuestMemory
+    m = GuestMemory(16 << 20)
+    yield m
+    m.close()

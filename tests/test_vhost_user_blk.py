@@ -18,7 +18,6 @@ from test_virtio import RecordingVm, r32, w32
 
 from pyvmm.devices.virtio import mmio
 from pyvmm.devices.virtio.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VirtioBlk
-from pyvmm.memory import GuestMemory
 from pyvmm.vhost.user.trace import Tracer
 from pyvmm.virtio import spec
 from pyvmm.virtio.splitring import DriverRing
@@ -37,13 +36,6 @@ def image(tmp_path):
         f.write(os.urandom(64 << 10))
         f.truncate(8 * MiB)
     return path
-
-
-@pytest.fixture
-def memory():
-    m = GuestMemory(16 * MiB)
-    yield m
-    m.close()
 
 
 def start_driver(t, memory, features, size=64):
@@ -89,7 +81,8 @@ def request(t, ring, memory, kind, sector, length):
             return memory.read(STATUS, 1)[0]
 
 
-def test_the_blk_model_on_qemu_storage_daemon_through_the_transport(tmp_path, image, memory):
+def test_the_blk_model_on_qemu_storage_daemon_through_the_transport(tmp_path, image, memory16):
+    memory = memory16
     trace = io.StringIO()
     with storage_daemon(str(tmp_path), image) as sock:
         device, _, summary = plan_blk(BlkConfig(sock), 0, Tracer(trace).for_device)
@@ -129,7 +122,8 @@ def test_the_blk_model_on_qemu_storage_daemon_through_the_transport(tmp_path, im
     assert any("<- reply to GET_VRING_BASE: index=0 base=3" in line for line in lines)
 
 
-def test_a_back_end_that_goes_away_fails_its_device_only(tmp_path, image, memory, caplog):
+def test_a_back_end_that_goes_away_fails_its_device_only(tmp_path, image, memory16, caplog):
+    memory = memory16
     with storage_daemon(str(tmp_path), image) as sock:
         device, _, _ = plan_blk(BlkConfig(sock), 0, None)
         t = mmio.VirtioMmio(device, RecordingVm(), memory, 0xD000_0000, 5)

@@ -14,7 +14,6 @@ import time
 import pytest
 from backends import storage_daemon
 
-from pyvmm.memory import GuestMemory
 from pyvmm.vhost import VringAddr
 from pyvmm.vhost.user.errors import ChannelError, RemoteProtocolError
 from pyvmm.vhost.user.frontend import VhostUserFrontend
@@ -35,13 +34,6 @@ def image(tmp_path):
     with open(path, "wb") as f:
         f.truncate(1 * MiB)
     return path
-
-
-@pytest.fixture
-def memory():
-    m = GuestMemory(16 * MiB)
-    yield m
-    m.close()
 
 
 def eventfd():
@@ -71,7 +63,8 @@ def wait_used(ring, call, timeout=10):
             return used
 
 
-def test_negotiation_memory_table_one_queue_write_and_read_back(tmp_path, image, memory):
+def test_negotiation_memory_table_one_queue_write_and_read_back(tmp_path, image, memory16):
+    memory = memory16
     with storage_daemon(str(tmp_path), image) as sock:
         fe = VhostUserFrontend.connect(sock, "qemu-storage-daemon")
         try:

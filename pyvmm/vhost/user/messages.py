@@ -15,7 +15,7 @@ sent: that is rules.py.
 
 import enum
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 # --- the header ---------------------------------------------------------------
 
@@ -194,6 +194,19 @@ def _exact(cls, data, size):
         raise PayloadError(f"{cls.__name__} is {size} bytes, got {len(data)}")
 
 
+class _Struct:
+    """A payload that is one fixed C struct: LAYOUT packs the dataclass's fields
+    in their order (padding included in LAYOUT)."""
+
+    def pack(self):
+        return self.LAYOUT.pack(*(getattr(self, f.name) for f in fields(self)))
+
+    @classmethod
+    def unpack(cls, data):
+        _exact(cls, data, cls.LAYOUT.size)
+        return cls(*cls.LAYOUT.unpack(data))
+
+
 @dataclass(frozen=True)
 class Empty:
     """No payload (size 0)."""
@@ -209,34 +222,18 @@ class Empty:
 
 
 @dataclass(frozen=True)
-class U64:
+class U64(_Struct):
     """A 64-bit number: features, a status, an ack (0 = success), a queue count."""
     value: int
     LAYOUT = struct.Struct("=Q")
 
-    def pack(self):
-        return self.LAYOUT.pack(self.value)
-
-    @classmethod
-    def unpack(cls, data):
-        _exact(cls, data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
-
 
 @dataclass(frozen=True)
-class VringState:
+class VringState(_Struct):
     """struct vhost_vring_state: a queue index and a number (size, base, enable)."""
     index: int
     num: int
     LAYOUT = struct.Struct("=II")
-
-    def pack(self):
-        return self.LAYOUT.pack(self.index, self.num)
-
-    @classmethod
-    def unpack(cls, data):
-        _exact(cls, data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
 
 
 @dataclass(frozen=True)
@@ -259,7 +256,7 @@ class VringFd:
 
 
 @dataclass(frozen=True)
-class VringAddress:
+class VringAddress(_Struct):
     """struct vhost_vring_addr: where a ring is, as front-end (user) addresses."""
     index: int
     flags: int
@@ -269,18 +266,9 @@ class VringAddress:
     log: int = 0
     LAYOUT = struct.Struct("=IIQQQQ")
 
-    def pack(self):
-        return self.LAYOUT.pack(self.index, self.flags, self.desc, self.used, self.avail,
-                                self.log)
-
-    @classmethod
-    def unpack(cls, data):
-        _exact(cls, data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
-
 
 @dataclass(frozen=True)
-class MemoryRegion:
+class MemoryRegion(_Struct):
     """One region of guest memory: where the guest sees it, how big, where the
     front-end has it mapped (an opaque value for the back-end), and where it
     starts in the fd that comes with it."""
@@ -289,14 +277,6 @@ class MemoryRegion:
     user_addr: int
     mmap_offset: int
     LAYOUT = struct.Struct("=QQQQ")
-
-    def pack(self):
-        return self.LAYOUT.pack(self.guest_addr, self.size, self.user_addr, self.mmap_offset)
-
-    @classmethod
-    def unpack(cls, data):
-        _exact(cls, data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
 
 
 @dataclass(frozen=True)
@@ -339,23 +319,15 @@ class SingleMemRegion:
 
 
 @dataclass(frozen=True)
-class LogArea:
+class LogArea(_Struct):
     """SET_LOG_BASE: the dirty log's size and where it starts in its fd."""
     mmap_size: int
     mmap_offset: int
     LAYOUT = struct.Struct("=QQ")
 
-    def pack(self):
-        return self.LAYOUT.pack(self.mmap_size, self.mmap_offset)
-
-    @classmethod
-    def unpack(cls, data):
-        _exact(cls, data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
-
 
 @dataclass(frozen=True)
-class Inflight:
+class Inflight(_Struct):
     """GET/SET_INFLIGHT_FD: the shared area that tracks requests in flight.
     (20 bytes of fields, 24 on the wire: the C struct is not packed.)"""
     mmap_size: int
@@ -363,15 +335,6 @@ class Inflight:
     num_queues: int
     queue_size: int
     LAYOUT = struct.Struct("=QQHH4x")
-
-    def pack(self):
-        return self.LAYOUT.pack(self.mmap_size, self.mmap_offset, self.num_queues,
-                                self.queue_size)
-
-    @classmethod
-    def unpack(cls, data):
-        _exact(cls, data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
 
 
 @dataclass(frozen=True)
@@ -419,7 +382,7 @@ class VringArea:
 
 
 @dataclass(frozen=True)
-class IotlbMsg:
+class IotlbMsg(_Struct):
     """struct vhost_iotlb_msg (26 bytes of fields, 32 with the C padding)."""
     iova: int
     size: int
@@ -428,29 +391,13 @@ class IotlbMsg:
     type: int
     LAYOUT = struct.Struct("=QQQBB6x")
 
-    def pack(self):
-        return self.LAYOUT.pack(self.iova, self.size, self.uaddr, self.perm, self.type)
-
-    @classmethod
-    def unpack(cls, data):
-        _exact(cls, data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
-
 
 @dataclass(frozen=True)
-class DeviceStateTransfer:
+class DeviceStateTransfer(_Struct):
     """SET_DEVICE_STATE_FD: direction (0 save, 1 load) and phase (0 stopped)."""
     direction: int
     phase: int
     LAYOUT = struct.Struct("=II")
-
-    def pack(self):
-        return self.LAYOUT.pack(self.direction, self.phase)
-
-    @classmethod
-    def unpack(cls, data):
-        _exact(cls, data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
 
 
 @dataclass(frozen=True)

@@ -341,12 +341,18 @@ class Session:
 
     # --- what each request may carry and what it changes (main socket) --------------
 
+    @staticmethod
+    def _check_offered(msg, offered, error):
+        """FE-10: a SET_*FEATURES acks only bits the back-end offered."""
+        value = msg.payload.value
+        if offered is not None and value & ~offered:
+            raise error(f"{msg.request.name} acks bits {value & ~offered:#x} the back-end "
+                        f"did not offer", "FE-10")
+        return value
+
     def _request_set_features(self, msg, error):
         n = self.negotiated
-        value = msg.payload.value
-        if n.features_offered is not None and value & ~n.features_offered:
-            raise error(f"SET_FEATURES acks bits {value & ~n.features_offered:#x} the back-end "
-                        f"did not offer", "FE-10")
+        value = self._check_offered(msg, n.features_offered, error)
         n.features_acked = value
         if not value & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             for ring in n.rings.values():   # without bit 30 every ring is enabled (BE-53)
@@ -354,10 +360,7 @@ class Session:
 
     def _request_set_protocol_features(self, msg, error):
         n = self.negotiated
-        value = msg.payload.value
-        if n.protocol_offered is not None and value & ~n.protocol_offered:
-            raise error(f"SET_PROTOCOL_FEATURES acks bits {value & ~n.protocol_offered:#x} the "
-                        f"back-end did not offer", "FE-10")
+        value = self._check_offered(msg, n.protocol_offered, error)
         conflict = rules.protocol_feature_conflict(value)
         if conflict:
             feature, partners, rule = conflict
