@@ -112,11 +112,21 @@ def parse_vsock(text):
 
 def parse_blk(text):
     from pyvmm.vmm.virtio_devices import BlkConfig
-    opts = parse_backend_options(text, "--blk", {"socket"}, kind="vhost-user", flags={"server"})
+    opts = parse_backend_options(text, "--blk", {"socket", "timeout"}, kind="vhost-user",
+                                 flags={"server"})
     if not opts.get("socket"):
         raise argparse.ArgumentTypeError("--blk: give the back-end's socket, "
                                          "e.g. vhost-user,socket=/tmp/vub.sock")
-    return BlkConfig(socket=opts["socket"], server=opts.get("server", False))
+    cfg = BlkConfig(socket=opts["socket"], server=opts.get("server", False))
+    if "timeout" in opts:
+        try:
+            cfg.timeout = float(opts["timeout"])
+            if not 0 < cfg.timeout <= 3600:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--blk timeout={opts['timeout']}: give seconds, "
+                                             f"more than 0 and at most 3600") from None
+    return cfg
 
 
 def parse_trace(text):
@@ -192,12 +202,13 @@ def build_parser():
                      help="a virtio-vsock device served by vhost-vsock; the guest's CID "
                           "is N (default 3), the host is CID 2")
     run.add_argument("--blk", type=parse_blk, action="append", default=[],
-                     metavar="vhost-user,socket=PATH[,server]",
+                     metavar="vhost-user,socket=PATH[,server][,timeout=S]",
                      help="a virtio-blk disk (the guest's vda, vdb, ...) served by a "
                           "vhost-user back-end such as qemu-storage-daemon listening on "
                           "PATH; with server, pyvmm listens there (mode 0600) and waits for "
                           "the back-end to connect. Size, block size, read-only and queue "
-                          "count come from the back-end. Repeat for more disks")
+                          "count come from the back-end, which must answer each message "
+                          "within S seconds (default 10). Repeat for more disks")
     run.add_argument("--trace", type=parse_trace, metavar="vhost-user",
                      help="print every vhost-user message, both ways, decoded, one line "
                           "each (to stderr, or --trace-file)")

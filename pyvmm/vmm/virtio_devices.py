@@ -48,9 +48,10 @@ class VsockConfig:
 
 @dataclass
 class BlkConfig:
-    """--blk vhost-user,socket=PATH[,server]"""
+    """--blk vhost-user,socket=PATH[,server][,timeout=S]"""
     socket: str
     server: bool = False
+    timeout: float = None        # seconds the back-end has for each answer
 
 
 def default_addresses(tap_name):
@@ -136,23 +137,25 @@ def plan_vsock(cfg):
 BACKEND_CONNECT_TIMEOUT = 60.0
 
 
-def connect_vhost_user(socket_path, server, name, tracer, feature_names=None):
+def connect_vhost_user(socket_path, server, name, tracer, feature_names=None, timeout=None):
     """A negotiated VhostUserFrontend for the back-end at socket_path: pyvmm
     connects to it, or (server) listens there and waits for it."""
     import sys
 
-    from pyvmm.vhost.user.channel import Connection, Listener
+    from pyvmm.vhost.user.channel import DEFAULT_TIMEOUT, Connection, Listener
     from pyvmm.vhost.user.frontend import VhostUserFrontend
+    timeout = timeout or DEFAULT_TIMEOUT
     if server:
         listener = Listener(socket_path)
         try:
             print(f"pyvmm: {name}: waiting for a vhost-user back-end to connect to "
                   f"{socket_path} (at most {BACKEND_CONNECT_TIMEOUT:g} s)", file=sys.stderr)
-            conn = listener.accept(f"the back-end of {name}", timeout=BACKEND_CONNECT_TIMEOUT)
+            conn = listener.accept("the back-end", timeout=BACKEND_CONNECT_TIMEOUT)
+            conn.timeout = timeout
         finally:
             listener.close()
     else:
-        conn = Connection.connect(socket_path, f"the back-end of {name} ({socket_path})")
+        conn = Connection.connect(socket_path, "the back-end", timeout)
     frontend = VhostUserFrontend(conn, tracer=tracer(name, feature_names) if tracer else None)
     try:
         frontend.negotiate()
@@ -167,8 +170,13 @@ def plan_blk(cfg, index, tracer):
     from pyvmm.devices.virtio.blk import BLK_FEATURE_NAMES, VIRTIO_BLK_CONFIG_SIZE, VirtioBlk
     from pyvmm.devices.virtio.vhost_user import VhostUserBackend
     from pyvmm.vhost.user.messages import ProtocolFeature
+    from pyvmm.vhost.user.errors import VhostUserError
     name = f"virtio-blk{index}"
-    frontend = connect_vhost_user(cfg.socket, cfg.server, name, tracer, BLK_FEATURE_NAMES)
+    try:
+        frontend = connect_vhost_user(cfg.socket, cfg.server, name, tracer, BLK_FEATURE_NAMES,
+                                      cfg.timeout)
+    except VhostUserError as e:
+        raise DeviceError(f"--blk socket={cfg.socket}: {e}") from None
     try:
         if not frontend.has(ProtocolFeature.CONFIG):
             raise DeviceError(f"--blk socket={cfg.socket}: the back-end does not offer the "
