@@ -31,3 +31,70 @@ def storage_daemon(directory, image, queues=1, writable=True):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class FakeBackEnd:
+    """A small vhost-user back-end for tests, on the protocol core's back-end
+    session: it answers the handshake from what it is given and records the
+    rest. (The real back-end library is pyvmm.vhost.user's business; this is
+    only enough to drive the front-end through what qemu-storage-daemon
+    never does, like a config change or connecting to a listening pyvmm.)"""
+
+    def __init__(self, conn, features, protocol, config=b"", queues=1):
+        from pyvmm.vhost.user.session import Role, Session
+        self.conn = conn
+        self.session = Session(Role.BACKEND)
+        self.features, self.protocol, self.config, self.queues = features, protocol, config, queues
+        self.backend_channel = None     # a Connection, once SET_BACKEND_REQ_FD came
+        self.requests = []
+
+    def serve_until(self, request):
+        """Answer requests until (and including) `request`."""
+        import socket
+
+        from pyvmm.vhost.user.channel import Connection
+        from pyvmm.vhost.user.messages import U64, DeviceConfig, FrontendReq as R
+        from pyvmm.vhost.user.session import NEED_DATA
+        while True:
+            data, fds = self.conn.receive("a request")
+            self.session.receive(data, fds)
+            msg = self.session.next_message()
+            if msg is NEED_DATA:
+                continue
+            self.requests.append(msg.request)
+            answer = U64(0)
+            if msg.request is R.GET_FEATURES:
+                answer = U64(self.features)
+            elif msg.request is R.GET_PROTOCOL_FEATURES:
+                answer = U64(self.protocol)
+            elif msg.request is R.GET_QUEUE_NUM:
+                answer = U64(self.queues)
+            elif msg.request is R.GET_CONFIG:
+                answer = DeviceConfig(msg.payload.offset, 0,
+                                      self.config[:len(msg.payload.data)].ljust(
+                                          len(msg.payload.data), b"\0"))
+            elif msg.request is R.SET_BACKEND_REQ_FD:
+                self.backend_channel = Connection(
+                    socket.socket(fileno=msg.fds[0]), "the front-end (back-end channel)")
+            else:
+                for fd in msg.fds:
+                    os.close(fd)
+            if self.session.awaiting is msg:
+                self.conn.send(*self.session.send(self.session.reply_to(msg, answer)))
+            if msg.request is request:
+                return msg
+
+    def send_config_change(self):
+        """BACKEND_CONFIG_CHANGE_MSG with NEED_REPLY; the front-end's ack."""
+        from pyvmm.vhost.user.messages import BackendReq
+        from pyvmm.vhost.user.rules import Channel
+        from pyvmm.vhost.user.session import NEED_DATA, Role, Session
+        session = Session(Role.BACKEND, Channel.BACKEND, main=self.session)
+        self.backend_channel.send(*session.send(
+            session.request(BackendReq.CONFIG_CHANGE_MSG, need_reply=True)))
+        while True:
+            data, fds = self.backend_channel.receive("the ack of CONFIG_CHANGE_MSG")
+            session.receive(data, fds)
+            reply = session.next_message()
+            if reply is not NEED_DATA:
+                return reply.payload.value

@@ -154,3 +154,57 @@ def test_server_mode_waits_for_the_back_end(tmp_path, image):
     finally:
         virtio_devices.BACKEND_CONNECT_TIMEOUT = old
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_server_mode_and_a_config_change_from_the_back_end(tmp_path, memory16):
+    """pyvmm listens; a back-end connects to it, and later announces a bigger disk
+    on its request channel: pyvmm reads the config again and interrupts the guest."""
+    import struct
+    import threading
+
+    from backends import FakeBackEnd
+
+    from pyvmm.vhost.user.channel import Connection
+    from pyvmm.vhost.user.messages import FrontendReq, ProtocolFeature as PF
+    path = tmp_path / "pyvmm.sock"
+    config = struct.pack("<Q", 2048).ljust(60, b"\0")
+    fake = {}
+
+    def back_end():
+        while not path.exists():
+            time.sleep(0.01)
+        conn = Connection.connect(path, "pyvmm")
+        fake["be"] = be = FakeBackEnd(conn, features=1 << 32 | 1 << 30,
+                                      protocol=(PF.REPLY_ACK.mask | PF.CONFIG.mask
+                                                | PF.BACKEND_REQ.mask), config=config)
+        be.serve_until(FrontendReq.GET_CONFIG)
+    thread = threading.Thread(target=back_end)
+    thread.start()
+    device, _, summary = plan_blk(BlkConfig(str(path), server=True), 0, None)
+    thread.join(10)
+    assert summary.startswith("vda: 1 MiB disk")
+    assert not path.exists()                         # the listening socket is gone
+    t = mmio.VirtioMmio(device, RecordingVm(), memory16, 0xD000_0000, 5)
+    loop = EventLoop(on_error=lambda what, e: pytest.fail(f"{what}: {e}"))
+    t.watch(loop)
+    be = fake["be"]
+    be.config = struct.pack("<Q", 4096).ljust(60, b"\0")
+    generation = r32(t, mmio.CONFIG_GENERATION)
+    acked = []
+
+    def announce():
+        acked.append(be.send_config_change())
+    announcer = threading.Thread(target=announce)
+    announcer.start()
+    # pyvmm's GET_CONFIG arrives on the main socket while the ack is due.
+    serve = threading.Thread(target=be.serve_until, args=(FrontendReq.GET_CONFIG,))
+    serve.start()
+    loop.run_until(lambda: r32(t, mmio.CONFIG_GENERATION) != generation, timeout=10)
+    serve.join(10)
+    announcer.join(10)
+    assert acked == [0]
+    assert t.read(mmio.CONFIG, 4) == 4096                  # the new capacity, from the cache
+    assert r32(t, mmio.INTERRUPT_STATUS) & mmio.VIRTIO_MMIO_INT_CONFIG
+    loop.close()
+    t.close()
+    device.close()
