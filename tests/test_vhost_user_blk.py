@@ -208,3 +208,26 @@ def test_server_mode_and_a_config_change_from_the_back_end(tmp_path, memory16):
     loop.close()
     t.close()
     device.close()
+
+
+def test_a_back_end_gone_before_driver_ok_is_one_line(tmp_path, image, memory16, caplog):
+    with storage_daemon(str(tmp_path), image) as sock:
+        device, _, _ = plan_blk(BlkConfig(sock), 0, None)
+    t = mmio.VirtioMmio(device, RecordingVm(), memory16, 0xD000_0000, 5)
+    loop = EventLoop(on_error=lambda what, e: pytest.fail(f"{what}: {e}"))
+    t.watch(loop)
+    features = device.features
+    status = spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIVER
+    w32(t, mmio.STATUS, status)
+    w32(t, mmio.DRIVER_FEATURES_SEL, 1)
+    w32(t, mmio.DRIVER_FEATURES, features >> 32)
+    w32(t, mmio.STATUS, status | spec.VIRTIO_CONFIG_S_FEATURES_OK)
+    w32(t, mmio.STATUS, status | spec.VIRTIO_CONFIG_S_FEATURES_OK | spec.VIRTIO_CONFIG_S_DRIVER_OK)
+    assert r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_NEEDS_RESET
+    deadline = time.monotonic() + 0.5           # let the hang-up watch fire, if it would
+    loop.run_until(lambda: time.monotonic() > deadline, timeout=0.1)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "virtio-blk0: cannot start the device" in warnings[0].message
+    loop.close()
+    t.close()
+    device.close()

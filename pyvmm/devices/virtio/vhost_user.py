@@ -22,7 +22,7 @@ import os
 
 from pyvmm.devices.virtio.device import DeviceError, QueueBackend
 from pyvmm.vhost.backend import VringAddr
-from pyvmm.vhost.user.errors import VhostUserError
+from pyvmm.vhost.user.errors import ChannelError, VhostUserError
 from pyvmm.vhost.user.messages import (U64, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES,
                                        BackendReq, ProtocolFeature)
 from pyvmm.vhost.user.rules import Channel
@@ -82,6 +82,8 @@ class VhostUserBackend(QueueBackend):
             if fe.has(PF.STATUS):
                 fe.set_status(DRIVER_OK_STATUS)
         except VhostUserError as e:
+            if isinstance(e, ChannelError):
+                self.failed = str(e)      # gone: the hang-up watch has nothing to add
             raise DeviceError(f"{self.description}: {e}") from None
 
     def stop(self):
