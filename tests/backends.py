@@ -47,13 +47,14 @@ class FakeBackEnd:
         self.features, self.protocol, self.config, self.queues = features, protocol, config, queues
         self.backend_channel = None     # a Connection, once SET_BACKEND_REQ_FD came
         self.requests = []
+        self.messages = []              # every request, payloads included (fds closed)
 
     def serve_until(self, request):
         """Answer requests until (and including) `request`."""
         import socket
 
         from pyvmm.vhost.user.channel import Connection
-        from pyvmm.vhost.user.messages import U64, DeviceConfig, FrontendReq as R
+        from pyvmm.vhost.user.messages import U64, DeviceConfig, FrontendReq as R, VringState
         from pyvmm.vhost.user.session import NEED_DATA
         while True:
             data, fds = self.conn.receive("a request")
@@ -69,6 +70,8 @@ class FakeBackEnd:
                 answer = U64(self.protocol)
             elif msg.request is R.GET_QUEUE_NUM:
                 answer = U64(self.queues)
+            elif msg.request is R.GET_VRING_BASE:
+                answer = VringState(msg.payload.index, 0)
             elif msg.request is R.GET_CONFIG:
                 answer = DeviceConfig(msg.payload.offset, 0,
                                       self.config[:len(msg.payload.data)].ljust(
@@ -79,6 +82,7 @@ class FakeBackEnd:
             else:
                 for fd in msg.fds:
                     os.close(fd)
+            self.messages.append(msg)
             if self.session.awaiting is msg:
                 self.conn.send(*self.session.send(self.session.reply_to(msg, answer)))
             if msg.request is request:

@@ -124,19 +124,36 @@ def test_the_blk_model_on_qemu_storage_daemon_through_the_transport(tmp_path, im
 
 
 def test_a_back_end_that_goes_away_fails_its_device_only(tmp_path, image, memory16, caplog):
+    """DEVICE_NEEDS_RESET and one line; then pyvmm answers each request with
+    VIRTIO_BLK_S_IOERR, so that the guest sees errors instead of waiting forever."""
     memory = memory16
     with storage_daemon(str(tmp_path), image) as sock:
         device, _, _ = plan_blk(BlkConfig(sock), 0, None)
         t = mmio.VirtioMmio(device, RecordingVm(), memory, 0xD000_0000, 5)
         loop = EventLoop(on_error=lambda what, e: pytest.fail(f"{what}: {e}"))
         t.watch(loop)
-        start_driver(t, memory, device.features)
+        ring = start_driver(t, memory, device.features)
+        assert request(t, ring, memory, VIRTIO_BLK_T_IN, 0, 512) == 0
     # The storage daemon is gone now.
     loop.run_until(lambda: r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_NEEDS_RESET, timeout=10)
     assert r32(t, mmio.INTERRUPT_STATUS) & mmio.VIRTIO_MMIO_INT_CONFIG
     assert "virtio-blk0: the vhost-user back-end at" in caplog.text
     assert "closed its connection; the device needs a reset" in caplog.text
+
+    q = t.queues[0]
+    if select.select([q.call_fd], [], [], 0)[0]:
+        os.eventfd_read(q.call_fd)                     # an interrupt from before
+    memory.write(HEADER, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0))
+    memory.write(STATUS, b"\xff")
+    head = ring.add([(HEADER, 16, False), (DATA, 512, True), (STATUS, 1, True)])
+    os.eventfd_write(q.kick_fd, 1)                     # as KVM does on QueueNotify
+    loop.run_until(lambda: ring.used_idx() == 2, timeout=5)
+    assert ring.pop_used() == [(head, 1)]
+    assert memory.read(STATUS, 1) == b"\x01"           # VIRTIO_BLK_S_IOERR
+    assert select.select([q.call_fd], [], [], 0)[0]    # and an interrupt for it
+
     w32(t, mmio.STATUS, 0)                             # a reset does not hang on a dead socket
+    assert not t._taken_over                           # and gives the queues back
     loop.close()
     t.close()
     device.close()
@@ -231,3 +248,43 @@ def test_a_back_end_gone_before_driver_ok_is_one_line(tmp_path, image, memory16,
     loop.close()
     t.close()
     device.close()
+
+
+def test_start_and_stop_in_order_with_status_and_reset_device(tmp_path, memory16):
+    """The message order of VhostUserBackend against a back-end that offers
+    STATUS and RESET_DEVICE (qemu-storage-daemon offers neither)."""
+    import socket
+    import threading
+
+    from backends import FakeBackEnd
+
+    from pyvmm.devices.virtio.device import Queue
+    from pyvmm.devices.virtio.vhost_user import VhostUserBackend
+    from pyvmm.vhost.user.channel import Connection
+    from pyvmm.vhost.user.frontend import VhostUserFrontend
+    from pyvmm.vhost.user.messages import FrontendReq as R, ProtocolFeature as PF
+    ours, theirs = socket.socketpair()
+    fake = FakeBackEnd(Connection(theirs, "pyvmm"), features=1 << 32 | 1 << 30,
+                       protocol=PF.REPLY_ACK.mask | PF.STATUS.mask | PF.RESET_DEVICE.mask)
+    server = threading.Thread(target=fake.serve_until, args=(R.RESET_DEVICE,))
+    server.start()
+    frontend = VhostUserFrontend(Connection(ours, "the back-end"))
+    frontend.negotiate()
+    backend = VhostUserBackend(frontend, "a test back-end")
+    ring = DriverRing(memory16, RING, 64)
+    fds = [os.eventfd(0) for _ in range(3)]
+    queue = Queue(0, 64, True, ring.desc_addr, ring.avail_addr, ring.used_addr, *fds)
+    backend.start(memory16, 1 << 32, [queue])
+    backend.stop()
+    server.join(10)
+    order = [m.request.name for m in fake.messages]
+    assert order[order.index("SET_OWNER") + 1:] == [
+        "SET_FEATURES", "SET_MEM_TABLE", "SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR",
+        "SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR", "SET_VRING_ENABLE", "SET_STATUS",
+        "SET_VRING_ENABLE", "GET_VRING_BASE", "SET_STATUS", "RESET_DEVICE"]
+    statuses = [m.payload.value for m in fake.messages if m.request is R.SET_STATUS]
+    assert statuses == [0xF, 0]                 # DRIVER_OK with all before it; then reset
+    assert os.eventfd_read(fds[0]) == 1         # the kick injected after enabling (FE-45)
+    for fd in fds:
+        os.close(fd)
+    frontend.close()

@@ -314,6 +314,7 @@ def test_a_reset_from_another_vcpu_waits_for_the_activation(memory):
     b.join(5)
     assert dev.events == [("activate", [(0, 64, 0x10000), (1, 64, 0x20000)]), ("reset",)]
     assert r32(t, mmio.STATUS) == 0 and not t.active
+    t.close()
 
 
 def test_status_writes_from_two_vcpus_never_leave_a_stopped_device_running(memory):
@@ -347,6 +348,7 @@ def test_status_writes_from_two_vcpus_never_leave_a_stopped_device_running(memor
         assert not (t.active and r32(t, mmio.STATUS) == 0), dev.events
         for _, queues in activations:
             assert queues == [(0, 64, 0x10000), (1, 64, 0x20000)], dev.events
+        t.close()
 
 
 # --- registers and rules of the virtio spec (issue 10, items 7 and 9) -----------

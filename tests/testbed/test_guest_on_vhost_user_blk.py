@@ -86,3 +86,43 @@ def test_two_queues_both_carry_requests(tmp_path, image):
     bases = dict(re.findall(r"reply to GET_VRING_BASE: index=(\d) base=(\d+)",
                             trace.read_text()))
     assert set(bases) == {"0", "1"} and all(int(n) > 0 for n in bases.values()), bases
+
+
+def wait_for_line(proc, text, timeout=240):
+    """Read the guest's output until a line with text (the output so far)."""
+    import select
+    import time
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while text not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0 and proc.poll() is None, f"no {text!r}; saw {seen[-2000:]!r}"
+        if select.select([proc.stdout], [], [], left)[0]:
+            seen += proc.stdout.readline()
+    return seen
+
+
+def test_killing_the_back_end_fails_that_disk_only(tmp_path, image):
+    """qemu-storage-daemon goes away while the guest reads: the guest's reads fail
+    with I/O errors, its NIC on vhost-net still answers, pyvmm says which device
+    in one line, and the guest's command still decides pyvmm's exit status."""
+    script = ("ping -c 1 10.10.0.1 > /dev/null && echo net-up; echo io-started; i=0; "
+              "while dd if=/dev/vda of=/dev/null bs=4k count=1 skip=$((i % 1000)) "
+              "iflag=direct 2>/dev/null; do i=$((i + 1)); done; "
+              "echo reads-failed-after $i; "
+              "dd if=/dev/vda of=/dev/null bs=4k count=1 iflag=direct 2>&1 | grep -q 'Input/output error' "
+              "&& echo io-error; "
+              "ping -c 2 10.10.0.1 > /dev/null && echo net-still-up; exit 42")
+    with storage_daemon(str(tmp_path), image) as sock:
+        proc = start("--blk", f"vhost-user,socket={sock}", "--net", "vhost-kernel",
+                     guest_cmd=script)
+        seen = wait_for_line(proc, "io-started")
+    # The daemon is gone (SIGTERM) while the guest reads in a loop.
+    rc, out, err = finish(proc)
+    out = seen + out
+    assert rc == 42, out + err
+    assert "net-up" in out and "reads-failed-after" in out
+    assert "io-error" in out and "net-still-up" in out
+    failures = [line for line in err.splitlines() if "needs a reset" in line]
+    assert len(failures) == 1 and failures[0].startswith("pyvmm: pyvmm.virtio: virtio-blk0: ")
+    assert "Traceback" not in err

@@ -47,6 +47,7 @@ CAPACITY = struct.Struct("<Q")       # at 0, in 512-byte sectors
 BLK_SIZE_OFFSET = 20                 # u32
 NUM_QUEUES_OFFSET = 34               # u16
 SECTOR = 512
+VIRTIO_BLK_S_IOERR = 1
 
 
 class VirtioBlk(VirtioDevice):
@@ -72,6 +73,14 @@ class VirtioBlk(VirtioDevice):
         if self.features & spec.bit(VIRTIO_BLK_F_MQ):
             struct.pack_into("<H", data, NUM_QUEUES_OFFSET, self.num_queues)
         return bytes(data)
+
+    def fail_request(self, memory, chain):
+        """VIRTIO_BLK_S_IOERR in the status byte: the last byte of the last buffer."""
+        last = chain.buffers[-1] if chain.buffers else None
+        if last is None or not last.writable or not last.length:
+            return 0
+        memory.write(last.addr + last.length - 1, bytes([VIRTIO_BLK_S_IOERR]))
+        return 1
 
     @property
     def capacity(self):

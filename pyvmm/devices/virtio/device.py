@@ -135,6 +135,12 @@ class VirtioDevice(ABC):
     def notify(self, index):
         """A queue notification that no back-end took (queues outside vhost_queues())."""
 
+    def fail_request(self, memory, chain):
+        """The back-end is gone: answer one request (a DeviceRing Chain) with an
+        error the driver understands; the bytes written into it. By default,
+        nothing: the buffers come back unused."""
+        return 0
+
     def watch(self, loop):
         self.backend.watch(self, loop)
 

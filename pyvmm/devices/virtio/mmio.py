@@ -35,6 +35,7 @@ import threading
 
 from pyvmm.devices.virtio.device import DeviceError, Queue
 from pyvmm.virtio import spec
+from pyvmm.virtio.device_ring import DeviceRing
 from pyvmm.virtio.splitring import RingError, check_ring
 
 log = logging.getLogger("pyvmm.virtio")
@@ -149,6 +150,9 @@ class VirtioMmio:
         vm.irqfd(self._config_irq_fd, gsi)
         self._ack_fd = self._eventfd()
         vm.ioeventfd(self._ack_fd, base + INTERRUPT_ACK, 4)
+        self._loop = None
+        self._activation = None     # what the running device was started with
+        self._taken_over = {}       # kick fd -> (DeviceRing, Queue) of a failed back-end's queue
         self._reset_state()
         self.config_generation = 0
         device.on_config_change = self.config_changed
@@ -182,15 +186,78 @@ class VirtioMmio:
 
     def watch(self, loop):
         """Put the error eventfds, and what the device's back-end needs, in the loop."""
+        self._loop = loop
         for fd, callback in self.event_sources():
             loop.add_reader(fd, callback, f"{self.device.name}'s error eventfd")
         self.device.watch(loop)
 
+    # --- a back-end that is gone ---------------------------------------------------
+    #
+    # The guest's driver does not know: it keeps waiting for the requests it
+    # made (Linux's virtio-blk neither resets the device nor times out). So
+    # pyvmm takes the queues over and answers every request with an error, by
+    # the device model's rule (virtio-blk: VIRTIO_BLK_S_IOERR). Which requests
+    # were still outstanding is known exactly only if the back-end completed
+    # them in order: pyvmm starts at the used index (without inflight
+    # tracking nothing better exists; QEMU leaves them waiting instead).
+
     def device_failed(self, reason):
-        """The back-end failed for good (it went away): DEVICE_NEEDS_RESET, one line."""
-        log.warning("%s: %s; the device needs a reset", self.device.name, reason)
-        with self._lock:
-            self._needs_reset()
+        """The back-end failed for good (it went away): DEVICE_NEEDS_RESET, one
+        line, and pyvmm answers the device's requests with errors from now on.
+        (Called from the event loop.)"""
+        log.warning("%s: %s; the device needs a reset, and its requests fail from now on",
+                    self.device.name, reason)
+        with self._status_lock:
+            with self._lock:
+                self._needs_reset()
+                if not self.active or self._loop is None:
+                    return
+            for q in self._activation.queues:
+                if q.index not in self.device.vhost_queues() or q.kick_fd in self._taken_over:
+                    continue
+                try:
+                    used_idx = int.from_bytes(self.memory.read(q.used + 2, 2), "little")
+                    ring = DeviceRing(self.memory, q.size, q.desc, q.avail, q.used, used_idx)
+                except (RingError, DeviceError) as e:
+                    log.warning("%s: queue %d cannot be taken over: %s", self.device.name,
+                                q.index, e)
+                    continue
+                self._taken_over[q.kick_fd] = (ring, q)
+                self._loop.add_reader(q.kick_fd, lambda fd=q.kick_fd: self._fail_requests(fd),
+                                      f"{self.device.name}'s queue {q.index} (failing)")
+                self._fail_requests(q.kick_fd, locked=True)
+
+    def _fail_requests(self, kick_fd, locked=False):
+        """Answer every request waiting on a taken-over queue with an error."""
+        if not locked:
+            with self._status_lock:
+                return self._fail_requests(kick_fd, locked=True)
+        if kick_fd not in self._taken_over:
+            return                       # the guest reset the device meanwhile
+        ring, q = self._taken_over[kick_fd]
+        try:
+            os.eventfd_read(kick_fd)
+        except BlockingIOError:
+            pass
+        answered = 0
+        try:
+            while (chain := ring.pop()) is not None:
+                ring.push(chain.head, self.device.fail_request(self.memory, chain))
+                answered += 1
+        except RingError as e:
+            log.warning("%s: queue %d: %s; no more answers on it", self.device.name, q.index, e)
+            self._release(kick_fd)
+        if answered:
+            os.eventfd_write(q.call_fd, 1)
+
+    def _release(self, kick_fd):
+        del self._taken_over[kick_fd]
+        self._loop.remove(kick_fd)
+
+    def _release_all(self):
+        """(under _status_lock) The guest reset the device: the queues are no longer ours."""
+        for kick_fd in list(self._taken_over):
+            self._release(kick_fd)
 
     def _vring_error(self, q):
         """The back-end found the guest's ring broken: the device needs a reset."""
@@ -332,6 +399,8 @@ class VirtioMmio:
                 was_active = self.active
                 activation = self._apply_status(value)
             if value == 0:
+                self._release_all()
+                self._activation = None
                 if was_active:
                     self.device.reset()
             elif activation is not None:
@@ -392,6 +461,7 @@ class VirtioMmio:
             return
         with self._lock:
             self.active = True
+            self._activation = activation
 
     def describe(self, offset):
         """For --stats: which register an exit touched."""

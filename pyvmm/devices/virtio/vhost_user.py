@@ -10,7 +10,7 @@ SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK,
 SET_VRING_CALL, SET_VRING_ERR and SET_VRING_ENABLE, a kick for whatever the
 guest queued before the back-end watched, and SET_STATUS(DRIVER_OK) where
 STATUS is negotiated. At reset (stop): SET_VRING_ENABLE(0) and
-GET_VRING_BASE per queue, SET_STATUS(0).
+GET_VRING_BASE per queue, SET_STATUS(0) and RESET_DEVICE where negotiated.
 
 A back-end that goes away (its socket hangs up) or breaks the protocol
 fails this device only: the transport sets DEVICE_NEEDS_RESET and pyvmm
@@ -99,6 +99,8 @@ class VhostUserBackend(QueueBackend):
                 fe.get_vring_base(index)
             if fe.has(PF.STATUS):
                 fe.set_status(0)
+            if fe.has(PF.RESET_DEVICE):
+                fe.reset_device()         # BE-92: back to its initial state, still ours
         except VhostUserError as e:
             log.warning("%s: stopping the queues: %s", self.description, e)
 

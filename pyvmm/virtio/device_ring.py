@@ -1,0 +1,104 @@
+"""The device's side of a split ring (virtio 1.x 2.7): what a back-end does.
+
+DeviceRing takes the chains the driver made available, as lists of guest
+buffers, and returns them as used. Everything the guest wrote is checked
+before it is used: the available index may not run more than a ring's
+worth ahead, a head must be a descriptor of the table, a chain may not be
+longer than the table (a loop), an indirect table must lie in guest RAM,
+and every buffer must too. A broken ring raises RingError; it never makes
+the device read or write outside guest memory.
+"""
+
+import struct
+from dataclasses import dataclass
+
+from pyvmm.virtio.splitring import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+                                    VIRTQ_DESC_F_WRITE, RingError, check_ring)
+
+DESC = struct.Struct("<QIHH")      # addr, len, flags, next
+
+
+@dataclass(frozen=True)
+class Buffer:
+    addr: int          # guest-physical
+    length: int
+    writable: bool     # device-writable (VIRTQ_DESC_F_WRITE)
+
+
+@dataclass(frozen=True)
+class Chain:
+    head: int
+    buffers: tuple     # Buffers, device-readable ones first
+
+
+class DeviceRing:
+    def __init__(self, memory, num, desc, avail, used, next_avail=0):
+        check_ring(memory, num, desc, avail, used)
+        self.memory = memory
+        self.num = num
+        self.desc, self.avail, self.used = desc, avail, used
+        self.next_avail = next_avail & 0xFFFF
+
+    def _u16(self, gpa):
+        return struct.unpack("<H", self.memory.read(gpa, 2))[0]
+
+    def avail_idx(self):
+        return self._u16(self.avail + 2)
+
+    def used_idx(self):
+        return self._u16(self.used + 2)
+
+    def pop(self):
+        """The next available chain, or None when the driver has made none.
+
+        Each call also tells the driver (avail_event, VIRTIO_RING_F_EVENT_IDX)
+        to notify for anything it adds from here on; so a caller that pops
+        until None misses nothing added meanwhile.
+        """
+        self.memory.write(self.used + 4 + 8 * self.num, struct.pack("<H", self.next_avail))
+        idx = self.avail_idx()
+        pending = (idx - self.next_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.num:
+            raise RingError(f"the available index {idx} is {pending} entries ahead of the "
+                            f"device, more than the ring's {self.num}")
+        head = self._u16(self.avail + 4 + 2 * (self.next_avail % self.num))
+        chain = Chain(head, tuple(self._walk(head)))
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        return chain
+
+    def _walk(self, head):
+        """The buffers of the chain at head, through an indirect table if any."""
+        table, size, index = self.desc, self.num, head
+        buffers = []
+        for _ in range(self.num + 1):
+            if index >= size:
+                raise RingError(f"descriptor {index} is outside a table of {size}")
+            addr, length, flags, nxt = DESC.unpack(self.memory.read(table + 16 * index, 16))
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if table != self.desc or buffers:
+                    raise RingError("an indirect descriptor inside a chain or an indirect table")
+                if length % 16 or not length or not self.memory.contains(addr, length):
+                    raise RingError(f"indirect table at {addr:#x}+{length:#x} is not whole "
+                                    f"descriptors inside guest RAM")
+                table, size, index = addr, length // 16, 0
+                continue
+            if not self.memory.contains(addr, length):
+                raise RingError(f"buffer at {addr:#x}+{length:#x} is not inside guest RAM")
+            writable = bool(flags & VIRTQ_DESC_F_WRITE)
+            if buffers and buffers[-1].writable and not writable:
+                raise RingError("a device-readable buffer after a device-writable one")
+            buffers.append(Buffer(addr, length, writable))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return buffers
+            index = nxt
+        raise RingError(f"the chain at head {head} is longer than the table (a loop)")
+
+    def push(self, head, written):
+        """Return chain head as used, with `written` bytes written into it."""
+        idx = self.used_idx()
+        self.memory.write(self.used + 4 + 8 * (idx % self.num), struct.pack("<II", head, written))
+        # The entry must be visible before the index that covers it (x86 keeps
+        # stores in order).
+        self.memory.write(self.used + 2, struct.pack("<H", (idx + 1) & 0xFFFF))
