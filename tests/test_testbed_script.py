@@ -116,3 +116,25 @@ def test_a_cache_others_can_write_is_not_trusted(top, mode):
         assert len(lines) == 1 and "is not yours alone" in lines[0], r.stderr
     finally:
         os.rmdir(cache)
+
+
+def load_testbed(top):
+    import importlib.machinery
+    import importlib.util
+    loader = importlib.machinery.SourceFileLoader("testbed", str(top / "scripts" / "testbed"))
+    spec = importlib.util.spec_from_loader("testbed", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_a_locked_up_testbed_kernel_is_noticed_from_its_console(top, tmp_path):
+    testbed = load_testbed(top)
+    log = tmp_path / "console.log"
+    watch = testbed.ConsoleWatch(log)
+    assert watch.lockup() is None                      # no console yet
+    log.write_bytes(b"[    3.1] virtio_net virtio0 eth0: ...\n[ 142.9] rcu: INFO: rcu_pre")
+    assert watch.lockup() is None
+    with open(log, "ab") as f:                         # the line completes later
+        f.write(b"empt self-detected stall on CPU\n")
+    assert watch.lockup() == "rcu_preempt self-detected stall"
