@@ -218,6 +218,9 @@ def build_parser():
                      help="at the end, print the boot time and vCPU exits per reason")
     run.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                      help="run CMD in the guest and exit with its status")
+
+    from pyvmm.vhost.user.backend import program
+    program.add_parser(sub, HelpFormatter)
     return parser
 
 
@@ -350,5 +353,8 @@ def main(argv=None):
         except KeyboardInterrupt:  # Ctrl-C while setting up (the run handles its own)
             print("\npyvmm: interrupted", file=sys.stderr)
             return 130
+    if args.command == "backend":
+        from pyvmm.vhost.user.backend import program
+        return program.run(args, parser)
     parser.print_help()
     return EXIT_USAGE

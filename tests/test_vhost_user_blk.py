@@ -22,7 +22,7 @@ from pyvmm.devices.virtio.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, Virtio
 from pyvmm.vhost.user.trace import Tracer
 from pyvmm.virtio import spec
 from pyvmm.virtio.splitring import DriverRing
-from pyvmm.vmm.eventloop import EventLoop
+from pyvmm.sys.eventloop import EventLoop
 from pyvmm.vmm.virtio_devices import BlkConfig, plan_blk
 
 MiB = 1 << 20

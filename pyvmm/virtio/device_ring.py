@@ -12,8 +12,9 @@ the device read or write outside guest memory.
 import struct
 from dataclasses import dataclass
 
-from pyvmm.virtio.splitring import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
-                                    VIRTQ_DESC_F_WRITE, RingError, check_ring)
+from pyvmm.virtio.splitring import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
+                                    VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingError,
+                                    check_ring)
 
 DESC = struct.Struct("<QIHH")      # addr, len, flags, next
 
@@ -94,6 +95,18 @@ class DeviceRing:
                 return buffers
             index = nxt
         raise RingError(f"the chain at head {head} is longer than the table (a loop)")
+
+    def should_notify(self, used_before, event_idx):
+        """Whether the driver wants an interrupt for what was used since the used
+        index was used_before: past its used_event with VIRTIO_RING_F_EVENT_IDX,
+        else unless it set VIRTQ_AVAIL_F_NO_INTERRUPT."""
+        new = self.used_idx()
+        if new == used_before:
+            return False
+        if event_idx:
+            used_event = self._u16(self.avail + 4 + 2 * self.num)
+            return (new - used_event - 1) & 0xFFFF < (new - used_before) & 0xFFFF
+        return not self._u16(self.avail) & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def push(self, head, written):
         """Return chain head as used, with `written` bytes written into it."""

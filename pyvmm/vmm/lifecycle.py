@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pyvmm.vmm.eventloop import EventLoop
+from pyvmm.sys.eventloop import EventLoop
 from pyvmm.vmm.stats import ExitStats
 
 log = logging.getLogger("pyvmm.machine")

@@ -149,6 +149,13 @@ def _fds_of(ancillary):
 class Listener:
     """A Unix socket pyvmm listens on (server mode), mode 0600, removed at close."""
 
+    @classmethod
+    def from_socket(cls, sock):
+        """A socket already listening (inherited, say); its file is not ours to remove."""
+        listener = cls.__new__(cls)
+        listener.path, listener.sock = None, sock
+        return listener
+
     def __init__(self, path):
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -182,10 +189,11 @@ class Listener:
 
     def close(self):
         self.sock.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
 
 def _stale(path):

@@ -1,10 +1,11 @@
-"""The main thread's event loop: one epoll set, a callback per file descriptor.
+"""An event loop: one epoll set, a callback per file descriptor.
 
-Console input, the VMM's own wake-up eventfd, the back-ends' error
-eventfds and vhost-user back-end channels all come through here, and a
-vhost-user socket is watched for its peer hanging up; callbacks may add
-and remove sources while the loop runs. Nothing polls: the loop sleeps in
-epoll_wait.
+In pyvmm's main thread: console input, the VMM's own wake-up eventfd, the
+back-ends' error eventfds and vhost-user back-end channels, and a
+vhost-user socket watched for its peer hanging up. In a vhost-user
+back-end (vhost/user/backend/): its socket and the kick eventfds of its
+rings. Callbacks may add and remove sources while the loop runs. Nothing
+polls: the loop sleeps in epoll_wait.
 
 A callback that raises ends nothing by itself: the loop hands the exception
 to on_error(what, exception), and the machine decides (it ends the VM with

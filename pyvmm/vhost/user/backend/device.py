@@ -1,0 +1,60 @@
+"""What a vhost-user back-end's author writes: a BackendDevice.
+
+The library (daemon.py) does the protocol: the connection, every control
+message, the memory table, ring states, REPLY_ACK, config reads, status,
+reset. A device says what it is (queues, feature bits, config space) and
+what to do when a queue has work:
+
+    class Rng(BackendDevice):
+        device_id = 4                  # VIRTIO_ID_RNG
+        num_queues = 1
+
+        def handle_queue(self, index, ring, memory):
+            while (chain := ring.pop()) is not None:
+                written = 0
+                for buf in chain.buffers:
+                    if buf.writable:
+                        memory.write(buf.addr, os.urandom(buf.length))
+                        written += buf.length
+                ring.push(chain.head, written)
+
+The library signals the queue's call eventfd after handle_queue() returns
+and, if the guest broke the ring (RingError), its error eventfd.
+"""
+
+from pyvmm.virtio import spec
+
+RING_FEATURES = spec.bits(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_RING_F_INDIRECT_DESC,
+                          spec.VIRTIO_RING_F_EVENT_IDX)
+
+
+class BackendDevice:
+    #: VIRTIO_ID_* (for messages and --print-capabilities)
+    device_id = None
+    #: a name for messages
+    name = "device"
+    #: how many queues, and the most entries a queue may have
+    num_queues = 1
+    max_queue_size = 1024
+
+    @property
+    def features(self):
+        """The virtio feature bits offered (VIRTIO_F_VERSION_1 and ring features by default)."""
+        return RING_FEATURES
+
+    def config(self):
+        """The device's config space, as bytes (none by default)."""
+        return b""
+
+    def write_config(self, offset, data):
+        """The driver wrote config space (SET_CONFIG)."""
+
+    def start(self, features):
+        """The front-end set the features the driver acked (SET_FEATURES)."""
+
+    def handle_queue(self, index, ring, memory):
+        """Queue index has new chains: pop them (ring.pop()), do the work, push them."""
+        raise NotImplementedError
+
+    def reset(self):
+        """Back to the initial state (RESET_DEVICE, or a new front-end)."""
