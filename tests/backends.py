@@ -6,6 +6,54 @@ import subprocess
 import time
 
 
+def _wait_for_socket(proc, sock, what):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{what} did not start: {proc.communicate()[0]}")
+        time.sleep(0.05)
+
+
+def _stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def pyvmm_backend(directory, device, *options):
+    """`pyvmm backend DEVICE OPTIONS` listening in directory; yields (socket path, process)."""
+    import sys
+    sock = os.path.join(directory, f"{device}.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "backend", device,
+                             "--socket-path", sock, *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True)
+    try:
+        _wait_for_socket(proc, sock, f"pyvmm backend {device}")
+        yield sock, proc
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def blk_backend(kind, directory, image, queues=1, writable=True):
+    """A vhost-user-blk back-end of kind "qemu-storage-daemon" or "pyvmm" on
+    image; yields its socket path."""
+    if kind == "pyvmm":
+        options = ["--image", str(image), "--queues", str(queues)]
+        with pyvmm_backend(directory, "blk", *options, *([] if writable else ["--read-only"])) \
+                as (sock, _):
+            yield sock
+    else:
+        with storage_daemon(directory, image, queues, writable) as sock:
+            yield sock
+
+
 @contextlib.contextmanager
 def storage_daemon(directory, image, queues=1, writable=True):
     """qemu-storage-daemon exporting image as vhost-user-blk; yields its socket path."""
@@ -18,19 +66,10 @@ def storage_daemon(directory, image, queues=1, writable=True):
                      f"num-queues={queues}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"qemu-storage-daemon did not start: {proc.stdout.read()}")
-            time.sleep(0.05)
+        _wait_for_socket(proc, sock, "qemu-storage-daemon")
         yield sock
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 class FakeBackEnd:
@@ -102,3 +141,73 @@ class FakeBackEnd:
             reply = session.next_message()
             if reply is not NEED_DATA:
                 return reply.payload.value
+
+
+class LibraryRig:
+    """pyvmm's front-end driving a back-end of pyvmm's library served in a
+    thread over a socketpair, each queue started on a DriverRing in memory.
+    The test plays the guest's driver (ring.add) and KVM (the eventfds)."""
+
+    RINGS = 0x10000          # ring i at RINGS + i * 0x4000
+
+    def __init__(self, memory, device, features=1 << 32, queues=1, size=64, inflight=None,
+                 protocol=None, rings=None, base=0):
+        """inflight(frontend), if given, runs before the rings start; rings: the
+        DriverRings of an earlier rig, to start again at base (a reconnect)."""
+        import socket
+        import threading
+
+        from pyvmm.vhost import VringAddr
+        from pyvmm.vhost.user.backend.daemon import serve_connection
+        from pyvmm.vhost.user.channel import Connection
+        from pyvmm.vhost.user.frontend import VhostUserFrontend
+        from pyvmm.virtio.splitring import DriverRing
+        ours, theirs = socket.socketpair()
+        self.thread = threading.Thread(target=serve_connection,
+                                       args=(device, Connection(theirs, "pyvmm")), daemon=True)
+        self.thread.start()
+        self.memory = memory
+        self.fe = VhostUserFrontend(Connection(ours, "the back-end"))
+        if protocol is None:
+            self.fe.negotiate()
+        else:
+            self.fe.negotiate(want_protocol=protocol)
+        self.fe.set_features(features)
+        self.fe.set_mem_table(memory)
+        if inflight is not None:
+            inflight(self.fe)            # GET/SET_INFLIGHT_FD, before the rings start
+        self.rings, self.kicks, self.calls, self.errs = [], [], [], []
+        for i in range(queues):
+            ring = rings[i] if rings else DriverRing(memory, self.RINGS + i * 0x4000, size)
+            kick, call, err = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3))
+            self.fe.start_vring(i, size, VringAddr(ring.desc_addr, ring.avail_addr,
+                                                   ring.used_addr), kick, call, err, base)
+            self.fe.set_vring_enable(i, True)
+            self.rings.append(ring)
+            self.kicks.append(kick)
+            self.calls.append(call)
+            self.errs.append(err)
+        self.ring, self.kick, self.call, self.err = (self.rings[0], self.kicks[0],
+                                                     self.calls[0], self.errs[0])
+
+    @staticmethod
+    def wait(fd, timeout=5):
+        import select
+        assert select.select([fd], [], [], timeout)[0], "the back-end did not signal"
+        return os.eventfd_read(fd)
+
+    def submit(self, buffers, queue=0):
+        """Make one chain available, kick, wait for its interrupt; (head, used length)."""
+        head = self.rings[queue].add(buffers)
+        os.eventfd_write(self.kicks[queue], 1)
+        self.wait(self.calls[queue])
+        used = self.rings[queue].pop_used()
+        assert [h for h, _ in used] == [head]
+        return used[0]
+
+    def close(self):
+        self.fe.close()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+        for fd in self.kicks + self.calls + self.errs:
+            os.close(fd)

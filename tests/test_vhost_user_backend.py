@@ -3,59 +3,26 @@ the rng device gives entropy, and rings the guest broke fail cleanly
 (the error eventfd, never a crash or a hang of the back-end). No KVM."""
 
 import os
-import select
 import socket
 import struct
 import threading
-import time
 
 import pytest
+from backends import LibraryRig
 
-from pyvmm.vhost import VringAddr
 from pyvmm.vhost.user.backend.daemon import serve_connection
 from pyvmm.vhost.user.backend.rng import Rng
 from pyvmm.vhost.user.channel import Connection
 from pyvmm.vhost.user.frontend import VhostUserFrontend
-from pyvmm.virtio.splitring import VIRTQ_DESC_F_NEXT, DriverRing
+from pyvmm.virtio.splitring import VIRTQ_DESC_F_NEXT
 
-RING, BUF = 0x10000, 0x100000
+BUF = 0x100000
 VERSION_1 = 1 << 32
-
-
-class Rig:
-    """pyvmm's front-end, a back-end in a thread, one ring set up."""
-
-    def __init__(self, memory, device, features=VERSION_1):
-        ours, theirs = socket.socketpair()
-        self.thread = threading.Thread(target=serve_connection,
-                                       args=(device, Connection(theirs, "pyvmm")), daemon=True)
-        self.thread.start()
-        self.memory = memory
-        self.fe = VhostUserFrontend(Connection(ours, "the back-end"))
-        self.fe.negotiate()
-        self.fe.set_features(features)
-        self.fe.set_mem_table(memory)
-        self.ring = DriverRing(memory, RING, 64)
-        self.kick, self.call, self.err = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3))
-        self.fe.start_vring(0, 64, VringAddr(self.ring.desc_addr, self.ring.avail_addr,
-                                             self.ring.used_addr), self.kick, self.call, self.err)
-        self.fe.set_vring_enable(0, True)
-
-    def wait(self, fd, timeout=5):
-        assert select.select([fd], [], [], timeout)[0], "the back-end did not signal"
-        return os.eventfd_read(fd)
-
-    def close(self):
-        self.fe.close()
-        self.thread.join(5)
-        assert not self.thread.is_alive()
-        for fd in (self.kick, self.call, self.err):
-            os.close(fd)
 
 
 @pytest.fixture
 def rig(memory16):
-    r = Rig(memory16, Rng())
+    r = LibraryRig(memory16, Rng())
     yield r
     r.close()
 

@@ -1,5 +1,6 @@
 """The virtio-blk model on a vhost-user back-end, through the virtio-mmio
-transport, against a real qemu-storage-daemon; no VM.
+transport, against a real qemu-storage-daemon (and pyvmm's own blk
+back-end); no VM.
 
 The test plays the guest's driver on the transport's registers (as Linux's
 virtio_mmio does) and on a DriverRing, and plays KVM by writing the queue's
@@ -13,7 +14,7 @@ import struct
 import time
 
 import pytest
-from backends import storage_daemon
+from backends import blk_backend, storage_daemon
 from test_virtio import RecordingVm, r32, w32
 
 from pyvmm.devices.virtio import mmio
@@ -82,10 +83,11 @@ def request(t, ring, memory, kind, sector, length):
             return memory.read(STATUS, 1)[0]
 
 
-def test_the_blk_model_on_qemu_storage_daemon_through_the_transport(tmp_path, image, memory16):
+@pytest.mark.parametrize("kind", ["qemu-storage-daemon", "pyvmm"])
+def test_the_blk_model_on_a_back_end_through_the_transport(tmp_path, image, memory16, kind):
     memory = memory16
     trace = io.StringIO()
-    with storage_daemon(str(tmp_path), image) as sock:
+    with blk_backend(kind, str(tmp_path), image) as sock:
         device, _, summary = plan_blk(BlkConfig(sock), 0, Tracer(trace).for_device)
         t = mmio.VirtioMmio(device, RecordingVm(), memory, 0xD000_0000, 5)
         try:

@@ -65,9 +65,13 @@ class DeviceRing:
             raise RingError(f"the available index {idx} is {pending} entries ahead of the "
                             f"device, more than the ring's {self.num}")
         head = self._u16(self.avail + 4 + 2 * (self.next_avail % self.num))
-        chain = Chain(head, tuple(self._walk(head)))
+        chain = self.chain(head)
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return chain
+
+    def chain(self, head):
+        """The chain at head, walked and checked as pop() does (to serve it again)."""
+        return Chain(head, tuple(self._walk(head)))
 
     def _walk(self, head):
         """The buffers of the chain at head, through an indirect table if any."""

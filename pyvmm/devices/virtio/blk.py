@@ -1,7 +1,7 @@
 """virtio-blk: a disk whose requests a back-end serves (vhost_user.py).
 
-The model knows the feature bits of <linux/virtio_blk.h> and the layout of
-struct virtio_blk_config; the back-end decides which bits it offers and
+The model knows the feature bits and config layout (pyvmm/virtio/blk.py,
+from <linux/virtio_blk.h>); the back-end decides which bits it offers and
 fills the config space (capacity, block size, queue count, ...), which the
 model reads from a cache the back-end keeps (and refreshes when it says
 the config changed).
@@ -11,28 +11,11 @@ import struct
 
 from pyvmm.devices.virtio.device import RING_FEATURES, VirtioDevice
 from pyvmm.virtio import spec
-
-# <linux/virtio_blk.h>
-VIRTIO_BLK_F_SIZE_MAX = 1
-VIRTIO_BLK_F_SEG_MAX = 2
-VIRTIO_BLK_F_GEOMETRY = 4
-VIRTIO_BLK_F_RO = 5
-VIRTIO_BLK_F_BLK_SIZE = 6
-VIRTIO_BLK_F_FLUSH = 9
-VIRTIO_BLK_F_TOPOLOGY = 10
-VIRTIO_BLK_F_CONFIG_WCE = 11
-VIRTIO_BLK_F_MQ = 12
-VIRTIO_BLK_F_DISCARD = 13
-VIRTIO_BLK_F_WRITE_ZEROES = 14
-
-# For --trace: the device-specific bits by name.
-BLK_FEATURE_NAMES = {
-    VIRTIO_BLK_F_SIZE_MAX: "SIZE_MAX", VIRTIO_BLK_F_SEG_MAX: "SEG_MAX",
-    VIRTIO_BLK_F_GEOMETRY: "GEOMETRY", VIRTIO_BLK_F_RO: "RO", VIRTIO_BLK_F_BLK_SIZE: "BLK_SIZE",
-    VIRTIO_BLK_F_FLUSH: "FLUSH", VIRTIO_BLK_F_TOPOLOGY: "TOPOLOGY",
-    VIRTIO_BLK_F_CONFIG_WCE: "CONFIG_WCE", VIRTIO_BLK_F_MQ: "MQ", VIRTIO_BLK_F_DISCARD: "DISCARD",
-    VIRTIO_BLK_F_WRITE_ZEROES: "WRITE_ZEROES",
-}
+from pyvmm.virtio.blk import (  # noqa: F401  (names the model's users import from here)
+    BLK_FEATURE_NAMES, BLK_SIZE_OFFSET, CAPACITY, NUM_QUEUES_OFFSET, SECTOR,
+    VIRTIO_BLK_CONFIG_SIZE, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_GEOMETRY, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR)
 
 # Passed on when the back-end offers them. Not CONFIG_WCE: it makes a config
 # field writable, and pyvmm never talks to a back-end while a vCPU waits.
@@ -40,14 +23,6 @@ BLK_BACKEND_FEATURES = RING_FEATURES | spec.bits(
     VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_GEOMETRY, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES)
-
-# struct virtio_blk_config, up to write_zeroes_may_unmap and its padding.
-VIRTIO_BLK_CONFIG_SIZE = 60
-CAPACITY = struct.Struct("<Q")       # at 0, in 512-byte sectors
-BLK_SIZE_OFFSET = 20                 # u32
-NUM_QUEUES_OFFSET = 34               # u16
-SECTOR = 512
-VIRTIO_BLK_S_IOERR = 1
 
 
 class VirtioBlk(VirtioDevice):

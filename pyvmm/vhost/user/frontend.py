@@ -22,8 +22,8 @@ from pyvmm.vhost.backend import VhostBackend
 from pyvmm.vhost.user.channel import DEFAULT_TIMEOUT, Connection
 from pyvmm.vhost.user.errors import PeerRefused, VhostUserError
 from pyvmm.vhost.user.messages import (
-    U64, VHOST_USER_F_PROTOCOL_FEATURES, DeviceConfig, Empty, FrontendReq, MemoryRegion,
-    MemTable, ProtocolFeature, SingleMemRegion, VringAddress, VringFd, VringState)
+    U64, VHOST_USER_F_PROTOCOL_FEATURES, DeviceConfig, Empty, FrontendReq, Inflight,
+    MemoryRegion, MemTable, ProtocolFeature, SingleMemRegion, VringAddress, VringFd, VringState)
 from pyvmm.vhost.user.rules import Reply
 from pyvmm.vhost.user.session import NEED_DATA, Role, Session
 
@@ -229,3 +229,14 @@ class VhostUserFrontend(VhostBackend):
     def reset_device(self):
         """RESET_DEVICE: back to the initial state, ownership kept."""
         self.call(R.RESET_DEVICE)
+
+    def get_inflight_fd(self, num_queues, queue_size):
+        """GET_INFLIGHT_FD (INFLIGHT_SHMFD): a new inflight area from the back-end,
+        as (Inflight description, fd), fd None if the back-end has none."""
+        reply = self.call(R.GET_INFLIGHT_FD, Inflight(0, 0, num_queues, queue_size))
+        return reply.payload, (reply.fds[0] if reply.fds else None)
+
+    def set_inflight_fd(self, description, fd):
+        """SET_INFLIGHT_FD: hand the area back (to this back-end or its successor)
+        before the rings start."""
+        self.call(R.SET_INFLIGHT_FD, description, fds=(fd,))

@@ -22,13 +22,15 @@ import logging
 import os
 
 from pyvmm.sys.eventloop import EventLoop
+from pyvmm.vhost.user.backend import inflight
 from pyvmm.vhost.user.backend.memory import MappedMemory
+from pyvmm.vhost.user.backend.vring import Vring
 from pyvmm.vhost.user.channel import Connection, Listener
 from pyvmm.vhost.user.errors import (ChannelError, Disconnected, ProtocolError,
                                      RemoteProtocolError)
 from pyvmm.vhost.user.messages import (
-    U64, VHOST_USER_F_PROTOCOL_FEATURES, DeviceConfig, Empty, FrontendReq, ProtocolFeature,
-    VringState)
+    U64, VHOST_USER_F_PROTOCOL_FEATURES, DeviceConfig, Empty, FrontendReq, Inflight,
+    ProtocolFeature, VringState)
 from pyvmm.vhost.user.session import NEED_DATA, Role, Session
 from pyvmm.virtio import spec
 from pyvmm.virtio.device_ring import DeviceRing
@@ -44,26 +46,6 @@ LIBRARY_PROTOCOL_FEATURES = (PF.MQ.mask | PF.REPLY_ACK.mask | PF.CONFIGURE_MEM_S
 MAX_MEM_SLOTS = 32
 
 
-class Ring:
-    """One queue's state in the back-end."""
-
-    def __init__(self, index):
-        self.index = index
-        self.num = None
-        self.base = 0
-        self.addr = None          # the VringAddress as sent
-        self.kick = self.call = self.err = None
-        self.enabled = False
-        self.device_ring = None   # a DeviceRing while started
-        self.broken = False
-
-    def close_fds(self):
-        for fd in (self.kick, self.call, self.err):
-            if fd is not None:
-                os.close(fd)
-        self.kick = self.call = self.err = None
-
-
 class Daemon:
     def __init__(self, device, conn, loop):
         self.device = device
@@ -71,7 +53,8 @@ class Daemon:
         self.loop = loop
         self.session = Session(Role.BACKEND)
         self.memory = MappedMemory()
-        self.rings = [Ring(i) for i in range(device.num_queues)]
+        self.rings = [Vring(i) for i in range(device.num_queues)]
+        self.inflight_area = None
         self.features = 0
         self.status = 0
         self.backend_channel = None
@@ -87,6 +70,8 @@ class Daemon:
         offered = LIBRARY_PROTOCOL_FEATURES
         if self.device.config():
             offered |= PF.CONFIG.mask
+        if self.device.inflight_tracking:
+            offered |= PF.INFLIGHT_SHMFD.mask
         return offered
 
     def close(self):
@@ -94,6 +79,7 @@ class Daemon:
             self._stop(ring)
             ring.close_fds()
         self.memory.clear()
+        self._drop_inflight()
         self.loop.remove(self.conn.fileno())
         self.conn.close()
         if self.backend_channel is not None:
@@ -119,7 +105,7 @@ class Daemon:
     def dispatch(self, msg):
         """Apply one request; answer it when an answer is due."""
         handler = getattr(self, f"_{msg.request.name.lower()}", None)
-        answer = U64(0)
+        answer, fds = U64(0), ()
         if handler is None:
             for fd in msg.fds:
                 os.close(fd)
@@ -128,8 +114,14 @@ class Daemon:
             answer = U64(1)
         else:
             answer = handler(msg) or U64(0)
-        if self.session.awaiting is msg:
-            self.conn.send(*self.session.send(self.session.reply_to(msg, answer)))
+            if isinstance(answer, tuple):         # a payload and fds to pass
+                answer, fds = answer
+        try:
+            if self.session.awaiting is msg:
+                self.conn.send(*self.session.send(self.session.reply_to(msg, answer, fds)))
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     # --- negotiation --------------------------------------------------------------------
 
@@ -180,6 +172,7 @@ class Daemon:
             self._stop(ring)
             ring.enabled = False
         self.status = 0
+        self._drop_inflight()             # a reset device starts with a new area
         self.device.reset()
 
     def _get_config(self, msg):
@@ -192,6 +185,29 @@ class Daemon:
 
     def _set_config(self, msg):
         self.device.write_config(msg.payload.offset, msg.payload.data)
+
+    # --- inflight tracking (inflight.py) ------------------------------------------------
+
+    def _get_inflight_fd(self, msg):
+        asked = msg.payload
+        if not asked.num_queues or not asked.queue_size or asked.num_queues > len(self.rings):
+            raise RemoteProtocolError(f"GET_INFLIGHT_FD for {asked.num_queues} queues of "
+                                      f"{asked.queue_size}; the device has {len(self.rings)}")
+        fd, size = inflight.create(asked.num_queues, asked.queue_size)
+        return Inflight(size, 0, asked.num_queues, asked.queue_size), [fd]
+
+    def _set_inflight_fd(self, msg):
+        self._drop_inflight()
+        self.inflight_area = inflight.InflightArea(msg.fds[0], msg.payload)
+        for ring in self.rings:
+            ring.inflight = self.inflight_area.queue(ring.index)
+
+    def _drop_inflight(self):
+        for ring in self.rings:
+            ring.inflight = None
+        if self.inflight_area is not None:
+            self.inflight_area.close()
+            self.inflight_area = None
 
     # --- memory -------------------------------------------------------------------------
 
@@ -245,13 +261,15 @@ class Daemon:
         a = ring.addr
         m = self.memory
         try:
-            ring.device_ring = DeviceRing(
+            ring.start(DeviceRing(
                 m, ring.num, m.guest_address(a.desc, 16 * ring.num),
                 m.guest_address(a.avail, 6 + 2 * ring.num),
-                m.guest_address(a.used, 6 + 8 * ring.num), ring.base)
+                m.guest_address(a.used, 6 + 8 * ring.num), ring.base))
         except RingError as e:
             raise RemoteProtocolError(f"queue {ring.index}: {e}") from None
-        ring.broken = False
+        if ring.resubmit:
+            log.info("queue %d: resubmitting %d requests a previous back-end left in flight",
+                     ring.index, len(ring.resubmit))
         if ring.kick is not None:
             self.loop.add_reader(ring.kick, lambda: self._on_kick(ring),
                                  f"queue {ring.index}'s kick")
@@ -273,15 +291,12 @@ class Daemon:
         """BE-48: stop the ring; BE-60: nothing is in flight (requests finish in
         handle_queue), so where it stopped is where the next one starts."""
         ring = self._ring(msg.payload.index)
-        base = ring.device_ring.next_avail if ring.device_ring else ring.base
-        self._stop(ring)
-        ring.base = base
-        return VringState(ring.index, base)
+        return VringState(ring.index, self._stop(ring))
 
     def _stop(self, ring):
-        if ring.device_ring is not None and ring.kick is not None:
+        if ring.started and ring.kick is not None:
             self.loop.remove(ring.kick)
-        ring.device_ring = None
+        return ring.stop()
 
     # --- the data path --------------------------------------------------------------------
 
@@ -299,7 +314,7 @@ class Daemon:
             return
         used_before = dr.used_idx()
         try:
-            self.device.handle_queue(ring.index, dr, self.memory)
+            self.device.handle_queue(ring.index, ring, self.memory)
         except RingError as e:
             log.warning("queue %d: %s; the ring is broken", ring.index, e)
             ring.broken = True

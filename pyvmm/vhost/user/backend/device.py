@@ -36,6 +36,9 @@ class BackendDevice:
     #: how many queues, and the most entries a queue may have
     num_queues = 1
     max_queue_size = 1024
+    #: offer INFLIGHT_SHMFD, so that a front-end can have what this back-end
+    #: took but never completed resubmitted to its successor (inflight.py)
+    inflight_tracking = False
 
     @property
     def features(self):
@@ -53,7 +56,9 @@ class BackendDevice:
         """The front-end set the features the driver acked (SET_FEATURES)."""
 
     def handle_queue(self, index, ring, memory):
-        """Queue index has new chains: pop them (ring.pop()), do the work, push them."""
+        """Queue index has new chains: pop them (ring.pop()), do the work, push
+        them (ring.push(head, bytes_written)). memory reads and writes guest
+        buffers (read, write, view)."""
         raise NotImplementedError
 
     def reset(self):

@@ -19,6 +19,7 @@ EXIT_ERROR = 1
 # device -> (vhost-user.json type, a one-line description)
 DEVICES = {
     "rng": ("rng", "virtio-rng: entropy from the host's os.urandom()"),
+    "blk": ("block", "virtio-blk: a disk backed by an image file (raw)"),
 }
 
 DESCRIPTION = """\
@@ -36,6 +37,7 @@ def add_parser(sub, formatter_class=argparse.RawDescriptionHelpFormatter):
     for name, (_, what) in DEVICES.items():
         p = devices.add_parser(name, help=what, description=f"{what}.\n\n{DESCRIPTION}",
                                formatter_class=formatter_class)
+        p.set_defaults(device_parser=p)      # errors show this command's usage
         where = p.add_mutually_exclusive_group()
         where.add_argument("--socket-path", metavar="PATH",
                            help="listen for the front-end on this Unix socket")
@@ -43,22 +45,46 @@ def add_parser(sub, formatter_class=argparse.RawDescriptionHelpFormatter):
                            help="listen on the Unix socket inherited as file descriptor N")
         p.add_argument("--print-capabilities", action="store_true",
                        help="print the back-end's capabilities as JSON and exit")
+        if name == "blk":
+            p.add_argument("--image", metavar="FILE",
+                           help="the disk: a raw image file or a block device (required)")
+            p.add_argument("--read-only", action="store_true",
+                           help="offer VIRTIO_BLK_F_RO and fail writes")
+            p.add_argument("--queues", type=int, default=1, metavar="N",
+                           help="request queues (default 1; the guest may use fewer)")
+            p.add_argument("--serial", metavar="ID",
+                           help="what GET_ID answers, up to 20 bytes (default: the "
+                                "image's file name)")
     return backend
 
 
-def make_device(args):
-    from pyvmm.vhost.user.backend.rng import Rng
-    return {"rng": Rng}[args.device]()
+def make_device(args, parser):
+    """The device the options describe; a bad option is one line via parser.error."""
+    if args.device == "rng":
+        from pyvmm.vhost.user.backend.rng import Rng
+        return Rng()
+    from pyvmm.vhost.user.backend.blk import Blk
+    if args.image is None:
+        parser.error("blk needs --image FILE")
+    if not 1 <= args.queues <= 64:
+        parser.error(f"--queues {args.queues}: give 1 to 64")
+    try:
+        return Blk(args.image, read_only=args.read_only, num_queues=args.queues,
+                   serial=args.serial)
+    except OSError as e:
+        parser.error(f"--image {args.image}: {e.strerror or e}")
 
 
 def run(args, parser):
     import json
+    parser = args.device_parser
     import socket
     if args.print_capabilities:        # BE-115: other options are ignored
         print(json.dumps({"type": DEVICES[args.device][0]}))
         return 0
     if args.socket_path is None and args.fd is None:
         parser.error("give --socket-path PATH or --fd N")
+    device = make_device(args, parser)
     from pyvmm.vhost.user.backend.daemon import serve_forever
     from pyvmm.vhost.user.channel import Listener
     from pyvmm.vhost.user.errors import ChannelError
@@ -83,7 +109,7 @@ def run(args, parser):
     print(f"pyvmm: {args.device} back-end listening on "
           f"{args.socket_path or f'fd {args.fd}'}", file=sys.stderr, flush=True)
     try:
-        serve_forever(listener, make_device(args))
+        serve_forever(listener, device)
     except KeyboardInterrupt:
         pass
     return 0

@@ -1,0 +1,209 @@
+"""virtio-blk (virtio id 2) as a vhost-user back-end: a disk in a file.
+
+Each request is one chain: the 16-byte header (type, sector), the data, and
+a status byte in the last device-writable byte (pyvmm/virtio/blk.py). Data
+moves straight between the image and guest memory (preadv/pwritev on views
+of the mapped regions); nothing is copied through Python objects.
+
+Served: IN, OUT, FLUSH (fdatasync), GET_ID (the serial), and on a writable
+regular file DISCARD (punching a hole) and WRITE_ZEROES. A read-only disk
+offers VIRTIO_BLK_F_RO and fails writes. Several queues share the image.
+INFLIGHT_SHMFD is offered (inflight.py): a front-end that keeps the area
+can have a restarted back-end finish what this one took.
+
+A malformed request (no room for the header or status, a range past the
+end of the disk) gets VIRTIO_BLK_S_IOERR; a chain with no writable byte
+cannot carry a status and is returned with nothing written.
+"""
+
+import logging
+import os
+import stat
+
+from pyvmm.sys.fallocate import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+                                 FALLOC_FL_ZERO_RANGE, fallocate)
+from pyvmm.vhost.user.backend.device import RING_FEATURES, BackendDevice
+from pyvmm.virtio import spec
+from pyvmm.virtio.blk import (
+    CONFIG, DISCARD_SEGMENT, OUTHDR, SECTOR, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+
+log = logging.getLogger("pyvmm.backend")
+
+SEG_MAX = 126                 # data buffers per request: a 128-entry ring less header, status
+MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
+MAX_DISCARD_SEG = 16
+
+
+class RequestFailed(Exception):
+    """The request ends with this status (VIRTIO_BLK_S_IOERR or _UNSUPP)."""
+
+    def __init__(self, status, why):
+        super().__init__(why)
+        self.status = status
+
+
+def _slice(buffers, start, length):
+    """(addr, length) pieces of the bytes [start, start+length) of buffers."""
+    pieces = []
+    for b in buffers:
+        if length <= 0:
+            break
+        if start >= b.length:
+            start -= b.length
+            continue
+        n = min(b.length - start, length)
+        pieces.append((b.addr + start, n))
+        start, length = 0, length - n
+    return pieces
+
+
+class Blk(BackendDevice):
+    device_id = spec.VIRTIO_ID_BLOCK
+    name = "blk"
+    inflight_tracking = True
+
+    def __init__(self, image, read_only=False, num_queues=1, serial=None):
+        """image: a regular file or block device, opened here (OSError if it cannot be)."""
+        self.fd = os.open(image, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            st = os.fstat(self.fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise OSError("not a regular file or block device")
+            self.size = os.lseek(self.fd, 0, os.SEEK_END) // SECTOR * SECTOR
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.read_only = read_only
+        self.num_queues = num_queues
+        # Holes only in files we own; a block device would need BLKDISCARD.
+        self.can_discard = not read_only and stat.S_ISREG(st.st_mode)
+        self.serial = (serial or os.path.basename(image)).encode()[:VIRTIO_BLK_ID_BYTES]
+
+    @property
+    def features(self):
+        f = RING_FEATURES | spec.bits(VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE,
+                                      VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ)
+        if self.read_only:
+            f |= spec.bit(VIRTIO_BLK_F_RO)
+        if self.can_discard:
+            f |= spec.bits(VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES)
+        return f
+
+    def config(self):
+        discard = (MAX_DISCARD_SECTORS, MAX_DISCARD_SEG) if self.can_discard else (0, 0)
+        return CONFIG.pack(self.size // SECTOR, 0, SEG_MAX, 0, 0, 0, SECTOR,
+                           0, 0, 0, 0, 0, 0, self.num_queues,
+                           *discard, 1, *discard, 1 if self.can_discard else 0)
+
+    def close(self):
+        os.close(self.fd)
+
+    def handle_queue(self, index, ring, memory):
+        while (chain := ring.pop()) is not None:
+            ring.push(chain.head, self.serve(chain, memory))
+
+    def serve(self, chain, memory):
+        """Do one request; returns the bytes written into the chain."""
+        readable = [b for b in chain.buffers if not b.writable]
+        writable = [b for b in chain.buffers if b.writable]
+        in_len = sum(b.length for b in writable) - 1         # the last byte is the status
+        if in_len < 0:
+            log.warning("a request with no room for its status byte; returned unanswered")
+            return 0
+        last = writable[-1]
+        status_addr = last.addr + last.length - 1
+        written = 0
+        try:
+            out_len = sum(b.length for b in readable) - OUTHDR.size
+            if out_len < 0:
+                raise RequestFailed(VIRTIO_BLK_S_IOERR, "a request shorter than its header")
+            header = b"".join(memory.read(a, n) for a, n in _slice(readable, 0, OUTHDR.size))
+            kind, _, sector = OUTHDR.unpack(header)
+            data_out = _slice(readable, OUTHDR.size, out_len)
+            data_in = _slice(writable, 0, in_len)
+            written = self._do(kind, sector, data_out, data_in, out_len, in_len, memory)
+            status = VIRTIO_BLK_S_OK
+        except RequestFailed as e:
+            log.debug("request failed: %s", e)
+            status = e.status
+        except OSError as e:
+            log.warning("I/O error on the image: %s", e.strerror)
+            status = VIRTIO_BLK_S_IOERR
+        memory.write(status_addr, bytes([status]))
+        return written + 1
+
+    def _range(self, sector, length):
+        offset = sector * SECTOR
+        if offset + length > self.size:
+            raise RequestFailed(VIRTIO_BLK_S_IOERR, f"{length} bytes at sector {sector} run past "
+                                                    f"the end of a {self.size}-byte disk")
+        return offset
+
+    def _writes(self):
+        if self.read_only:
+            raise RequestFailed(VIRTIO_BLK_S_IOERR, "a write to a read-only disk")
+
+    def _do(self, kind, sector, data_out, data_in, out_len, in_len, memory):
+        """The request's work; returns the bytes of data written into data_in."""
+        if kind == VIRTIO_BLK_T_IN:
+            return self._transfer(os.preadv, data_in, self._range(sector, in_len), memory)
+        if kind == VIRTIO_BLK_T_OUT:
+            self._writes()
+            self._transfer(os.pwritev, data_out, self._range(sector, out_len), memory)
+            return 0
+        if kind == VIRTIO_BLK_T_FLUSH:
+            os.fdatasync(self.fd)
+            return 0
+        if kind == VIRTIO_BLK_T_GET_ID:
+            ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+            done = 0
+            for addr, n in data_in:
+                n = min(n, len(ident) - done)
+                memory.write(addr, ident[done:done + n])
+                done += n
+            return done
+        if kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES) and self.can_discard:
+            self._discard(kind, data_out, out_len, memory)
+            return 0
+        raise RequestFailed(VIRTIO_BLK_S_UNSUPP, f"request type {kind}")
+
+    def _transfer(self, io, pieces, offset, memory):
+        """preadv or pwritev between the image at offset and the guest buffers."""
+        views = [memory.view(a, n) for a, n in pieces]
+        try:
+            want = sum(n for _, n in pieces)
+            done = io(self.fd, views, offset) if views else 0
+        finally:
+            for v in views:
+                v.release()
+        if done != want:
+            raise RequestFailed(VIRTIO_BLK_S_IOERR, f"{done} of {want} bytes at {offset}")
+        return done
+
+    def _discard(self, kind, data_out, out_len, memory):
+        """Each segment: punch a hole (DISCARD, or WRITE_ZEROES with UNMAP) or zero it."""
+        if out_len % DISCARD_SEGMENT.size or out_len // DISCARD_SEGMENT.size > MAX_DISCARD_SEG:
+            raise RequestFailed(VIRTIO_BLK_S_IOERR, f"{out_len} bytes of discard segments")
+        raw = b"".join(memory.read(a, n) for a, n in data_out)
+        for sector, count, flags in DISCARD_SEGMENT.iter_unpack(raw):
+            if count > MAX_DISCARD_SECTORS:
+                raise RequestFailed(VIRTIO_BLK_S_IOERR, f"a segment of {count} sectors")
+            offset, length = self._range(sector, count * SECTOR), count * SECTOR
+            unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            if kind == VIRTIO_BLK_T_DISCARD:
+                if flags:                # 5.2.6.2: no flags on a discard
+                    raise RequestFailed(VIRTIO_BLK_S_UNSUPP, "a discard with flags")
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            elif unmap:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            else:
+                try:
+                    fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                except OSError:          # a file system without ZERO_RANGE
+                    for at in range(offset, offset + length, 1 << 20):
+                        os.pwrite(self.fd, bytes(min(1 << 20, offset + length - at)), at)

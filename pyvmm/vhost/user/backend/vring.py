@@ -1,0 +1,73 @@
+"""One queue as the back-end library keeps it, and what a device's
+handle_queue() gets: pop() a chain, push() it back as used.
+
+State from the control messages (size, base, addresses, the three
+eventfds, enabled), the DeviceRing while the ring is started, and, when
+the front-end gave an inflight area, the tracking that lets a successor
+resubmit what this back-end took but never completed (inflight.py).
+"""
+
+import os
+
+
+class Vring:
+    def __init__(self, index):
+        self.index = index
+        self.num = None
+        self.base = 0
+        self.addr = None          # the VringAddress as sent
+        self.kick = self.call = self.err = None
+        self.enabled = False
+        self.device_ring = None   # a DeviceRing while started
+        self.broken = False
+        self.inflight = None      # an InflightQueue, with an inflight area
+        self.resubmit = []        # heads to run again first, oldest first
+
+    @property
+    def started(self):
+        return self.device_ring is not None
+
+    def start(self, device_ring):
+        """SET_VRING_KICK: serve device_ring, after anything left in flight."""
+        self.device_ring = device_ring
+        self.broken = False
+        self.resubmit = []
+        if self.inflight is not None:
+            used = device_ring.used_idx()
+            left = self.inflight.start(self.num, used)
+            if left is not None:
+                # Where the dead back-end had got to: everything it took is
+                # either used or about to be resubmitted.
+                self.resubmit = left
+                device_ring.next_avail = (used + len(left)) & 0xFFFF
+
+    def stop(self):
+        """Where the next request starts (GET_VRING_BASE's answer)."""
+        if self.device_ring is not None:
+            self.base = self.device_ring.next_avail
+        self.device_ring = None
+        return self.base
+
+    def pop(self):
+        """The next chain to serve (a Chain of guest buffers), or None."""
+        if self.resubmit:
+            return self.device_ring.chain(self.resubmit.pop(0))
+        chain = self.device_ring.pop()
+        if chain is not None and self.inflight is not None:
+            self.inflight.take(chain.head)
+        return chain
+
+    def push(self, head, written):
+        """Give chain head back as used, `written` bytes written into it."""
+        if self.inflight is None:
+            self.device_ring.push(head, written)
+            return
+        self.inflight.completing(head)
+        self.device_ring.push(head, written)
+        self.inflight.completed(head, self.device_ring.used_idx())
+
+    def close_fds(self):
+        for fd in (self.kick, self.call, self.err):
+            if fd is not None:
+                os.close(fd)
+        self.kick = self.call = self.err = None
