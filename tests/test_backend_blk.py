@@ -265,3 +265,18 @@ def test_a_batch_used_but_not_yet_cleared_is_not_resubmitted(memory16, image):
     finally:
         rig2.close()
         second.close()
+
+
+def test_a_ring_larger_than_the_inflight_area_is_served_untracked(memory16, image, caplog):
+    """QEMU sizes the area by its queue-size (128) while its virtio-mmio lets the
+    guest make rings of 1024: heads past the area must not be written there."""
+    device, area = Blk(str(image)), Area(queue_size=32)
+    rig = LibraryRig(memory16, device, protocol=WITH_INFLIGHT, inflight=area, size=64)
+    try:
+        assert blk_request(rig, VIRTIO_BLK_T_IN, 0, 512)[0] == VIRTIO_BLK_S_OK
+        assert "a ring of 64 entries, but the inflight area was made for 32" in caplog.text
+        with mmap.mmap(area.fd, area.description.mmap_size) as m:
+            assert m[:] == bytes(len(m))                    # untouched
+    finally:
+        rig.close()
+        device.close()

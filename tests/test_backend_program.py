@@ -18,7 +18,7 @@ from pyvmm.vhost.user.frontend import VhostUserFrontend
 PYVMM = [sys.executable, "-m", "pyvmm", "backend"]
 
 
-@pytest.mark.parametrize("device, kind", [("rng", "rng"), ("blk", "block")])
+@pytest.mark.parametrize("device, kind", [("rng", "rng"), ("blk", "block"), ("vsock", "vsock")])
 def test_print_capabilities(device, kind):
     out = subprocess.run(PYVMM + [device, "--print-capabilities"], capture_output=True,
                          text=True, timeout=60)
@@ -35,6 +35,12 @@ def test_print_capabilities(device, kind):
     (["blk", "--socket-path", "/tmp/x.sock", "--image", "/etc/hostname", "--queues", "0"],
      "--queues 0: give 1 to 64"),
     (["rng"], "give --socket-path PATH or --fd N"),
+    (["vsock", "--socket-path", "/tmp/x.sock", "--guest-cid", "3"],
+     "vsock needs --guest-cid N and --uds-path PATH"),
+    (["vsock", "--socket-path", "/tmp/x.sock", "--guest-cid", "2", "--uds-path", "/tmp/v"],
+     "--guest-cid 2: CIDs 0-2 and 2^32-1 are reserved"),
+    (["vsock", "--socket-path", "/tmp/x.sock", "--guest-cid", "3", "--uds-path", "/nonexistent/v"],
+     "--uds-path /nonexistent/v: No such file or directory"),
     (["rng", "--socket-path", "/nonexistent/dir/x.sock"], "/nonexistent/dir/x.sock"),
 ])
 def test_a_bad_option_is_one_line(args, message):

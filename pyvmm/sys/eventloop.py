@@ -16,9 +16,13 @@ import select
 
 
 class EventLoop:
+    # What watch()'s callbacks get: test events against these.
+    READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+    WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
     def __init__(self, on_error):
         self._epoll = select.epoll()
-        self._sources = {}         # fd -> (callback, what)
+        self._sources = {}         # fd -> (callback, what, whether it takes the events)
         self._on_error = on_error
 
     def add_reader(self, fd, callback, what):
@@ -31,9 +35,25 @@ class EventLoop:
         whatever data comes and goes meanwhile. Remove the watch in the callback."""
         self._add(fd, select.EPOLLRDHUP, callback, what)
 
+    def watch(self, fd, callback, what, readable=False, writable=False):
+        """Call callback(events) while socket fd is readable or writable, as asked;
+        asking for neither stops watching it (so that a hung-up socket one
+        cannot serve now does not wake the loop again and again). Call again
+        to change what is watched."""
+        events = (select.EPOLLIN | select.EPOLLRDHUP if readable else 0) | (
+            select.EPOLLOUT if writable else 0)
+        if not events:
+            self.remove(fd)
+        elif fd in self._sources:
+            self._epoll.modify(fd, events)
+            self._sources[fd] = (callback, what, True)
+        else:
+            self._epoll.register(fd, events)
+            self._sources[fd] = (callback, what, True)
+
     def _add(self, fd, events, callback, what):
         self._epoll.register(fd, events)
-        self._sources[fd] = (callback, what)
+        self._sources[fd] = (callback, what, False)
 
     def remove(self, fd):
         if self._sources.pop(fd, None) is not None:
@@ -42,14 +62,17 @@ class EventLoop:
     def run_until(self, done, timeout=None):
         """Dispatch events until done() is true (checked after each batch)."""
         while not done():
-            ready = [(fd, self._sources.get(fd))
-                     for fd, _ in self._epoll.poll(-1 if timeout is None else timeout)]
-            for fd, source in ready:
+            ready = [(fd, events, self._sources.get(fd))
+                     for fd, events in self._epoll.poll(-1 if timeout is None else timeout)]
+            for fd, events, source in ready:
                 if source is None or self._sources.get(fd) is not source:
                     continue   # removed (or replaced) by a callback of this batch
-                callback, what = source
+                callback, what, with_events = source
                 try:
-                    callback()
+                    if with_events:
+                        callback(events)
+                    else:
+                        callback()
                 except Exception as e:   # noqa: BLE001 - any failure ends the VM cleanly
                     self._on_error(what, e)
 

@@ -26,10 +26,53 @@ class Buffer:
     writable: bool     # device-writable (VIRTQ_DESC_F_WRITE)
 
 
+def pieces(buffers, start, length):
+    """(addr, length) pieces of the bytes [start, start+length) of buffers."""
+    out = []
+    for b in buffers:
+        if length <= 0:
+            break
+        if start >= b.length:
+            start -= b.length
+            continue
+        n = min(b.length - start, length)
+        out.append((b.addr + start, n))
+        start, length = 0, length - n
+    return out
+
+
 @dataclass(frozen=True)
 class Chain:
     head: int
     buffers: tuple     # Buffers, device-readable ones first
+
+    @property
+    def readable(self):
+        return [b for b in self.buffers if not b.writable]
+
+    @property
+    def writable(self):
+        return [b for b in self.buffers if b.writable]
+
+    @property
+    def readable_len(self):
+        return sum(b.length for b in self.buffers if not b.writable)
+
+    @property
+    def writable_len(self):
+        return sum(b.length for b in self.buffers if b.writable)
+
+    def read(self, memory, start, length):
+        """Bytes [start, start+length) of the device-readable part, as one bytes."""
+        return b"".join(memory.read(a, n) for a, n in pieces(self.readable, start, length))
+
+    def write(self, memory, data, start=0):
+        """data into the device-writable part from start; returns the bytes written."""
+        done = 0
+        for a, n in pieces(self.writable, start, len(data)):
+            memory.write(a, data[done:done + n])
+            done += n
+        return done
 
 
 class DeviceRing:
@@ -99,6 +142,12 @@ class DeviceRing:
                 return buffers
             index = nxt
         raise RingError(f"the chain at head {head} is longer than the table (a loop)")
+
+    def has_available(self):
+        """Whether pop() would return a chain; asks the driver (avail_event) to
+        notify for the next one when there is none."""
+        self.memory.write(self.used + 4 + 8 * self.num, struct.pack("<H", self.next_avail))
+        return self.avail_idx() != self.next_avail
 
     def should_notify(self, used_before, event_idx):
         """Whether the driver wants an interrupt for what was used since the used

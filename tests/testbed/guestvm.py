@@ -50,3 +50,28 @@ def guest_sha256(out):
     m = re.search(r"^([0-9a-f]{64})\s", out, re.M)
     assert m, f"no checksum in the guest's output: {out[-1000:]}"
     return m.group(1)
+
+
+def qemu_microvm(kernel, *append, devices=(), timeout=120, shared_memory=False):
+    """Boot the tiny guest with QEMU -M microvm; return the CompletedProcess.
+
+    shared_memory: guest RAM in a shared memfd and modern virtio-mmio, as
+    vhost-user back-ends need (HOST-FACTS section 5)."""
+    machine, memory = "microvm,acpi=off", []
+    if shared_memory:
+        machine += ",memory-backend=mem"
+        memory = ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+                  "-global", "virtio-mmio.force-legacy=false"]
+    cmd = [
+        "qemu-system-x86_64", "-M", machine, "-accel", "kvm", "-cpu", "host",
+        "-m", "256M", *memory, "-smp", "2", "-nodefaults", "-no-reboot", "-display", "none",
+        "-serial", "stdio", "-device", f"isa-debug-exit,iobase={guest.EXIT_PORT:#x},iosize=4",
+        "-kernel", str(kernel), "-initrd", str(guest.INITRAMFS),
+        "-append", " ".join([guest.BASE_CMDLINE, *append]), *devices,
+    ]
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+
+
+def qemu_exit_status(guest_status):
+    """isa-debug-exit makes QEMU exit with (status << 1) | 1."""
+    return (guest_status << 1) | 1

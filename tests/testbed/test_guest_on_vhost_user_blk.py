@@ -1,6 +1,7 @@
-"""pyvmm boots the tiny guest with a disk served by qemu-storage-daemon (vhost-user-blk).
+"""pyvmm boots the tiny guest with a disk served by qemu-storage-daemon (vhost-user-blk),
+and the first tests again on pyvmm's own blk back-end (`pyvmm backend blk`).
 
-The daemon runs inside the testbed next to pyvmm; the image file is on the
+The back-end runs inside the testbed next to pyvmm; the image file is on the
 testbed's /tmp, where the test reads and checks it after the guest is done.
 """
 
@@ -10,7 +11,7 @@ import re
 import subprocess
 
 import pytest
-from backends import storage_daemon
+from backends import blk_backend, storage_daemon
 from guestvm import finish, start
 
 pytestmark = pytest.mark.testbed
@@ -32,8 +33,12 @@ def sha256(path, length):
         return hashlib.sha256(f.read(length)).hexdigest()
 
 
-def test_the_guest_reads_the_disk_and_its_writes_reach_the_image(tmp_path, image):
-    with storage_daemon(str(tmp_path), image) as sock:
+BACKENDS = pytest.mark.parametrize("kind", ["qemu-storage-daemon", "pyvmm"])
+
+
+@BACKENDS
+def test_the_guest_reads_the_disk_and_its_writes_reach_the_image(tmp_path, image, kind):
+    with blk_backend(kind, str(tmp_path), image) as sock:
         trace = tmp_path / "trace.log"
         proc = start("--blk", f"vhost-user,socket={sock}", "--trace-file", str(trace),
                      guest_cmd="cat /sys/block/vda/size; "
@@ -55,8 +60,9 @@ def test_the_guest_reads_the_disk_and_its_writes_reach_the_image(tmp_path, image
     assert re.search(r"virtio-blk0 -> SET_VRING_KICK \[NEED_REPLY\] index=0 \(1 fd\)", text)
 
 
-def test_a_file_system_made_in_the_guest_checks_clean_on_the_host(tmp_path, image):
-    with storage_daemon(str(tmp_path), image) as sock:
+@BACKENDS
+def test_a_file_system_made_in_the_guest_checks_clean_on_the_host(tmp_path, image, kind):
+    with blk_backend(kind, str(tmp_path), image) as sock:
         proc = start("--blk", f"vhost-user,socket={sock}",
                      guest_cmd="mke2fs -q /dev/vda && mkdir /tmp/d && mount /dev/vda /tmp/d && "
                                "head -c 1048576 /dev/urandom > /tmp/d/f && sha256sum /tmp/d/f && "

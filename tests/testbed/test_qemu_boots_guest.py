@@ -3,30 +3,12 @@
 Runs inside scripts/testbed. Each boot takes about 10 s there.
 """
 
-import subprocess
-
 import pytest
+from guestvm import qemu_exit_status, qemu_microvm
 
 from pyvmm import guest
 
 pytestmark = pytest.mark.testbed
-
-
-def qemu_microvm(kernel, *append, devices=(), timeout=120):
-    """Boot the tiny guest with QEMU -M microvm; return the CompletedProcess."""
-    cmd = [
-        "qemu-system-x86_64", "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host",
-        "-m", "256M", "-smp", "2", "-nodefaults", "-no-reboot", "-display", "none",
-        "-serial", "stdio", "-device", f"isa-debug-exit,iobase={guest.EXIT_PORT:#x},iosize=4",
-        "-kernel", str(kernel), "-initrd", str(guest.INITRAMFS),
-        "-append", " ".join([guest.BASE_CMDLINE, *append]), *devices,
-    ]
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-
-
-def qemu_exit_status(guest_status):
-    """isa-debug-exit makes QEMU exit with (status << 1) | 1."""
-    return (guest_status << 1) | 1
 
 
 @pytest.mark.parametrize("kernel", [guest.BZIMAGE, guest.VMLINUX], ids=["bzImage", "vmlinux"])

@@ -24,6 +24,7 @@ from pyvmm.sys.fallocate import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
                                  FALLOC_FL_ZERO_RANGE, fallocate)
 from pyvmm.vhost.user.backend.device import RING_FEATURES, BackendDevice
 from pyvmm.virtio import spec
+from pyvmm.virtio.device_ring import pieces
 from pyvmm.virtio.blk import (
     CONFIG, DISCARD_SEGMENT, OUTHDR, SECTOR, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -45,21 +46,6 @@ class RequestFailed(Exception):
     def __init__(self, status, why):
         super().__init__(why)
         self.status = status
-
-
-def _slice(buffers, start, length):
-    """(addr, length) pieces of the bytes [start, start+length) of buffers."""
-    pieces = []
-    for b in buffers:
-        if length <= 0:
-            break
-        if start >= b.length:
-            start -= b.length
-            continue
-        n = min(b.length - start, length)
-        pieces.append((b.addr + start, n))
-        start, length = 0, length - n
-    return pieces
 
 
 class Blk(BackendDevice):
@@ -109,9 +95,8 @@ class Blk(BackendDevice):
 
     def serve(self, chain, memory):
         """Do one request; returns the bytes written into the chain."""
-        readable = [b for b in chain.buffers if not b.writable]
-        writable = [b for b in chain.buffers if b.writable]
-        in_len = sum(b.length for b in writable) - 1         # the last byte is the status
+        readable, writable = chain.readable, chain.writable
+        in_len = chain.writable_len - 1                      # the last byte is the status
         if in_len < 0:
             log.warning("a request with no room for its status byte; returned unanswered")
             return 0
@@ -119,13 +104,12 @@ class Blk(BackendDevice):
         status_addr = last.addr + last.length - 1
         written = 0
         try:
-            out_len = sum(b.length for b in readable) - OUTHDR.size
+            out_len = chain.readable_len - OUTHDR.size
             if out_len < 0:
                 raise RequestFailed(VIRTIO_BLK_S_IOERR, "a request shorter than its header")
-            header = b"".join(memory.read(a, n) for a, n in _slice(readable, 0, OUTHDR.size))
-            kind, _, sector = OUTHDR.unpack(header)
-            data_out = _slice(readable, OUTHDR.size, out_len)
-            data_in = _slice(writable, 0, in_len)
+            kind, _, sector = OUTHDR.unpack(chain.read(memory, 0, OUTHDR.size))
+            data_out = pieces(readable, OUTHDR.size, out_len)
+            data_in = pieces(writable, 0, in_len)
             written = self._do(kind, sector, data_out, data_in, out_len, in_len, memory)
             status = VIRTIO_BLK_S_OK
         except RequestFailed as e:

@@ -60,6 +60,7 @@ class Daemon:
         self.backend_channel = None
         self.done = False
         loop.add_reader(conn.fileno(), self._on_socket, "the front-end's socket")
+        device.attach(loop, lambda index: self._process(self.rings[index]))
 
     @property
     def offered_features(self):
@@ -75,6 +76,7 @@ class Daemon:
         return offered
 
     def close(self):
+        self.device.detach()
         for ring in self.rings:
             self._stop(ring)
             ring.close_fds()

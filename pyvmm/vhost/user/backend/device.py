@@ -55,6 +55,15 @@ class BackendDevice:
     def start(self, features):
         """The front-end set the features the driver acked (SET_FEATURES)."""
 
+    def attach(self, loop, wake):
+        """A front-end connected. A device with sources of its own (sockets, say)
+        watches them in loop (pyvmm.sys.eventloop.EventLoop); wake(index) has
+        the library run handle_queue for that queue, when it is started and
+        enabled, and interrupt the driver."""
+
+    def detach(self):
+        """The front-end is gone: stop watching the loop (reset() follows)."""
+
     def handle_queue(self, index, ring, memory):
         """Queue index has new chains: pop them (ring.pop()), do the work, push
         them (ring.push(head, bytes_written)). memory reads and writes guest
@@ -63,3 +72,6 @@ class BackendDevice:
 
     def reset(self):
         """Back to the initial state (RESET_DEVICE, or a new front-end)."""
+
+    def close(self):
+        """The program ends: release what the device holds (files, sockets)."""

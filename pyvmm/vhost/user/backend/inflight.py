@@ -104,11 +104,9 @@ class InflightQueue:
         DESC.pack_into(self.m, self.base + HEADER.size + DESC.size * head, inflight, nxt, counter)
 
     def start(self, num, used_idx):
-        """The ring (num entries, used index used_idx) starts. Returns the heads
-        to resubmit, oldest first; None for a fresh area, initialised here."""
-        if num > self.queue_size:
-            raise RemoteProtocolError(f"a ring of {num} entries, but the inflight area was made "
-                                      f"for {self.queue_size}")
+        """The ring (num entries, at most queue_size; used index used_idx) starts.
+        Returns the heads to resubmit, oldest first; None for a fresh area,
+        initialised here."""
         if self._u16(_VERSION) == 0:
             self.m[self.base:self.base + HEADER.size + DESC.size * self.queue_size] = bytes(
                 HEADER.size + DESC.size * self.queue_size)

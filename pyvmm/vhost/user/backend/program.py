@@ -20,7 +20,14 @@ EXIT_ERROR = 1
 DEVICES = {
     "rng": ("rng", "virtio-rng: entropy from the host's os.urandom()"),
     "blk": ("block", "virtio-blk: a disk backed by an image file (raw)"),
+    "vsock": ("vsock", "virtio-vsock: guest AF_VSOCK streams to and from host Unix sockets"),
 }
+
+VSOCK_EPILOG = """The guest connecting to the host (CID 2), port P reaches the Unix socket
+UDS_PATH_P (e.g. /tmp/vm.vsock_5000), which a host program listens on. A
+host program reaches the guest's port P by connecting to UDS_PATH and
+writing "CONNECT P\\n"; the answer is "OK <host port>\\n", then the stream
+is the guest's. (Firecracker's and vhost-device-vsock's convention.)"""
 
 DESCRIPTION = """\
 Run a vhost-user back-end written with pyvmm's back-end library. It listens
@@ -36,6 +43,7 @@ def add_parser(sub, formatter_class=argparse.RawDescriptionHelpFormatter):
                                      prog="pyvmm backend")
     for name, (_, what) in DEVICES.items():
         p = devices.add_parser(name, help=what, description=f"{what}.\n\n{DESCRIPTION}",
+                               epilog=VSOCK_EPILOG if name == "vsock" else None,
                                formatter_class=formatter_class)
         p.set_defaults(device_parser=p)      # errors show this command's usage
         where = p.add_mutually_exclusive_group()
@@ -55,6 +63,11 @@ def add_parser(sub, formatter_class=argparse.RawDescriptionHelpFormatter):
             p.add_argument("--serial", metavar="ID",
                            help="what GET_ID answers, up to 20 bytes (default: the "
                                 "image's file name)")
+        if name == "vsock":
+            p.add_argument("--guest-cid", type=int, metavar="N",
+                           help="the guest's CID, 3 or more (required)")
+            p.add_argument("--uds-path", metavar="PATH",
+                           help="the host side's Unix socket (required; see below)")
     return backend
 
 
@@ -63,6 +76,8 @@ def make_device(args, parser):
     if args.device == "rng":
         from pyvmm.vhost.user.backend.rng import Rng
         return Rng()
+    if args.device == "vsock":
+        return make_vsock(args, parser)
     from pyvmm.vhost.user.backend.blk import Blk
     if args.image is None:
         parser.error("blk needs --image FILE")
@@ -73,6 +88,19 @@ def make_device(args, parser):
                    serial=args.serial)
     except OSError as e:
         parser.error(f"--image {args.image}: {e.strerror or e}")
+
+
+def make_vsock(args, parser):
+    from pyvmm.vhost.user.backend.vsock import Vsock
+    if args.guest_cid is None or args.uds_path is None:
+        parser.error("vsock needs --guest-cid N and --uds-path PATH")
+    if not 3 <= args.guest_cid < 0xFFFF_FFFF:
+        parser.error(f"--guest-cid {args.guest_cid}: CIDs 0-2 and 2^32-1 are reserved; "
+                     "give 3 or more")
+    try:
+        return Vsock(args.guest_cid, args.uds_path)
+    except OSError as e:
+        parser.error(f"--uds-path {args.uds_path}: {e.strerror}")
 
 
 def run(args, parser):
@@ -112,4 +140,6 @@ def run(args, parser):
         serve_forever(listener, device)
     except KeyboardInterrupt:
         pass
+    finally:
+        device.close()
     return 0

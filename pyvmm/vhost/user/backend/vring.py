@@ -7,7 +7,10 @@ the front-end gave an inflight area, the tracking that lets a successor
 resubmit what this back-end took but never completed (inflight.py).
 """
 
+import logging
 import os
+
+log = logging.getLogger("pyvmm.backend")
 
 
 class Vring:
@@ -32,6 +35,15 @@ class Vring:
         self.device_ring = device_ring
         self.broken = False
         self.resubmit = []
+        if self.inflight is not None and self.num > self.inflight.queue_size:
+            # QEMU sizes the area by its queue-size property (128 by default),
+            # but its virtio-mmio lets the driver make rings of up to 1024.
+            # Heads past the area cannot be tracked: no tracking then, rather
+            # than writing past it (as libvhost-user would) or refusing.
+            log.warning("queue %d: a ring of %d entries, but the inflight area was made for %d; "
+                        "requests on this queue are not tracked", self.index, self.num,
+                        self.inflight.queue_size)
+            self.inflight = None
         if self.inflight is not None:
             used = device_ring.used_idx()
             left = self.inflight.start(self.num, used)
@@ -47,6 +59,11 @@ class Vring:
             self.base = self.device_ring.next_avail
         self.device_ring = None
         return self.base
+
+    def available(self):
+        """Whether pop() would return a chain (for a device that has something to
+        put into the guest's buffers and must not take one otherwise)."""
+        return bool(self.resubmit) or self.device_ring.has_available()
 
     def pop(self):
         """The next chain to serve (a Chain of guest buffers), or None."""
