@@ -11,6 +11,7 @@ the device read or write outside guest memory.
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm.virtio.splitring import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
                                     VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingError,
@@ -19,8 +20,7 @@ from pyvmm.virtio.splitring import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_IND
 DESC = struct.Struct("<QIHH")      # addr, len, flags, next
 
 
-@dataclass(frozen=True)
-class Buffer:
+class Buffer(NamedTuple):      # (a NamedTuple: made once per descriptor, so cheap to make)
     addr: int          # guest-physical
     length: int
     writable: bool     # device-writable (VIRTQ_DESC_F_WRITE)
@@ -118,19 +118,24 @@ class DeviceRing:
 
     def _walk(self, head):
         """The buffers of the chain at head, through an indirect table if any."""
-        table, size, index = self.desc, self.num, head
+        size, index = self.num, head
+        table = None      # an indirect table's bytes, read at once (a snapshot, and fast)
         buffers = []
         for _ in range(self.num + 1):
             if index >= size:
                 raise RingError(f"descriptor {index} is outside a table of {size}")
-            addr, length, flags, nxt = DESC.unpack(self.memory.read(table + 16 * index, 16))
+            if table is None:
+                addr, length, flags, nxt = DESC.unpack(self.memory.read(self.desc + 16 * index,
+                                                                        16))
+            else:
+                addr, length, flags, nxt = DESC.unpack_from(table, 16 * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
-                if table != self.desc or buffers:
+                if table is not None or buffers:
                     raise RingError("an indirect descriptor inside a chain or an indirect table")
                 if length % 16 or not length or not self.memory.contains(addr, length):
                     raise RingError(f"indirect table at {addr:#x}+{length:#x} is not whole "
                                     f"descriptors inside guest RAM")
-                table, size, index = addr, length // 16, 0
+                table, size, index = self.memory.read(addr, length), length // 16, 0
                 continue
             if not self.memory.contains(addr, length):
                 raise RingError(f"buffer at {addr:#x}+{length:#x} is not inside guest RAM")

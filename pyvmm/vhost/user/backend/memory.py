@@ -26,15 +26,16 @@ class MappedRegion:
     user_addr: int
     mapping: mmap.mmap        # the region's fd from a page boundary ...
     skip: int                 # ... so the region starts this far into the mapping
+    end: int = 0              # guest_addr + size
 
-    @property
-    def end(self):
-        return self.guest_addr + self.size
+    def __post_init__(self):
+        self.end = self.guest_addr + self.size
 
 
 class MappedMemory:
     def __init__(self):
         self.regions = []
+        self._last = None         # the region found last: most lookups hit it again
 
     def add(self, region, fd):
         """Map one MemoryRegion from fd (which is closed: the mapping keeps the memory)."""
@@ -57,6 +58,7 @@ class MappedMemory:
                                                        region.user_addr):
                 r.mapping.close()
                 del self.regions[i]
+                self._last = None
                 return True
         return False
 
@@ -64,11 +66,16 @@ class MappedMemory:
         for r in self.regions:
             r.mapping.close()
         self.regions.clear()
+        self._last = None
 
     def _find(self, gpa, length):
         if length >= 0:
+            r = self._last
+            if r is not None and r.guest_addr <= gpa and gpa + length <= r.end:
+                return r, r.skip + gpa - r.guest_addr
             for r in self.regions:
                 if r.guest_addr <= gpa and gpa + length <= r.end:
+                    self._last = r
                     return r, r.skip + gpa - r.guest_addr
         raise OutsideMemory(f"guest range {gpa:#x}+{length:#x} is not inside the mapped memory")
 
