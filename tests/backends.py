@@ -41,21 +41,23 @@ def pyvmm_backend(directory, device, *options):
 
 
 @contextlib.contextmanager
-def blk_backend(kind, directory, image, queues=1, writable=True):
+def blk_backend(kind, directory, image, queues=1, writable=True, procs=None):
     """A vhost-user-blk back-end of kind "qemu-storage-daemon" or "pyvmm" on
-    image; yields its socket path."""
+    image; yields its socket path (and appends its Popen to procs, if given)."""
     if kind == "pyvmm":
         options = ["--image", str(image), "--queues", str(queues)]
         with pyvmm_backend(directory, "blk", *options, *([] if writable else ["--read-only"])) \
-                as (sock, _):
+                as (sock, proc):
+            if procs is not None:
+                procs.append(proc)
             yield sock
     else:
-        with storage_daemon(directory, image, queues, writable) as sock:
+        with storage_daemon(directory, image, queues, writable, procs) as sock:
             yield sock
 
 
 @contextlib.contextmanager
-def storage_daemon(directory, image, queues=1, writable=True):
+def storage_daemon(directory, image, queues=1, writable=True, procs=None):
     """qemu-storage-daemon exporting image as vhost-user-blk; yields its socket path."""
     sock = os.path.join(directory, "vub.sock")
     proc = subprocess.Popen(
@@ -65,6 +67,8 @@ def storage_daemon(directory, image, queues=1, writable=True):
                      f"addr.path={sock},writable={'on' if writable else 'off'},"
                      f"num-queues={queues}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    if procs is not None:
+        procs.append(proc)
     try:
         _wait_for_socket(proc, sock, "qemu-storage-daemon")
         yield sock

@@ -290,3 +290,40 @@ def test_start_and_stop_in_order_with_status_and_reset_device(tmp_path, memory16
     for fd in fds:
         os.close(fd)
     frontend.close()
+
+
+def test_pyvmm_listens_its_blk_back_end_connects_and_announces_a_bigger_disk(tmp_path,
+                                                                              memory16):
+    """`pyvmm backend blk --connect` to pyvmm's server socket; after the image
+    grows, SIGHUP makes the back-end send CONFIG_CHANGE_MSG, and pyvmm reads
+    the new capacity and interrupts the guest."""
+    import signal
+    import subprocess
+    import sys
+    path, image = tmp_path / "pyvmm.sock", tmp_path / "grow.img"
+    image.write_bytes(bytes(MiB))
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "backend", "blk", "--connect",
+                             str(path), "--image", str(image)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        device, _, summary = plan_blk(BlkConfig(str(path), server=True), 0, None)
+        assert summary.startswith("vda: 1 MiB disk")
+        t = mmio.VirtioMmio(device, RecordingVm(), memory16, 0xD000_0000, 5)
+        loop = EventLoop(on_error=lambda what, e: pytest.fail(f"{what}: {e}"))
+        t.watch(loop)
+        generation = r32(t, mmio.CONFIG_GENERATION)
+        with open(image, "ab") as f:
+            f.truncate(3 * MiB)
+        proc.send_signal(signal.SIGHUP)
+        loop.run_until(lambda: r32(t, mmio.CONFIG_GENERATION) != generation, timeout=10)
+        assert t.read(mmio.CONFIG, 4) == 3 * MiB // 512
+        assert r32(t, mmio.INTERRUPT_STATUS) & mmio.VIRTIO_MMIO_INT_CONFIG
+        loop.close()
+        t.close()
+        device.close()
+        assert proc.wait(timeout=10) == 0           # its front-end went: it ends
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0]
+    assert "back-end connected to" in out

@@ -89,6 +89,12 @@ class Blk(BackendDevice):
     def close(self):
         os.close(self.fd)
 
+    def resize(self):
+        """Take the image's size again (it grew or shrank) and tell the front-end."""
+        self.size = os.lseek(self.fd, 0, os.SEEK_END) // SECTOR * SECTOR
+        if self.daemon is not None:
+            self.daemon.config_changed()
+
     def handle_queue(self, index, ring, memory):
         while (chain := ring.pop()) is not None:
             ring.push(chain.head, self.serve(chain, memory))

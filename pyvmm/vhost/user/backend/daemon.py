@@ -20,6 +20,7 @@ processed; the back-end goes on.
 
 import logging
 import os
+import socket
 
 from pyvmm.sys.eventloop import EventLoop
 from pyvmm.vhost.user.backend import inflight
@@ -29,8 +30,9 @@ from pyvmm.vhost.user.channel import Connection, Listener
 from pyvmm.vhost.user.errors import (ChannelError, Disconnected, ProtocolError,
                                      RemoteProtocolError)
 from pyvmm.vhost.user.messages import (
-    U64, VHOST_USER_F_PROTOCOL_FEATURES, DeviceConfig, Empty, FrontendReq, Inflight,
-    ProtocolFeature, VringState)
+    U64, VHOST_USER_F_PROTOCOL_FEATURES, BackendReq, DeviceConfig, Empty, FrontendReq,
+    Inflight, ProtocolFeature, VringState)
+from pyvmm.vhost.user.rules import Channel
 from pyvmm.vhost.user.session import NEED_DATA, Role, Session
 from pyvmm.virtio import spec
 from pyvmm.virtio.device_ring import DeviceRing
@@ -58,9 +60,10 @@ class Daemon:
         self.features = 0
         self.status = 0
         self.backend_channel = None
+        self.backend_session = None       # the back-end channel's Session
         self.done = False
         loop.add_reader(conn.fileno(), self._on_socket, "the front-end's socket")
-        device.attach(loop, lambda index: self._process(self.rings[index]))
+        device.attach(self)
 
     @property
     def offered_features(self):
@@ -158,9 +161,9 @@ class Daemon:
     def _set_backend_req_fd(self, msg):
         if self.backend_channel is not None:
             self.backend_channel.close()
-        import socket
         self.backend_channel = Connection(socket.socket(fileno=msg.fds[0]),
                                           "the front-end (back-end channel)")
+        self.backend_session = None
 
     def _get_status(self, msg):
         return U64(self.status)
@@ -299,6 +302,24 @@ class Daemon:
         if ring.started and ring.kick is not None:
             self.loop.remove(ring.kick)
         return ring.stop()
+
+    # --- what a device may ask for ----------------------------------------------------------
+
+    def wake(self, index):
+        """Run the device's handle_queue for queue index, if it can run now."""
+        self._process(self.rings[index])
+
+    def config_changed(self):
+        """BACKEND_CONFIG_CHANGE_MSG: the front-end should read the config space
+        again (sent without NEED_REPLY: waiting here could deadlock a front-end
+        that is itself waiting for this back-end). False without a channel."""
+        if self.backend_channel is None or not self.session.negotiated.has(PF.CONFIG):
+            return False
+        if self.backend_session is None:
+            self.backend_session = Session(Role.BACKEND, Channel.BACKEND, main=self.session)
+        self.backend_channel.send(*self.backend_session.send(
+            self.backend_session.request(BackendReq.CONFIG_CHANGE_MSG)))
+        return True
 
     # --- the data path --------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ class BackendDevice:
     #: how many queues, and the most entries a queue may have
     num_queues = 1
     max_queue_size = 1024
+    #: the Daemon serving a front-end, between attach() and detach()
+    daemon = None
     #: offer INFLIGHT_SHMFD, so that a front-end can have what this back-end
     #: took but never completed resubmitted to its successor (inflight.py)
     inflight_tracking = False
@@ -55,14 +57,17 @@ class BackendDevice:
     def start(self, features):
         """The front-end set the features the driver acked (SET_FEATURES)."""
 
-    def attach(self, loop, wake):
-        """A front-end connected. A device with sources of its own (sockets, say)
-        watches them in loop (pyvmm.sys.eventloop.EventLoop); wake(index) has
-        the library run handle_queue for that queue, when it is started and
-        enabled, and interrupt the driver."""
+    def attach(self, daemon):
+        """A front-end connected; daemon serves it until detach(). A device
+        with sources of its own (sockets, say) watches them in daemon.loop (an
+        EventLoop); daemon.wake(index) has the library run handle_queue for
+        that queue if it is started and enabled, and interrupt the driver;
+        daemon.config_changed() tells the front-end to read config() again."""
+        self.daemon = daemon
 
     def detach(self):
         """The front-end is gone: stop watching the loop (reset() follows)."""
+        self.daemon = None
 
     def handle_queue(self, index, ring, memory):
         """Queue index has new chains: pop them (ring.pop()), do the work, push

@@ -4,6 +4,7 @@
 --socket-path PATH   listen there (BE-111); one front-end at a time
 --fd N               or on the listening socket inherited as fd N (BE-112)
 --print-capabilities print the JSON capabilities and exit (BE-114)
+--connect PATH       not a convention: connect to a listening front-end
 
 It never daemonizes (BE-109), ends cleanly on SIGTERM (BE-110) and works
 with fds 0-2 on /dev/null (BE-118).
@@ -15,6 +16,7 @@ import signal
 import sys
 
 EXIT_ERROR = 1
+CONNECT_WAIT = 30         # seconds --connect waits for the front-end's socket
 
 # device -> (vhost-user.json type, a one-line description)
 DEVICES = {
@@ -51,6 +53,10 @@ def add_parser(sub, formatter_class=argparse.RawDescriptionHelpFormatter):
                            help="listen for the front-end on this Unix socket")
         where.add_argument("--fd", type=int, metavar="N",
                            help="listen on the Unix socket inherited as file descriptor N")
+        where.add_argument("--connect", metavar="PATH",
+                           help="instead, connect to a front-end listening on PATH (pyvmm's "
+                                "'server' option, QEMU's chardev server=on), waiting up to "
+                                f"{CONNECT_WAIT} s for it; ends when that front-end goes")
         p.add_argument("--print-capabilities", action="store_true",
                        help="print the back-end's capabilities as JSON and exit")
         if name == "blk":
@@ -103,36 +109,73 @@ def make_vsock(args, parser):
         parser.error(f"--uds-path {args.uds_path}: {e.strerror}")
 
 
+def serve_one_front_end(path, device):
+    """--connect: connect to a listening front-end, serve it until it goes."""
+    import time
+
+    from pyvmm.vhost.user.backend.daemon import serve_connection
+    from pyvmm.vhost.user.channel import Connection
+    from pyvmm.vhost.user.errors import ChannelError
+    deadline = time.monotonic() + CONNECT_WAIT
+    try:
+        while True:
+            try:
+                conn = Connection.connect(path, "the front-end")
+                break
+            except ChannelError as e:
+                if time.monotonic() > deadline:
+                    print(f"pyvmm: error: --connect {path}: no front-end listened there "
+                          f"within {CONNECT_WAIT} s ({e})", file=sys.stderr)
+                    return EXIT_ERROR
+                time.sleep(0.1)
+        print(f"pyvmm: back-end connected to {path}", file=sys.stderr, flush=True)
+        serve_connection(device, conn)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        device.close()
+    return 0
+
+
+def listen(args):
+    """The Listener of --socket-path or --fd, or None after one line on stderr."""
+    import socket
+
+    from pyvmm.vhost.user.channel import Listener
+    from pyvmm.vhost.user.errors import ChannelError
+    try:
+        if args.fd is None:
+            return Listener(args.socket_path)
+        return Listener.from_socket(socket.socket(fileno=args.fd))
+    except OSError as e:
+        print(f"pyvmm: error: --fd {args.fd}: {e.strerror}", file=sys.stderr)
+    except ChannelError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+    return None
+
+
 def run(args, parser):
     import json
     parser = args.device_parser
-    import socket
     if args.print_capabilities:        # BE-115: other options are ignored
         print(json.dumps({"type": DEVICES[args.device][0]}))
         return 0
-    if args.socket_path is None and args.fd is None:
-        parser.error("give --socket-path PATH or --fd N")
+    if args.socket_path is None and args.fd is None and args.connect is None:
+        parser.error("give --socket-path PATH, --fd N or --connect PATH")
     device = make_device(args, parser)
-    from pyvmm.vhost.user.backend.daemon import serve_forever
-    from pyvmm.vhost.user.channel import Listener
-    from pyvmm.vhost.user.errors import ChannelError
 
     def terminate(signum, frame):
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, terminate)
+    if hasattr(device, "resize"):         # blk: the image grew (or shrank)
+        signal.signal(signal.SIGHUP, lambda signum, frame: device.resize())
     logging.getLogger("pyvmm.backend").setLevel(logging.INFO)
-    try:
-        if args.fd is not None:
-            try:
-                sock = socket.socket(fileno=args.fd)
-            except OSError as e:
-                print(f"pyvmm: error: --fd {args.fd}: {e.strerror}", file=sys.stderr)
-                return EXIT_ERROR
-            listener = Listener.from_socket(sock)
-        else:
-            listener = Listener(args.socket_path)
-    except ChannelError as e:
-        print(f"pyvmm: error: {e}", file=sys.stderr)
+    if args.connect is not None:
+        return serve_one_front_end(args.connect, device)
+    from pyvmm.vhost.user.backend.daemon import serve_forever
+    listener = listen(args)
+    if listener is None:
+        device.close()
         return EXIT_ERROR
     print(f"pyvmm: {args.device} back-end listening on "
           f"{args.socket_path or f'fd {args.fd}'}", file=sys.stderr, flush=True)

@@ -89,7 +89,7 @@ class Vsock(BackendDevice):
         except OSError:
             self.listener.close()
             raise
-        self.loop = self.wake = None
+        self.loop = None
         self.conns = {}              # (guest port, host port) -> Connection
         self.waiting = {}            # fd -> [socket, bytes so far]: host streams before CONNECT
         self.control = collections.deque()   # (op, guest port, host port, flags) to the guest
@@ -108,15 +108,17 @@ class Vsock(BackendDevice):
 
     # --- the library's hooks --------------------------------------------------------------
 
-    def attach(self, loop, wake):
-        self.loop, self.wake = loop, wake
-        loop.add_reader(self.listener.fileno(), self._accept, f"{self.uds_path} (listening)")
+    def attach(self, daemon):
+        super().attach(daemon)
+        self.loop = daemon.loop
+        self.loop.add_reader(self.listener.fileno(), self._accept, f"{self.uds_path} (listening)")
 
     def detach(self):
         self.reset()
         if self.loop is not None:
             self.loop.remove(self.listener.fileno())
-        self.loop = self.wake = None
+        self.loop = None
+        super().detach()
 
     def reset(self):
         for conn in list(self.conns.values()):
@@ -288,8 +290,8 @@ class Vsock(BackendDevice):
         self.control.append((op, guest_port, host_port, flags))
 
     def _wake_rx(self):
-        if self.wake is not None:
-            self.wake(RX_QUEUE)
+        if self.daemon is not None:
+            self.daemon.wake(RX_QUEUE)
 
     # --- the Unix side ------------------------------------------------------------------------
 
