@@ -36,6 +36,9 @@ examples:
   pyvmm run --vsock vhost-kernel,cid=5
   pyvmm run --cpus 2 --mem 512M -- sh -c 'nproc; free -m'
   pyvmm run --stats -- true        # boot time and vCPU exits per reason
+  pyvmm backend rng --socket-path /tmp/rng.sock &     # a vhost-user back-end
+  pyvmm run --rng vhost-user,socket=/tmp/rng.sock -- head -c 16 /dev/hwrng
+  pyvmm run --blk vhost-user,socket=/tmp/vub.sock --trace vhost-user -- true
 
 This host's KVM may be unable to boot Linux (a paravirtual KVM, no
 /dev/kvm); then run pyvmm inside the testbed VM:
@@ -57,13 +60,13 @@ MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 
 def parse_backend_options(text, option, allowed, kind="vhost-kernel", flags=()):
-    """'KIND,key=value,flag,...' -> {key: value, flag: True}, for the one back-end
-    kind this option has so far; keys from allowed, bare words from flags."""
+    """'KIND,key=value,flag,...' -> {key: value, flag: True}, for a back-end of
+    kind (one name, or a tuple of them); keys from allowed, bare words from flags."""
     backend, *pairs = text.split(",")
-    if backend != kind:
-        later = " (vhost-user comes later)" if kind == "vhost-kernel" else ""
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if backend not in kinds:
         raise argparse.ArgumentTypeError(
-            f"{option} {text!r}: the back-end must be {kind}{later}")
+            f"{option} {text!r}: the back-end must be {' or '.join(kinds)}")
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -74,6 +77,39 @@ def parse_backend_options(text, option, allowed, kind="vhost-kernel", flags=()):
             raise argparse.ArgumentTypeError(
                 f"{option}: unknown option {pair!r} (known: {', '.join(known)})")
     return options
+
+
+def _number(option, key, value, low, high, what="a number"):
+    try:
+        n = int(value, 0)
+        if not low <= n <= high:
+            raise ValueError
+        return n
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{option} {key}={value}: give {what} from {low} to "
+                                         f"{high}") from None
+
+
+def parse_vhost_user(text, option, example, keys=()):
+    """OPTION vhost-user,socket=PATH[,server][,timeout=S] plus keys: a VhostUserConfig
+    and the option's own keys as given."""
+    from pyvmm.vmm.virtio_devices import VhostUserConfig
+    opts = parse_backend_options(text, option, {"socket", "timeout", *keys}, kind="vhost-user",
+                                 flags={"server"})
+    if not opts.get("socket"):
+        raise argparse.ArgumentTypeError(f"{option}: give the back-end's socket, "
+                                         f"e.g. vhost-user,socket={example}")
+    cfg = VhostUserConfig(socket=opts["socket"], server=opts.get("server", False),
+                          kind=option.lstrip("-"))
+    if "timeout" in opts:
+        try:
+            cfg.timeout = float(opts["timeout"])
+            if not 0 < cfg.timeout <= 3600:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} timeout={opts['timeout']}: give seconds, "
+                                             f"more than 0 and at most 3600") from None
+    return cfg, opts
 
 
 def parse_net(text):
@@ -103,7 +139,12 @@ def parse_net(text):
 
 def parse_vsock(text):
     from pyvmm.vmm.virtio_devices import VsockConfig
-    opts = parse_backend_options(text, "--vsock", {"cid"})
+    if text.split(",")[0] == "vhost-user":
+        cfg, opts = parse_vhost_user(text, "--vsock", "/tmp/vsock.sock", {"cid"})
+        if "cid" in opts:
+            cfg.cid = _number("--vsock", "cid", opts["cid"], 3, 0xFFFF_FFFE, "a CID")
+        return cfg
+    opts = parse_backend_options(text, "--vsock", {"cid"}, kind=("vhost-kernel", "vhost-user"))
     try:
         return VsockConfig(cid=int(opts.get("cid", 3)))
     except ValueError:
@@ -111,21 +152,29 @@ def parse_vsock(text):
 
 
 def parse_blk(text):
-    from pyvmm.vmm.virtio_devices import BlkConfig
-    opts = parse_backend_options(text, "--blk", {"socket", "timeout"}, kind="vhost-user",
-                                 flags={"server"})
-    if not opts.get("socket"):
-        raise argparse.ArgumentTypeError("--blk: give the back-end's socket, "
-                                         "e.g. vhost-user,socket=/tmp/vub.sock")
-    cfg = BlkConfig(socket=opts["socket"], server=opts.get("server", False))
-    if "timeout" in opts:
-        try:
-            cfg.timeout = float(opts["timeout"])
-            if not 0 < cfg.timeout <= 3600:
-                raise ValueError
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--blk timeout={opts['timeout']}: give seconds, "
-                                             f"more than 0 and at most 3600") from None
+    return parse_vhost_user(text, "--blk", "/tmp/vub.sock")[0]
+
+
+def parse_rng(text):
+    return parse_vhost_user(text, "--rng", "/tmp/rng.sock")[0]
+
+
+def parse_device(text):
+    cfg, opts = parse_vhost_user(text, "--device", "/tmp/dev.sock,virtio-id=N",
+                                 {"virtio-id", "queues", "queue-size", "config-size"})
+    if "virtio-id" not in opts:
+        raise argparse.ArgumentTypeError("--device: give the device type, virtio-id=N "
+                                         "(2 block, 4 rng, 19 vsock, 26 fs, ...)")
+    cfg.virtio_id = _number("--device", "virtio-id", opts["virtio-id"], 1, 0xFFFF, "a device id")
+    if "queues" in opts:
+        cfg.queues = _number("--device", "queues", opts["queues"], 1, 64)
+    if "queue-size" in opts:
+        cfg.queue_size = _number("--device", "queue-size", opts["queue-size"], 1, 32768)
+        if cfg.queue_size & (cfg.queue_size - 1):
+            raise argparse.ArgumentTypeError(f"--device queue-size={cfg.queue_size}: give a "
+                                             f"power of 2")
+    if "config-size" in opts:
+        cfg.config_size = _number("--device", "config-size", opts["config-size"], 0, 3840)
     return cfg
 
 
@@ -198,9 +247,11 @@ def build_parser():
                      help="a virtio-net NIC whose packets the kernel's vhost-net moves to "
                           "a tap; by default a new tap pyvmmN with 10.10.N.1/30 on the host "
                           "and 10.10.N.2/30 as the guest's ethN. Repeat for more NICs")
-    run.add_argument("--vsock", type=parse_vsock, metavar="vhost-kernel[,cid=N]",
-                     help="a virtio-vsock device served by vhost-vsock; the guest's CID "
-                          "is N (default 3), the host is CID 2")
+    run.add_argument("--vsock", type=parse_vsock,
+                     metavar="vhost-kernel[,cid=N] | vhost-user,socket=PATH[,cid=N]",
+                     help="a virtio-vsock device served by the kernel's vhost-vsock (the "
+                          "guest's CID is N, default 3; the host is CID 2) or by a vhost-user "
+                          "back-end, which says the guest's CID itself (cid=N must agree)")
     run.add_argument("--blk", type=parse_blk, action="append", default=[],
                      metavar="vhost-user,socket=PATH[,server][,timeout=S]",
                      help="a virtio-blk disk (the guest's vda, vdb, ...) served by a "
@@ -209,6 +260,17 @@ def build_parser():
                           "the back-end to connect. Size, block size, read-only and queue "
                           "count come from the back-end, which must answer each message "
                           "within S seconds (default 10). Repeat for more disks")
+    run.add_argument("--rng", type=parse_rng, action="append", default=[],
+                     metavar="vhost-user,socket=PATH[,server][,timeout=S]",
+                     help="a virtio-rng device (the guest's /dev/hwrng) served by a vhost-user "
+                          "back-end, e.g. 'pyvmm backend rng'")
+    run.add_argument("--device", type=parse_device, action="append", default=[],
+                     metavar="vhost-user,socket=PATH,virtio-id=N[,queues=N][,queue-size=N]"
+                             "[,config-size=N]",
+                     help="any virtio device type served by a vhost-user back-end, for which "
+                          "pyvmm has no model: the device id N, the queue count (default: the "
+                          "back-end's) and size (default 256) from here, the config space from "
+                          "the back-end (config-size bytes; known for common types)")
     run.add_argument("--trace", type=parse_trace, metavar="vhost-user",
                      help="print every vhost-user message, both ways, decoded, one line "
                           "each (to stderr, or --trace-file)")
@@ -294,7 +356,7 @@ def cmd_run(args, started_at):
     config = MachineConfig(kernel=args.kernel, initrd=None if args.initrd == "none" else args.initrd,
                            cmdline=cmdline, mem_size=args.mem, cpus=args.cpus,
                            hugepages=args.hugepages, nets=args.net, vsock=args.vsock,
-                           blks=args.blk)
+                           blks=args.blk, rngs=args.rng, generic=args.device)
 
     made = make_console(args, command)
     if made is None:

@@ -117,6 +117,19 @@ def test_net_and_vsock_options_parse():
     assert parse_vsock("vhost-kernel").cid == 3
 
 
+def test_vhost_user_device_options_parse():
+    from pyvmm.cli import parse_device, parse_rng, parse_vsock
+    cfg = parse_vsock("vhost-user,socket=/tmp/v.sock,cid=9,server")
+    assert (cfg.kind, cfg.socket, cfg.cid, cfg.server) == ("vsock", "/tmp/v.sock", 9, True)
+    assert parse_vsock("vhost-user,socket=/tmp/v.sock").cid is None   # the back-end says
+    cfg = parse_rng("vhost-user,socket=/tmp/r.sock,timeout=2.5")
+    assert (cfg.kind, cfg.socket, cfg.timeout) == ("rng", "/tmp/r.sock", 2.5)
+    cfg = parse_device("vhost-user,socket=/tmp/d.sock,virtio-id=26,queues=2,queue-size=1024,"
+                       "config-size=40")
+    assert (cfg.kind, cfg.virtio_id, cfg.queues, cfg.queue_size, cfg.config_size) == (
+        "device", 26, 2, 1024, 40)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--net", "vhost-user"], "the back-end must be vhost-kernel"),
     (["--net", "vhost-kernel,speed=fast"], "unknown option 'speed=fast'"),
@@ -124,6 +137,15 @@ def test_net_and_vsock_options_parse():
     (["--net", "vhost-kernel,mac=xyz"], "use six hex bytes"),
     (["--net", "vhost-kernel,host-ip=10.0.0.1/33"], "give an address with prefix"),
     (["--vsock", "vhost-kernel,cid=three"], "not a number"),
+    (["--vsock", "vhost-net"], "the back-end must be vhost-kernel or vhost-user"),
+    (["--vsock", "vhost-user,cid=5"], "give the back-end's socket"),
+    (["--vsock", "vhost-user,socket=/s,cid=2"], "cid=2: give a CID from 3"),
+    (["--rng", "vhost-kernel"], "the back-end must be vhost-user"),
+    (["--rng", "vhost-user,socket=/s,timeout=0"], "give seconds, more than 0"),
+    (["--device", "vhost-user,socket=/s"], "give the device type, virtio-id=N"),
+    (["--device", "vhost-user,socket=/s,virtio-id=x"], "virtio-id=x: give a device id"),
+    (["--device", "vhost-user,socket=/s,virtio-id=2,queue-size=100"], "give a power of 2"),
+    (["--device", "vhost-user,socket=/s,virtio-id=2,queues=0"], "queues=0: give a number"),
     (["--net", "vhost-kernel,tap=a-very-long-tap-name"], "at most 15 characters"),
 ])
 def test_device_option_errors(args, message):

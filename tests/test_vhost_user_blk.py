@@ -15,6 +15,7 @@ import time
 
 import pytest
 from backends import blk_backend, storage_daemon
+from test_vhost_user_devices import start_driver as start_queues
 from test_virtio import RecordingVm, r32, w32
 
 from pyvmm.devices.virtio import mmio
@@ -41,24 +42,8 @@ def image(tmp_path):
 
 
 def start_driver(t, memory, features, size=64):
-    """ACKNOWLEDGE .. DRIVER_OK with one queue, as vm_probe and vm_setup_vq do."""
-    status = spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIVER
-    w32(t, mmio.STATUS, status)
-    for sel in (0, 1):
-        w32(t, mmio.DRIVER_FEATURES_SEL, sel)
-        w32(t, mmio.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFF_FFFF)
-    status |= spec.VIRTIO_CONFIG_S_FEATURES_OK
-    w32(t, mmio.STATUS, status)
-    assert r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_FEATURES_OK
-    ring = DriverRing(memory, RING, size)
-    w32(t, mmio.QUEUE_SEL, 0)
-    w32(t, mmio.QUEUE_NUM, size)
-    for low, addr in ((mmio.QUEUE_DESC_LOW, ring.desc_addr), (mmio.QUEUE_AVAIL_LOW, ring.avail_addr),
-                      (mmio.QUEUE_USED_LOW, ring.used_addr)):
-        w32(t, low, addr)
-    w32(t, mmio.QUEUE_READY, 1)
-    w32(t, mmio.STATUS, status | spec.VIRTIO_CONFIG_S_DRIVER_OK)
-    return ring
+    """DRIVER_OK with one queue (at RING); its DriverRing."""
+    return start_queues(t, memory, [0], size, features)[0]
 
 
 def request(t, ring, memory, kind, sector, length):

@@ -27,7 +27,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.vmm.cpu import configure_vcpu
 from pyvmm.vmm.lifecycle import Lifecycle, MachineExit
 from pyvmm.vmm.vcpu_thread import VcpuThread
-from pyvmm.vmm.virtio_devices import VsockConfig, plan_devices
+from pyvmm.vmm.virtio_devices import plan_devices
 
 log = logging.getLogger("pyvmm.machine")
 
@@ -41,8 +41,10 @@ class MachineConfig:
     cpus: int = 1
     hugepages: bool = False
     nets: list = field(default_factory=list)   # NetConfig per --net
-    vsock: VsockConfig = None
-    blks: list = field(default_factory=list)   # BlkConfig per --blk
+    vsock: object = None                       # VsockConfig or VhostUserConfig
+    blks: list = field(default_factory=list)   # VhostUserConfig per --blk
+    rngs: list = field(default_factory=list)   # VhostUserConfig per --rng
+    generic: list = field(default_factory=list)  # VhostUserConfig per --device
     tracer: object = None                      # a vhost-user Tracer (--trace vhost-user)
 
 
@@ -81,7 +83,8 @@ class Machine:
         self.memory = GuestMemory(config.mem_size, hugepages=config.hugepages)
         self._closers.append(self.memory.close)
         self.devices = plan_devices(config.nets, config.vsock, config.blks,
-                                    tracer=config.tracer.for_device if config.tracer else None)
+                                    tracer=config.tracer.for_device if config.tracer else None,
+                                    rngs=config.rngs, generic=config.generic)
         for planned in self.devices:
             self._closers.append(planned.device.close)
         self.mark("guest memory and the devices' host side")

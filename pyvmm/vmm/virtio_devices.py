@@ -6,8 +6,8 @@ where most user errors show up, and the kernel command line entries that
 announce the device and configure the guest's end. After: the virtio-mmio
 transport, whose eventfds KVM wires up.
 
-Each device is a model (devices/virtio/net.py, vsock.py, blk.py) on a
-queue back-end: the kernel's vhost (vhost_kernel.py) or a vhost-user
+Each device is a model (devices/virtio/net.py, vsock.py, blk.py, rng.py,
+generic.py) on a queue back-end: the kernel's vhost (vhost_kernel.py) or a vhost-user
 back-end process (vhost_user.py).
 """
 
@@ -47,11 +47,25 @@ class VsockConfig:
 
 
 @dataclass
-class BlkConfig:
-    """--blk vhost-user,socket=PATH[,server][,timeout=S]"""
+class VhostUserConfig:
+    """--blk, --rng, --vsock or --device vhost-user,socket=PATH[,server][,timeout=S]
+    and each option's own keys."""
     socket: str
     server: bool = False
     timeout: float = None        # seconds the back-end has for each answer
+    kind: str = "blk"            # which option: blk, rng, vsock or device
+    cid: int = None              # vsock: the guest's CID (default: the back-end's)
+    virtio_id: int = None        # device: VIRTIO_ID_*
+    queues: int = None           # device: default the back-end's count (GET_QUEUE_NUM)
+    queue_size: int = 256        # device: the most entries a queue may have
+    config_size: int = None      # device: default the known size for virtio_id
+
+
+BlkConfig = VhostUserConfig
+
+# Config space sizes of device types pyvmm has no model for (virtio 1.x 5.x),
+# for --device when config-size is not given.
+KNOWN_CONFIG_SIZES = {2: 60, 4: 0, 19: 8, 26: 40, 1: 12}
 
 
 def default_addresses(tap_name):
@@ -165,27 +179,48 @@ def connect_vhost_user(socket_path, server, name, tracer, feature_names=None, ti
     return frontend
 
 
+def open_vhost_user(cfg, name, tracer, feature_names=None, config_size=0):
+    """Connect to the back-end of one vhost-user device option and negotiate; a
+    VhostUserBackend with config_size bytes of config space read where the
+    back-end offers CONFIG. Failures are a DeviceError naming the option."""
+    from pyvmm.devices.virtio.vhost_user import VhostUserBackend
+    from pyvmm.vhost.user.errors import VhostUserError
+    option = f"--{cfg.kind} socket={cfg.socket}"
+    try:
+        frontend = connect_vhost_user(cfg.socket, cfg.server, name, tracer, feature_names,
+                                      cfg.timeout)
+    except VhostUserError as e:
+        raise DeviceError(f"{option}: {e}") from None
+    try:
+        return VhostUserBackend(frontend, f"the vhost-user back-end at {cfg.socket}",
+                                config_size=config_size)
+    except VhostUserError as e:
+        frontend.close()
+        raise DeviceError(f"{option}: {e}") from None
+    except BaseException:
+        frontend.close()
+        raise
+
+
+def _needs_config(backend, cfg, why):
+    from pyvmm.vhost.user.messages import ProtocolFeature
+    if not backend.frontend.has(ProtocolFeature.CONFIG):
+        backend.close()
+        raise DeviceError(f"--{cfg.kind} socket={cfg.socket}: the back-end does not offer the "
+                          f"CONFIG protocol feature, so pyvmm cannot learn {why}")
+
+
 def plan_blk(cfg, index, tracer):
     """Connect to the vhost-user-blk back-end of one --blk; the guest sees vd{a+index}."""
     from pyvmm.devices.virtio.blk import BLK_FEATURE_NAMES, VIRTIO_BLK_CONFIG_SIZE, VirtioBlk
-    from pyvmm.devices.virtio.vhost_user import VhostUserBackend
-    from pyvmm.vhost.user.messages import ProtocolFeature
-    from pyvmm.vhost.user.errors import VhostUserError
-    name = f"virtio-blk{index}"
+    backend = open_vhost_user(cfg, f"virtio-blk{index}", tracer, BLK_FEATURE_NAMES,
+                              VIRTIO_BLK_CONFIG_SIZE)
+    _needs_config(backend, cfg, "the disk's size")
     try:
-        frontend = connect_vhost_user(cfg.socket, cfg.server, name, tracer, BLK_FEATURE_NAMES,
-                                      cfg.timeout)
-    except VhostUserError as e:
-        raise DeviceError(f"--blk socket={cfg.socket}: {e}") from None
-    try:
-        if not frontend.has(ProtocolFeature.CONFIG):
-            raise DeviceError(f"--blk socket={cfg.socket}: the back-end does not offer the "
-                              f"CONFIG protocol feature, so pyvmm cannot learn the disk's size")
-        backend = VhostUserBackend(frontend, f"the vhost-user back-end at {cfg.socket}",
-                                   config_size=VIRTIO_BLK_CONFIG_SIZE)
-        device = VirtioBlk(backend, name=name, max_queues=frontend.max_queues or 1)
+        device = VirtioBlk(backend, name=f"virtio-blk{index}",
+                           max_queues=backend.frontend.max_queues or 1)
     except BaseException:
-        frontend.close()
+        backend.close()
         raise
     disk = f"vd{chr(ord('a') + index)}"
     summary = (f"{disk}: {device.capacity / (1 << 20):g} MiB disk"
@@ -195,13 +230,68 @@ def plan_blk(cfg, index, tracer):
     return device, [], summary
 
 
-def plan_devices(nets, vsock, blks=(), tracer=None):
+def plan_rng(cfg, index, tracer):
+    """One --rng vhost-user: the guest's /dev/hwrng."""
+    from pyvmm.devices.virtio.rng import VirtioRng
+    backend = open_vhost_user(cfg, f"virtio-rng{index}", tracer)
+    return (VirtioRng(backend, f"virtio-rng{index}"), [],
+            f"hwrng: virtio-rng via vhost-user {cfg.socket}")
+
+
+def plan_vsock_user(cfg, tracer):
+    """--vsock vhost-user: the back-end knows the guest's CID (its config
+    space); cid=N, if given, must agree."""
+    from pyvmm.devices.virtio.vsock import VirtioVsock
+    backend = open_vhost_user(cfg, "virtio-vsock", tracer, config_size=8)
+    try:
+        served = int.from_bytes(backend.config_space, "little") if backend.config_space else None
+        if served is not None and cfg.cid is not None and served != cfg.cid:
+            raise DeviceError(f"--vsock socket={cfg.socket}: the back-end serves CID {served}, "
+                              f"not cid={cfg.cid}")
+        cid = cfg.cid if cfg.cid is not None else served
+        if cid is None:
+            raise DeviceError(f"--vsock socket={cfg.socket}: the back-end does not say which "
+                              f"CID it serves (no CONFIG): give cid=N")
+        device = VirtioVsock(backend, cid)
+    except BaseException:
+        backend.close()
+        raise
+    return device, [], f"vsock CID {cid} via vhost-user {cfg.socket}"
+
+
+def plan_generic(cfg, index, tracer):
+    """One --device vhost-user,virtio-id=N: a device pyvmm has no model for."""
+    from pyvmm.devices.virtio.generic import VirtioGeneric
+    name = f"virtio-dev{index}"
+    size = cfg.config_size
+    if size is None:
+        size = KNOWN_CONFIG_SIZES.get(cfg.virtio_id, 0)
+    backend = open_vhost_user(cfg, name, tracer, config_size=size)
+    try:
+        most = backend.frontend.max_queues
+        queues = cfg.queues or most or 1
+        if most and queues > most:
+            raise DeviceError(f"--device socket={cfg.socket}: queues={queues}, but the back-end "
+                              f"serves at most {most}")
+        device = VirtioGeneric(backend, cfg.virtio_id, queues, cfg.queue_size, name)
+    except BaseException:
+        backend.close()
+        raise
+    config = f", {len(backend.config_space)} bytes of config space" if backend.config_space \
+        else ""
+    return device, [], (f"virtio device id {cfg.virtio_id}, {queues} "
+                        f"queue{'s' if queues > 1 else ''}{config}, via vhost-user {cfg.socket}")
+
+
+def plan_devices(nets, vsock, blks=(), tracer=None, rngs=(), generic=()):
     """Host side of every device, in the order the guest will find them.
 
-    tracer(device name): a tracer(direction, message) for its vhost-user
-    messages (--trace vhost-user), or None.
+    vsock: a VsockConfig (vhost-vsock) or a VhostUserConfig; tracer(device
+    name): a tracer(direction, message) for its vhost-user messages
+    (--trace vhost-user), or None.
     """
-    if len(nets) + (vsock is not None) + len(blks) > len(VIRTIO_GSIS):
+    count = len(nets) + (vsock is not None) + len(blks) + len(rngs) + len(generic)
+    if count > len(VIRTIO_GSIS):
         raise DeviceError(f"at most {len(VIRTIO_GSIS)} virtio devices")
     planned = []
     try:
@@ -209,8 +299,14 @@ def plan_devices(nets, vsock, blks=(), tracer=None):
             planned.append(plan_blk(cfg, i, tracer))
         for i, cfg in enumerate(nets):
             planned.append(plan_net(cfg, i))
-        if vsock is not None:
+        if isinstance(vsock, VhostUserConfig):
+            planned.append(plan_vsock_user(vsock, tracer))
+        elif vsock is not None:
             planned.append(plan_vsock(vsock))
+        for i, cfg in enumerate(rngs):
+            planned.append(plan_rng(cfg, i, tracer))
+        for i, cfg in enumerate(generic):
+            planned.append(plan_generic(cfg, i, tracer))
     except BaseException:
         for device, _, _ in planned:
             device.close()

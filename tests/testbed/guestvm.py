@@ -1,9 +1,12 @@
 """Running pyvmm with a guest command from a test, and talking to the guest."""
 
+import hashlib
+import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,3 +78,68 @@ def qemu_microvm(kernel, *append, devices=(), timeout=120, shared_memory=False):
 def qemu_exit_status(guest_status):
     """isa-debug-exit makes QEMU exit with (status << 1) | 1."""
     return (guest_status << 1) | 1
+
+
+class HybridVsockHost:
+    """The host side of a vsock back-end in the hybrid model (`pyvmm backend
+    vsock --uds-path UDS`): a program listening on UDS_5000 for the guest,
+    and one reaching the guest's port 5001 with CONNECT 5001. With the guest
+    running guest_script(size): size random bytes each way, checked."""
+
+    def __init__(self, uds, size):
+        self.uds, self.size = uds, size
+        self.to_guest, self.from_guest = os.urandom(size), hashlib.sha256()
+        self.errors = []
+        self.threads = [threading.Thread(target=f, daemon=True)
+                        for f in (self._listen, self._connect)]
+
+    @staticmethod
+    def guest_script(size):
+        return (f"vsock listen 5001 < /dev/null > /tmp/r && sha256sum /tmp/r && "
+                f"head -c {size} /dev/urandom > /tmp/d && sha256sum /tmp/d && "
+                f"vsock connect 2 5000 < /tmp/d && echo sent")
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+
+    def _listen(self):
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                listener.bind(f"{self.uds}_5000")
+                listener.listen(1)
+                listener.settimeout(200)
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(60)
+                    while chunk := conn.recv(1 << 16):
+                        self.from_guest.update(chunk)
+        except OSError as e:
+            self.errors.append(f"host port 5000: {e}")
+
+    def _connect(self):
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(60)
+                try:
+                    s.connect(self.uds)
+                    s.sendall(b"CONNECT 5001\n")
+                    answer = s.recv(64)
+                except OSError:
+                    answer = b""
+                if answer.startswith(b"OK "):
+                    s.sendall(self.to_guest)
+                    return
+            time.sleep(0.5)                   # the guest is not listening yet
+        self.errors.append("the guest never accepted CONNECT 5001")
+
+    def check(self, out):
+        """After the guest ran guest_script: both streams arrived intact."""
+        for t in self.threads:
+            t.join(60)
+        assert not self.errors, self.errors
+        sums = re.findall(r"^([0-9a-f]{64})\s", out, re.M)
+        assert sums == [hashlib.sha256(self.to_guest).hexdigest(),
+                        self.from_guest.hexdigest()], out
+        assert "sent" in out

@@ -4,11 +4,10 @@ guest's own drivers on top. QEMU -M microvm with shared memfd RAM."""
 
 import hashlib
 import os
-import re
 
 import pytest
 from backends import pyvmm_backend
-from guestvm import qemu_exit_status, qemu_microvm
+from guestvm import HybridVsockHost, qemu_exit_status, qemu_microvm
 
 from pyvmm import guest
 
@@ -66,57 +65,11 @@ def test_the_guest_reads_and_writes_a_disk_on_the_blk_back_end(tmp_path):
 def test_vsock_streams_carry_data_intact_both_ways(tmp_path):
     """The guest listens on port 5001 for a host program (CONNECT 5001), then
     connects to the host's port 5000 (the Unix socket UDS_5000)."""
-    import socket
-    import threading
-    import time
-
     uds = str(tmp_path / "vm.vsock")
-    to_guest, from_guest = os.urandom(SIZE), hashlib.sha256()
-    errors = []
-
-    def host_listens():
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-                listener.bind(f"{uds}_5000")
-                listener.listen(1)
-                listener.settimeout(200)
-                conn, _ = listener.accept()
-                with conn:
-                    conn.settimeout(60)
-                    while chunk := conn.recv(1 << 16):
-                        from_guest.update(chunk)
-        except OSError as e:
-            errors.append(f"host port 5000: {e}")
-
-    def host_connects():
-        deadline = time.monotonic() + 200
-        while time.monotonic() < deadline:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(60)
-                try:
-                    s.connect(uds)
-                    s.sendall(b"CONNECT 5001\n")
-                    answer = s.recv(64)
-                except OSError:
-                    answer = b""
-                if answer.startswith(b"OK "):
-                    s.sendall(to_guest)
-                    return
-            time.sleep(0.5)                   # the guest is not listening yet
-        errors.append("the guest never accepted CONNECT 5001")
-
-    threads = [threading.Thread(target=f, daemon=True) for f in (host_listens, host_connects)]
+    host = HybridVsockHost(uds, SIZE)
     with pyvmm_backend(str(tmp_path), "vsock", "--guest-cid", "3", "--uds-path", uds) \
             as (sock, _):
-        for t in threads:
-            t.start()
-        out = run_guest(f"vsock listen 5001 < /dev/null > /tmp/r && sha256sum /tmp/r && "
-                        f"head -c {SIZE} /dev/urandom > /tmp/d && sha256sum /tmp/d && "
-                        f"vsock connect 2 5000 < /tmp/d && echo sent",
+        host.start()
+        out = run_guest(HybridVsockHost.guest_script(SIZE),
                         *chardev(sock), "-device", "vhost-user-vsock-device,chardev=c0")
-        for t in threads:
-            t.join(60)
-    assert not errors, errors
-    sums = re.findall(r"^([0-9a-f]{64})\s", out, re.M)
-    assert sums == [hashlib.sha256(to_guest).hexdigest(), from_guest.hexdigest()], out
-    assert "sent" in out
+        host.check(out)

@@ -61,6 +61,18 @@ class VhostUserBackend(QueueBackend):
         if self._config_size and self.frontend.has(PF.CONFIG):
             self.config_space = self.frontend.get_config(self._config_size)
 
+    def write_config(self, offset, data):
+        """A driver's write into the config space: kept in the cache and sent on
+        (SET_CONFIG). Only within the config space the back-end gave."""
+        end = offset + len(data)
+        if end > len(self.config_space) or self.failed:
+            return
+        self.config_space = self.config_space[:offset] + bytes(data) + self.config_space[end:]
+        try:
+            self.frontend.set_config(offset, data)
+        except VhostUserError as e:
+            log.warning("%s: writing its config space: %s", self.description, e)
+
     # --- the data path's control ---------------------------------------------------
 
     def start(self, memory, features, queues):

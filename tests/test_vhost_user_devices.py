@@ -1,0 +1,156 @@
+"""--rng, --vsock and --device on vhost-user back-ends, through the
+virtio-mmio transport, with no VM: the test plays the guest's driver on the
+transport's registers and on DriverRings, and KVM on the eventfds. The
+back-ends are real programs: `pyvmm backend rng|vsock` and Debian's
+qemu-storage-daemon."""
+
+import os
+import select
+import socket
+import struct
+import time
+
+import pytest
+from backends import pyvmm_backend, storage_daemon
+from test_virtio import RecordingVm, r32, w32
+
+from pyvmm.devices.virtio import mmio
+from pyvmm.devices.virtio.device import DeviceError
+from pyvmm.virtio import spec
+from pyvmm.virtio.splitring import DriverRing
+from pyvmm.virtio.vsock import (HDR, VIRTIO_VSOCK_OP_REQUEST, VIRTIO_VSOCK_OP_RESPONSE,
+                                VIRTIO_VSOCK_TYPE_STREAM)
+from pyvmm.vmm.virtio_devices import (VhostUserConfig, plan_generic, plan_rng,
+                                      plan_vsock_user)
+
+MiB = 1 << 20
+RINGS, BUF = 0x10000, 0x100000
+
+
+def start_driver(t, memory, queues, size=64, features=None):
+    """ACKNOWLEDGE .. DRIVER_OK, as vm_probe and vm_setup_vq do, with these
+    features (default: every one offered) and queues; {index: DriverRing}."""
+    if features is None:
+        features = t.device.features
+    status = spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIVER
+    w32(t, mmio.STATUS, status)
+    for sel in (0, 1):
+        w32(t, mmio.DRIVER_FEATURES_SEL, sel)
+        w32(t, mmio.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFF_FFFF)
+    status |= spec.VIRTIO_CONFIG_S_FEATURES_OK
+    w32(t, mmio.STATUS, status)
+    assert r32(t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_FEATURES_OK
+    rings = {}
+    for index in queues:
+        ring = rings[index] = DriverRing(memory, RINGS + index * 0x4000, size)
+        w32(t, mmio.QUEUE_SEL, index)
+        w32(t, mmio.QUEUE_NUM, size)
+        for low, addr in ((mmio.QUEUE_DESC_LOW, ring.desc_addr),
+                          (mmio.QUEUE_AVAIL_LOW, ring.avail_addr),
+                          (mmio.QUEUE_USED_LOW, ring.used_addr)):
+            w32(t, low, addr)
+        w32(t, mmio.QUEUE_READY, 1)
+    w32(t, mmio.STATUS, status | spec.VIRTIO_CONFIG_S_DRIVER_OK)
+    assert t.active
+    return rings
+
+
+def submit(t, rings, index, buffers):
+    """Make one chain available on queue index, kick, wait for it: its used length."""
+    q = t.queues[index]
+    head = rings[index].add(buffers)
+    os.eventfd_write(q.kick_fd, 1)
+    deadline = time.monotonic() + 10
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([q.call_fd], [], [], left)[0], "no interrupt"
+        os.eventfd_read(q.call_fd)
+        used = rings[index].pop_used()
+        if used:
+            assert [h for h, _ in used] == [head]
+            return used[0][1]
+
+
+@pytest.fixture
+def transport(memory16):
+    made = []
+
+    def make(device):
+        t = mmio.VirtioMmio(device, RecordingVm(), memory16, 0xD000_0000, 5)
+        made.append((t, device))
+        return t
+    yield make
+    for t, device in made:
+        t.close()
+        device.close()
+
+
+def test_rng_on_pyvmm_backend_rng(tmp_path, memory16, transport):
+    with pyvmm_backend(str(tmp_path), "rng") as (sock, _):
+        device, _, summary = plan_rng(VhostUserConfig(sock, kind="rng"), 0, None)
+        assert summary == f"hwrng: virtio-rng via vhost-user {sock}"
+        t = transport(device)
+        assert r32(t, mmio.DEVICE_ID) == spec.VIRTIO_ID_RNG
+        rings = start_driver(t, memory16, [0])
+        memory16.write(BUF, bytes(256))
+        assert submit(t, rings, 0, [(BUF, 256, True)]) == 256
+        assert memory16.read(BUF, 256) != bytes(256)
+
+
+def test_vsock_on_pyvmm_backend_vsock(tmp_path, memory16, transport):
+    """The CID comes from the back-end's config space; a guest connection to
+    the host's port 5000 reaches the Unix socket UDS_5000."""
+    uds = str(tmp_path / "vm.vsock")
+    with pyvmm_backend(str(tmp_path), "vsock", "--guest-cid", "7", "--uds-path", uds) \
+            as (sock, _), socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(f"{uds}_5000")
+        listener.listen(1)
+        listener.settimeout(10)
+        with pytest.raises(DeviceError, match="the back-end serves CID 7, not cid=8"):
+            plan_vsock_user(VhostUserConfig(sock, kind="vsock", cid=8), None)
+        device, _, summary = plan_vsock_user(VhostUserConfig(sock, kind="vsock"), None)
+        assert summary == f"vsock CID 7 via vhost-user {sock}"
+        t = transport(device)
+        assert t.read(mmio.CONFIG, 4) == 7
+        rings = start_driver(t, memory16, [0, 1, 2])
+        assert list(device.vhost_queues()) == [0, 1]      # the event queue stays with pyvmm
+        rx = rings[0].add([(BUF + 0x1000, HDR.size + 4096, True)])
+        os.eventfd_write(t.queues[0].kick_fd, 1)
+        memory16.write(BUF, HDR.pack(7, 2, 1025, 5000, 0, VIRTIO_VSOCK_TYPE_STREAM,
+                                     VIRTIO_VSOCK_OP_REQUEST, 0, 65536, 0))
+        assert submit(t, rings, 1, [(BUF, HDR.size, False)]) == 0
+        conn, _ = listener.accept()
+        conn.close()
+        deadline = time.monotonic() + 10
+        while not (used := rings[0].pop_used()):
+            assert time.monotonic() < deadline, "no RESPONSE"
+            time.sleep(0.02)
+        assert used[0][0] == rx
+        header = HDR.unpack(memory16.read(BUF + 0x1000, HDR.size))
+        assert header[:4] == (2, 7, 5000, 1025) and header[6] == VIRTIO_VSOCK_OP_RESPONSE
+
+
+def test_a_generic_device_is_a_disk_on_qemu_storage_daemon(tmp_path, memory16, transport):
+    """--device vhost-user,virtio-id=2: no blk model, yet the guest's driver
+    finds a disk: the config space is the back-end's, requests go through."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(64 << 10) + bytes(MiB - (64 << 10)))
+    with storage_daemon(str(tmp_path), image) as sock:
+        # (qemu-storage-daemon serves one front-end at a time: this one first.)
+        with pytest.raises(DeviceError, match="queues=4, but the back-end serves at most 1"):
+            plan_generic(VhostUserConfig(sock, kind="device", virtio_id=2, queues=4), 1, None)
+        device, _, summary = plan_generic(
+            VhostUserConfig(sock, kind="device", virtio_id=2), 0, None)
+        assert summary == (f"virtio device id 2, 1 queue, 60 bytes of config space, "
+                           f"via vhost-user {sock}")
+        t = transport(device)
+        assert r32(t, mmio.DEVICE_ID) == 2
+        assert t.read(mmio.CONFIG, 4) == MiB // 512                # capacity
+        assert device.features & (1 << 9)                          # VIRTIO_BLK_F_FLUSH
+        assert not device.features & (1 << spec.VIRTIO_F_RING_PACKED)
+        rings = start_driver(t, memory16, [0])
+        memory16.write(BUF, struct.pack("<IIQ", 0, 0, 0))          # VIRTIO_BLK_T_IN, sector 0
+        used = submit(t, rings, 0, [(BUF, 16, False), (BUF + 0x1000, 4096, True),
+                                    (BUF + 0x2000, 1, True)])
+        assert used == 4097 and memory16.read(BUF + 0x2000, 1) == b"\0"
+        assert memory16.read(BUF + 0x1000, 4096) == image.read_bytes()[:4096]

@@ -1,0 +1,49 @@
+"""pyvmm boots the tiny guest with --rng, --vsock and --device on vhost-user
+back-ends: pyvmm's own (`pyvmm backend rng|vsock`) and qemu-storage-daemon
+behind the generic --device."""
+
+import hashlib
+import os
+
+import pytest
+from backends import pyvmm_backend, storage_daemon
+from guestvm import HybridVsockHost, finish, guest_sha256, start
+
+pytestmark = pytest.mark.testbed
+
+MiB = 1 << 20
+
+
+def test_rng_and_vsock_on_two_back_ends_in_one_vm(tmp_path):
+    """Two devices of different types, each on its own back-end process."""
+    uds = str(tmp_path / "vm.vsock")
+    host = HybridVsockHost(uds, 1 * MiB)
+    with pyvmm_backend(str(tmp_path), "rng") as (rng, _), \
+            pyvmm_backend(str(tmp_path), "vsock", "--guest-cid", "5", "--uds-path", uds) \
+            as (vsock, _):
+        host.start()
+        proc = start("--rng", f"vhost-user,socket={rng}", "--vsock", f"vhost-user,socket={vsock}",
+                     guest_cmd="cat /sys/class/misc/hw_random/rng_current; "
+                               "head -c 4096 /dev/hwrng | gzip -c | wc -c; "
+                               + HybridVsockHost.guest_script(1 * MiB))
+        rc, out, err = finish(proc)
+    assert rc == 0, out + err
+    assert "vsock CID 5 via vhost-user" in err and "hwrng: virtio-rng via vhost-user" in err
+    lines = out.split()
+    assert lines[0].startswith("virtio_rng")
+    assert int(lines[1]) > 4096                        # random bytes do not compress
+    host.check(out)
+
+
+def test_the_generic_device_gives_a_working_disk(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(4 * MiB) + bytes(4 * MiB))
+    with storage_daemon(str(tmp_path), image) as sock:
+        proc = start("--device", f"vhost-user,socket={sock},virtio-id=2",
+                     guest_cmd="cat /sys/block/vda/size; "
+                               "dd if=/dev/vda bs=1M count=4 2>/dev/null | sha256sum")
+        rc, out, err = finish(proc)
+    assert rc == 0, out + err
+    assert "virtio device id 2, 1 queue, 60 bytes of config space" in err
+    assert out.split()[0] == str(8 * MiB // 512)
+    assert guest_sha256(out) == hashlib.sha256(image.read_bytes()[:4 * MiB]).hexdigest()
