@@ -155,6 +155,18 @@ def parse_blk(text):
     return parse_vhost_user(text, "--blk", "/tmp/vub.sock")[0]
 
 
+def parse_fs(text):
+    cfg, opts = parse_vhost_user(text, "--fs", "/tmp/vfs.sock,tag=share", {"tag", "queues"})
+    tag = opts.get("tag")
+    if not tag or len(tag.encode()) > 36:
+        raise argparse.ArgumentTypeError("--fs: give the tag the guest mounts, tag=NAME "
+                                         "(1 to 36 bytes)")
+    cfg.tag = tag
+    if "queues" in opts:
+        cfg.queues = _number("--fs", "queues", opts["queues"], 1, 63)
+    return cfg
+
+
 def parse_rng(text):
     return parse_vhost_user(text, "--rng", "/tmp/rng.sock")[0]
 
@@ -260,6 +272,11 @@ def build_parser():
                           "the back-end to connect. Size, block size, read-only and queue "
                           "count come from the back-end, which must answer each message "
                           "within S seconds (default 10). Repeat for more disks")
+    run.add_argument("--fs", type=parse_fs, action="append", default=[],
+                     metavar="vhost-user,socket=PATH,tag=TAG[,queues=N][,server][,timeout=S]",
+                     help="a virtio-fs file system served by a vhost-user back-end such as "
+                          "virtiofsd; the guest mounts it with 'mount -t virtiofs TAG DIR'. "
+                          "N request queues (default 1) besides the high-priority one")
     run.add_argument("--rng", type=parse_rng, action="append", default=[],
                      metavar="vhost-user,socket=PATH[,server][,timeout=S]",
                      help="a virtio-rng device (the guest's /dev/hwrng) served by a vhost-user "
@@ -356,7 +373,7 @@ def cmd_run(args, started_at):
     config = MachineConfig(kernel=args.kernel, initrd=None if args.initrd == "none" else args.initrd,
                            cmdline=cmdline, mem_size=args.mem, cpus=args.cpus,
                            hugepages=args.hugepages, nets=args.net, vsock=args.vsock,
-                           blks=args.blk, rngs=args.rng, generic=args.device)
+                           blks=args.blk, rngs=args.rng, generic=args.device, fss=args.fs)
 
     made = make_console(args, command)
     if made is None:

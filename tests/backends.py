@@ -76,6 +76,22 @@ def storage_daemon(directory, image, queues=1, writable=True, procs=None):
         _stop(proc)
 
 
+@contextlib.contextmanager
+def virtiofsd(directory, source):
+    """QEMU's C virtiofsd sharing source; yields its socket path. It serves one
+    front-end and exits when that one goes (one per test)."""
+    sock = os.path.join(directory, "vfs.sock")
+    proc = subprocess.Popen(["/usr/lib/qemu/virtiofsd", f"--socket-path={sock}",
+                             "-o", f"source={source}", "-o", "cache=none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True)
+    try:
+        _wait_for_socket(proc, sock, "virtiofsd")
+        yield sock
+    finally:
+        _stop(proc)
+
+
 class FakeBackEnd:
     """A small vhost-user back-end for tests, on the protocol core's back-end
     session: it answers the handshake from what it is given and records the

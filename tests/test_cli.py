@@ -118,7 +118,9 @@ def test_net_and_vsock_options_parse():
 
 
 def test_vhost_user_device_options_parse():
-    from pyvmm.cli import parse_device, parse_rng, parse_vsock
+    from pyvmm.cli import parse_device, parse_fs, parse_rng, parse_vsock
+    cfg = parse_fs("vhost-user,socket=/tmp/f.sock,tag=share,queues=2,server")
+    assert (cfg.kind, cfg.tag, cfg.queues, cfg.server) == ("fs", "share", 2, True)
     cfg = parse_vsock("vhost-user,socket=/tmp/v.sock,cid=9,server")
     assert (cfg.kind, cfg.socket, cfg.cid, cfg.server) == ("vsock", "/tmp/v.sock", 9, True)
     assert parse_vsock("vhost-user,socket=/tmp/v.sock").cid is None   # the back-end says
@@ -143,6 +145,9 @@ def test_vhost_user_device_options_parse():
     (["--rng", "vhost-kernel"], "the back-end must be vhost-user"),
     (["--rng", "vhost-user,socket=/s,timeout=0"], "give seconds, more than 0"),
     (["--device", "vhost-user,socket=/s"], "give the device type, virtio-id=N"),
+    (["--fs", "vhost-user,socket=/s"], "give the tag the guest mounts, tag=NAME"),
+    (["--fs", "vhost-user,socket=/s,tag=" + "x" * 37], "(1 to 36 bytes)"),
+    (["--fs", "vhost-user,socket=/s,tag=t,queues=64"], "queues=64: give a number from 1 to 63"),
     (["--device", "vhost-user,socket=/s,virtio-id=x"], "virtio-id=x: give a device id"),
     (["--device", "vhost-user,socket=/s,virtio-id=2,queue-size=100"], "give a power of 2"),
     (["--device", "vhost-user,socket=/s,virtio-id=2,queues=0"], "queues=0: give a number"),

@@ -154,3 +154,35 @@ def test_a_generic_device_is_a_disk_on_qemu_storage_daemon(tmp_path, memory16, t
                                     (BUF + 0x2000, 1, True)])
         assert used == 4097 and memory16.read(BUF + 0x2000, 1) == b"\0"
         assert memory16.read(BUF + 0x1000, 4096) == image.read_bytes()[:4096]
+
+
+FUSE_INIT = 26
+FUSE_IN_HEADER = struct.Struct("<IIQQIIIHH")      # len, opcode, unique, nodeid, uid, gid, pid, ...
+FUSE_OUT_HEADER = struct.Struct("<IiQ")           # len, error, unique
+
+
+def test_fs_on_virtiofsd_answers_fuse_init(tmp_path, memory16, transport):
+    """--fs vhost-user,tag=TAG: the tag and queue count are pyvmm's config space;
+    a FUSE_INIT on the request queue comes back from virtiofsd."""
+    from backends import virtiofsd
+
+    from pyvmm.vmm.virtio_devices import plan_fs
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with virtiofsd(str(tmp_path), shared) as sock:
+        device, _, summary = plan_fs(VhostUserConfig(sock, kind="fs", tag="share"), 0, None)
+        assert summary.startswith("file system 'share' (1 request queue) via vhost-user")
+        t = transport(device)
+        assert r32(t, mmio.DEVICE_ID) == spec.VIRTIO_ID_FS
+        assert t.read(mmio.CONFIG, 4) == int.from_bytes(b"shar", "little")
+        assert t.read(mmio.CONFIG + 36, 4) == 1                 # num_request_queues
+        rings = start_driver(t, memory16, [0, 1])
+        init_in = struct.pack("<IIII", 7, 31, 0, 0)             # major, minor, readahead, flags
+        memory16.write(BUF, FUSE_IN_HEADER.pack(FUSE_IN_HEADER.size + len(init_in), FUSE_INIT,
+                                                1, 0, 0, 0, 0, 0, 0) + init_in)
+        used = submit(t, rings, 1, [(BUF, FUSE_IN_HEADER.size + len(init_in), False),
+                                    (BUF + 0x1000, 256, True)])
+        length, error, unique = FUSE_OUT_HEADER.unpack(memory16.read(BUF + 0x1000, 16))
+        assert (error, unique) == (0, 1) and length == used
+        major, minor = struct.unpack("<II", memory16.read(BUF + 0x1010, 8))
+        assert major == 7

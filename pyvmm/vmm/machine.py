@@ -44,6 +44,7 @@ class MachineConfig:
     vsock: object = None                       # VsockConfig or VhostUserConfig
     blks: list = field(default_factory=list)   # VhostUserConfig per --blk
     rngs: list = field(default_factory=list)   # VhostUserConfig per --rng
+    fss: list = field(default_factory=list)    # VhostUserConfig per --fs
     generic: list = field(default_factory=list)  # VhostUserConfig per --device
     tracer: object = None                      # a vhost-user Tracer (--trace vhost-user)
 
@@ -84,7 +85,8 @@ class Machine:
         self._closers.append(self.memory.close)
         self.devices = plan_devices(config.nets, config.vsock, config.blks,
                                     tracer=config.tracer.for_device if config.tracer else None,
-                                    rngs=config.rngs, generic=config.generic)
+                                    rngs=config.rngs, generic=config.generic,
+                                    fss=config.fss)
         for planned in self.devices:
             self._closers.append(planned.device.close)
         self.mark("guest memory and the devices' host side")

@@ -6,8 +6,8 @@ where most user errors show up, and the kernel command line entries that
 announce the device and configure the guest's end. After: the virtio-mmio
 transport, whose eventfds KVM wires up.
 
-Each device is a model (devices/virtio/net.py, vsock.py, blk.py, rng.py,
-generic.py) on a queue back-end: the kernel's vhost (vhost_kernel.py) or a vhost-user
+Each device is a model (devices/virtio/net.py, vsock.py, blk.py, fs.py,
+rng.py, generic.py) on a queue back-end: the kernel's vhost (vhost_kernel.py) or a vhost-user
 back-end process (vhost_user.py).
 """
 
@@ -48,7 +48,7 @@ class VsockConfig:
 
 @dataclass
 class VhostUserConfig:
-    """--blk, --rng, --vsock or --device vhost-user,socket=PATH[,server][,timeout=S]
+    """--blk, --fs, --rng, --vsock or --device vhost-user,socket=PATH[,server][,timeout=S]
     and each option's own keys."""
     socket: str
     server: bool = False
@@ -59,6 +59,7 @@ class VhostUserConfig:
     queues: int = None           # device: default the back-end's count (GET_QUEUE_NUM)
     queue_size: int = 256        # device: the most entries a queue may have
     config_size: int = None      # device: default the known size for virtio_id
+    tag: str = None              # fs: what the guest mounts
 
 
 BlkConfig = VhostUserConfig
@@ -259,6 +260,26 @@ def plan_vsock_user(cfg, tracer):
     return device, [], f"vsock CID {cid} via vhost-user {cfg.socket}"
 
 
+def plan_fs(cfg, index, tracer):
+    """One --fs vhost-user,tag=TAG: a file system the guest mounts by its tag."""
+    from pyvmm.devices.virtio.fs import VirtioFs
+    name = f"virtio-fs{index}"
+    backend = open_vhost_user(cfg, name, tracer)
+    try:
+        most = backend.frontend.max_queues
+        queues = cfg.queues or 1
+        if most and 1 + queues > most:
+            raise DeviceError(f"--fs socket={cfg.socket}: queues={queues} request queues and "
+                              f"the high-priority one, but the back-end serves at most {most}")
+        device = VirtioFs(backend, cfg.tag, queues, name)
+    except BaseException:
+        backend.close()
+        raise
+    return device, [], (f"file system '{cfg.tag}' ({queues} request "
+                        f"queue{'s' if queues > 1 else ''}) via vhost-user {cfg.socket}: "
+                        f"mount -t virtiofs {cfg.tag} DIR")
+
+
 def plan_generic(cfg, index, tracer):
     """One --device vhost-user,virtio-id=N: a device pyvmm has no model for."""
     from pyvmm.devices.virtio.generic import VirtioGeneric
@@ -283,14 +304,15 @@ def plan_generic(cfg, index, tracer):
                         f"queue{'s' if queues > 1 else ''}{config}, via vhost-user {cfg.socket}")
 
 
-def plan_devices(nets, vsock, blks=(), tracer=None, rngs=(), generic=()):
+def plan_devices(nets, vsock, blks=(), tracer=None, rngs=(), generic=(), fss=()):
     """Host side of every device, in the order the guest will find them.
 
     vsock: a VsockConfig (vhost-vsock) or a VhostUserConfig; tracer(device
     name): a tracer(direction, message) for its vhost-user messages
     (--trace vhost-user), or None.
     """
-    count = len(nets) + (vsock is not None) + len(blks) + len(rngs) + len(generic)
+    count = (len(nets) + (vsock is not None) + len(blks) + len(rngs) + len(generic)
+             + len(fss))
     if count > len(VIRTIO_GSIS):
         raise DeviceError(f"at most {len(VIRTIO_GSIS)} virtio devices")
     planned = []
@@ -303,6 +325,8 @@ def plan_devices(nets, vsock, blks=(), tracer=None, rngs=(), generic=()):
             planned.append(plan_vsock_user(vsock, tracer))
         elif vsock is not None:
             planned.append(plan_vsock(vsock))
+        for i, cfg in enumerate(fss):
+            planned.append(plan_fs(cfg, i, tracer))
         for i, cfg in enumerate(rngs):
             planned.append(plan_rng(cfg, i, tracer))
         for i, cfg in enumerate(generic):

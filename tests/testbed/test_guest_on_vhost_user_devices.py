@@ -1,12 +1,13 @@
-"""pyvmm boots the tiny guest with --rng, --vsock and --device on vhost-user
-back-ends: pyvmm's own (`pyvmm backend rng|vsock`) and qemu-storage-daemon
-behind the generic --device."""
+"""pyvmm boots the tiny guest with --fs, --rng, --vsock and --device on
+vhost-user back-ends: virtiofsd, pyvmm's own (`pyvmm backend rng|vsock`),
+and qemu-storage-daemon behind the generic --device."""
 
 import hashlib
 import os
+import re
 
 import pytest
-from backends import pyvmm_backend, storage_daemon
+from backends import pyvmm_backend, storage_daemon, virtiofsd
 from guestvm import HybridVsockHost, finish, guest_sha256, start
 
 pytestmark = pytest.mark.testbed
@@ -47,3 +48,26 @@ def test_the_generic_device_gives_a_working_disk(tmp_path):
     assert "virtio device id 2, 1 queue, 60 bytes of config space" in err
     assert out.split()[0] == str(8 * MiB // 512)
     assert guest_sha256(out) == hashlib.sha256(image.read_bytes()[:4 * MiB]).hexdigest()
+
+
+def test_a_virtiofsd_share_is_read_written_and_listed(tmp_path):
+    shared = tmp_path / "shared"
+    (shared / "dir").mkdir(parents=True)
+    data = os.urandom(3 * MiB)
+    (shared / "from-host").write_bytes(data)
+    for name in ("one", "two", "three"):
+        (shared / "dir" / name).write_text(name)
+    with virtiofsd(str(tmp_path), shared) as sock:
+        proc = start("--fs", f"vhost-user,socket={sock},tag=share",
+                     guest_cmd="mkdir /tmp/s && mount -t virtiofs share /tmp/s && "
+                               "sha256sum /tmp/s/from-host && echo listing: $(ls /tmp/s/dir) && "
+                               "head -c 1048576 /dev/urandom > /tmp/s/from-guest && "
+                               "sha256sum /tmp/s/from-guest && umount /tmp/s && echo unmounted")
+        rc, out, err = finish(proc)
+    assert rc == 0, out + err
+    assert "file system 'share' (1 request queue) via vhost-user" in err
+    sums = re.findall(r"^([0-9a-f]{64})\s", out, re.M)
+    assert sums[0] == hashlib.sha256(data).hexdigest()
+    assert re.search(r"^listing: (.*)$", out, re.M).group(1).split() == ["one", "three", "two"]
+    assert sums[1] == hashlib.sha256((shared / "from-guest").read_bytes()).hexdigest()
+    assert "unmounted" in out
