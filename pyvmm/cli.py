@@ -112,28 +112,42 @@ def parse_vhost_user(text, option, example, keys=()):
     return cfg, opts
 
 
+def _mac(text):
+    if not MAC_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"--net mac={text}: use six hex bytes, "
+                                         "e.g. 02:00:00:00:00:01")
+    mac = bytes.fromhex(text.replace(":", ""))
+    if mac[0] & 1:
+        raise argparse.ArgumentTypeError(f"--net mac={text}: a multicast address")
+    return mac
+
+
+def _interface(key, text):
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--net {key}={text}: give an address with prefix, e.g. 10.0.0.1/24") from None
+
+
 def parse_net(text):
     from pyvmm.vmm.virtio_devices import NetConfig
-    opts = parse_backend_options(text, "--net", {"tap", "mac", "host-ip", "guest-ip"})
+    if text.split(",")[0] == "vhost-user":
+        cfg, opts = parse_vhost_user(text, "--net", "/tmp/net.sock", {"mac", "guest-ip"})
+        cfg.mac = _mac(opts["mac"]) if "mac" in opts else None
+        cfg.guest_ip = _interface("guest-ip", opts["guest-ip"]) if "guest-ip" in opts else None
+        return cfg
+    opts = parse_backend_options(text, "--net", {"tap", "mac", "host-ip", "guest-ip"},
+                                 kind=("vhost-kernel", "vhost-user"))
     cfg = NetConfig(tap=opts.get("tap") or None)
     if cfg.tap and (len(cfg.tap.encode()) > 15 or "/" in cfg.tap):
         raise argparse.ArgumentTypeError(f"--net tap={cfg.tap}: an interface name has at most "
                                          "15 characters and no '/'")
     if "mac" in opts:
-        if not MAC_RE.fullmatch(opts["mac"]):
-            raise argparse.ArgumentTypeError(f"--net mac={opts['mac']}: use six hex bytes, "
-                                             "e.g. 02:00:00:00:00:01")
-        cfg.mac = bytes.fromhex(opts["mac"].replace(":", ""))
-        if cfg.mac[0] & 1:
-            raise argparse.ArgumentTypeError(f"--net mac={opts['mac']}: a multicast address")
+        cfg.mac = _mac(opts["mac"])
     for key in ("host-ip", "guest-ip"):
         if key in opts:
-            try:
-                value = ipaddress.ip_interface(opts[key])
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"--net {key}={opts[key]}: give an address with prefix, e.g. 10.0.0.1/24") from None
-            setattr(cfg, key.replace("-", "_"), value)
+            setattr(cfg, key.replace("-", "_"), _interface(key, opts[key]))
     return cfg
 
 
@@ -255,10 +269,13 @@ def build_parser():
                      metavar="stdio|file:PATH",
                      help="where the serial console goes (default stdio: your terminal)")
     run.add_argument("--net", type=parse_net, action="append", default=[],
-                     metavar="vhost-kernel[,tap=NAME][,mac=MAC][,host-ip=CIDR][,guest-ip=CIDR]",
+                     metavar="vhost-kernel[,tap=NAME][,mac=MAC][,host-ip=CIDR][,guest-ip=CIDR] "
+                             "| vhost-user,socket=PATH[,mac=MAC][,guest-ip=CIDR][,server]",
                      help="a virtio-net NIC whose packets the kernel's vhost-net moves to "
-                          "a tap; by default a new tap pyvmmN with 10.10.N.1/30 on the host "
-                          "and 10.10.N.2/30 as the guest's ethN. Repeat for more NICs")
+                          "a tap (by default a new tap pyvmmN with 10.10.N.1/30 on the host "
+                          "and 10.10.N.2/30 as the guest's ethN), or a vhost-user back-end "
+                          "such as DPDK's vhost PMD (dpdk-testpmd --vdev net_vhost0,iface=PATH) "
+                          "moves. Repeat for more NICs")
     run.add_argument("--vsock", type=parse_vsock,
                      metavar="vhost-kernel[,cid=N] | vhost-user,socket=PATH[,cid=N]",
                      help="a virtio-vsock device served by the kernel's vhost-vsock (the "

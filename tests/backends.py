@@ -92,6 +92,33 @@ def virtiofsd(directory, source):
         _stop(proc)
 
 
+@contextlib.contextmanager
+def dpdk_testpmd(directory, mode="icmpecho", client=False):
+    """DPDK's dpdk-testpmd with a net_vhost port on a socket in directory, in
+    forwarding mode `mode` (icmpecho answers ARP and ping); yields (socket
+    path, a dict that gets its "output" once it has exited). With client,
+    it connects to the socket (the front-end listens) and reconnects."""
+    sock = os.path.join(directory, "net.sock")
+    prefix = f"pyvmm{os.getpid()}{abs(hash(directory)) % 10000}"
+    vdev = f"net_vhost0,iface={sock},queues=1" + (",client=1" if client else "")
+    proc = subprocess.Popen(
+        ["dpdk-testpmd", "-l", "0-1", "--no-pci", "--no-huge", "-m", "256",
+         f"--file-prefix={prefix}", "--vdev", vdev, "--", "--no-mlockall",
+         "--total-num-mbufs=8192", f"--forward-mode={mode}", "--auto-start"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = {}
+    try:
+        if not client:
+            _wait_for_socket(proc, sock, "dpdk-testpmd")
+        yield sock, result
+    finally:
+        try:
+            result["output"] = proc.communicate("\n", timeout=20)[0]   # "Press enter to exit"
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            result["output"] = proc.communicate()[0]
+
+
 class FakeBackEnd:
     """A small vhost-user back-end for tests, on the protocol core's back-end
     session: it answers the handshake from what it is given and records the

@@ -133,7 +133,9 @@ def test_vhost_user_device_options_parse():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--net", "vhost-user"], "the back-end must be vhost-kernel"),
+    (["--net", "vhost-net"], "the back-end must be vhost-kernel or vhost-user"),
+    (["--net", "vhost-user,mac=02:00:00:00:00:01"], "give the back-end's socket"),
+    (["--net", "vhost-user,socket=/s,mac=01:00:00:00:00:01"], "a multicast address"),
     (["--net", "vhost-kernel,speed=fast"], "unknown option 'speed=fast'"),
     (["--net", "vhost-kernel,mac=01:00:00:00:00:01"], "a multicast address"),
     (["--net", "vhost-kernel,mac=xyz"], "use six hex bytes"),

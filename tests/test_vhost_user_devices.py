@@ -186,3 +186,60 @@ def test_fs_on_virtiofsd_answers_fuse_init(tmp_path, memory16, transport):
         assert (error, unique) == (0, 1) and length == used
         major, minor = struct.unpack("<II", memory16.read(BUF + 0x1010, 8))
         assert major == 7
+
+
+def arp_request(mac, sender_ip, target_ip):
+    """An Ethernet frame with an ARP who-has."""
+    return (b"\xff" * 6 + mac + b"\x08\x06"
+            + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + socket.inet_aton(sender_ip)
+            + bytes(6) + socket.inet_aton(target_ip))
+
+
+def test_net_on_dpdk_testpmd_answers_arp(tmp_path, memory16, transport):
+    """--net vhost-user on DPDK's vhost PMD (testpmd, icmpecho): an ARP request
+    sent on the transmit queue comes back answered on the receive queue."""
+    from backends import dpdk_testpmd
+
+    from pyvmm.vmm.virtio_devices import plan_net_user
+    mac = bytes.fromhex("020000000001")
+    with dpdk_testpmd(str(tmp_path)) as (sock, result):
+        device, args, summary = plan_net_user(
+            VhostUserConfig(sock, kind="net", mac=mac), 0, None)
+        assert summary == f"eth0 (02:00:00:00:00:01) via vhost-user {sock}"
+        t = transport(device)
+        assert t.read(mmio.CONFIG, 4) == int.from_bytes(mac[:4], "little")   # pyvmm's MAC
+        rings = start_driver(t, memory16, [0, 1])
+        q_rx = t.queues[0]
+        rx_buffers = {}
+        for i in range(8):
+            addr = BUF + 0x10000 + i * 0x1000
+            rx_buffers[rings[0].add([(addr, 2048, True)])] = addr
+        os.eventfd_write(q_rx.kick_fd, 1)
+        frame = bytes(12) + arp_request(mac, "10.0.0.2", "10.0.0.1")   # virtio_net_hdr_v1
+        memory16.write(BUF, frame)
+        rings[1].add([(BUF, len(frame), False)])
+        os.eventfd_write(t.queues[1].kick_fd, 1)
+        deadline = time.monotonic() + 10
+        while not (used := rings[0].pop_used()):
+            assert time.monotonic() < deadline, "no frame came back"
+            select.select([q_rx.call_fd], [], [], 0.2)
+        head, length = used[0]
+        reply = memory16.read(rx_buffers[head], length)[12:]
+    assert reply[12:14] == b"\x08\x06" and reply[20:22] == b"\x00\x02"    # an ARP reply
+    assert reply[0:6] == mac                                             # to us
+    assert "RX-packets: 1" in result["output"]
+
+
+def test_pyvmm_listens_and_testpmd_connects(tmp_path):
+    """server: pyvmm listens (0600) and DPDK's vhost PMD, a client (client=1), connects."""
+    from backends import dpdk_testpmd
+
+    from pyvmm.vmm.virtio_devices import plan_net_user
+    with dpdk_testpmd(str(tmp_path), client=True) as (sock, _):
+        device, _, summary = plan_net_user(
+            VhostUserConfig(sock, kind="net", server=True), 1, None)
+        try:
+            assert summary.startswith("eth1 (02:70:79:76:6d:01) via vhost-user")
+            assert device.backend.features() & (1 << spec.VIRTIO_F_VERSION_1)
+        finally:
+            device.close()

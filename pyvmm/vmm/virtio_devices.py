@@ -48,7 +48,7 @@ class VsockConfig:
 
 @dataclass
 class VhostUserConfig:
-    """--blk, --fs, --rng, --vsock or --device vhost-user,socket=PATH[,server][,timeout=S]
+    """--blk, --fs, --net, --rng, --vsock or --device vhost-user,socket=PATH[,server][,timeout=S]
     and each option's own keys."""
     socket: str
     server: bool = False
@@ -60,6 +60,8 @@ class VhostUserConfig:
     queue_size: int = 256        # device: the most entries a queue may have
     config_size: int = None      # device: default the known size for virtio_id
     tag: str = None              # fs: what the guest mounts
+    mac: bytes = None            # net: the guest's MAC (default 02:70:79:76:6d:N)
+    guest_ip: object = None      # net: an ipaddress.ip_interface for the guest's ethN
 
 
 BlkConfig = VhostUserConfig
@@ -120,8 +122,7 @@ def plan_net(cfg, index):
             guest_ip = guest_ip or peer_address(host_ip)
         else:
             tap.up()
-        number = int(re.sub(r"\D", "", tap.name) or 0) & 0xFF
-        mac = cfg.mac or bytes([0x02, 0x70, 0x79, 0x76, 0x6D, number])
+        mac = cfg.mac or default_mac(int(re.sub(r"\D", "", tap.name) or 0))
         device = VirtioNet(VhostKernelNetBackend(vhost, tap), mac, name=f"virtio-net{index}")
     except BaseException:
         tap.close()
@@ -133,6 +134,28 @@ def plan_net(cfg, index):
                + (f", guest {guest_ip.ip}" if guest_ip else "")
                + (f", host {host_ip.ip}" if host_ip else ""))
     return device, args, summary
+
+
+def default_mac(index):
+    return bytes([0x02, 0x70, 0x79, 0x76, 0x6D, index & 0xFF])
+
+
+def plan_net_user(cfg, index, tracer):
+    """One --net vhost-user: a NIC whose packets a back-end such as DPDK's
+    vhost PMD moves; the MAC is pyvmm's (config space), the guest is eth{index}."""
+    from pyvmm.devices.virtio.net import VirtioNet
+    name = f"virtio-net{index}"
+    backend = open_vhost_user(cfg, name, tracer)
+    mac = cfg.mac or default_mac(index)
+    try:
+        device = VirtioNet(backend, mac, name=name)
+    except BaseException:
+        backend.close()
+        raise
+    dev = f"eth{index}"
+    args = [net_arg(dev, str(cfg.guest_ip) if cfg.guest_ip else "")]
+    return device, args, (f"{dev} ({':'.join(f'{b:02x}' for b in mac)}) via vhost-user "
+                          f"{cfg.socket}" + (f", guest {cfg.guest_ip.ip}" if cfg.guest_ip else ""))
 
 
 def plan_vsock(cfg):
@@ -320,7 +343,10 @@ def plan_devices(nets, vsock, blks=(), tracer=None, rngs=(), generic=(), fss=())
         for i, cfg in enumerate(blks):
             planned.append(plan_blk(cfg, i, tracer))
         for i, cfg in enumerate(nets):
-            planned.append(plan_net(cfg, i))
+            if isinstance(cfg, VhostUserConfig):
+                planned.append(plan_net_user(cfg, i, tracer))
+            else:
+                planned.append(plan_net(cfg, i))
         if isinstance(vsock, VhostUserConfig):
             planned.append(plan_vsock_user(vsock, tracer))
         elif vsock is not None:

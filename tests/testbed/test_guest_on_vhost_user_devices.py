@@ -1,13 +1,13 @@
-"""pyvmm boots the tiny guest with --fs, --rng, --vsock and --device on
-vhost-user back-ends: virtiofsd, pyvmm's own (`pyvmm backend rng|vsock`),
-and qemu-storage-daemon behind the generic --device."""
+"""pyvmm boots the tiny guest with --net, --fs, --rng, --vsock and --device
+on vhost-user back-ends: DPDK's testpmd, virtiofsd, pyvmm's own (`pyvmm
+backend rng|vsock`), and qemu-storage-daemon behind the generic --device."""
 
 import hashlib
 import os
 import re
 
 import pytest
-from backends import pyvmm_backend, storage_daemon, virtiofsd
+from backends import dpdk_testpmd, pyvmm_backend, storage_daemon, virtiofsd
 from guestvm import HybridVsockHost, finish, guest_sha256, start
 
 pytestmark = pytest.mark.testbed
@@ -71,3 +71,20 @@ def test_a_virtiofsd_share_is_read_written_and_listed(tmp_path):
     assert re.search(r"^listing: (.*)$", out, re.M).group(1).split() == ["one", "three", "two"]
     assert sums[1] == hashlib.sha256((shared / "from-guest").read_bytes()).hexdigest()
     assert "unmounted" in out
+
+
+@pytest.mark.parametrize("pyvmm_listens", [False, True], ids=["testpmd-listens", "pyvmm-listens"])
+def test_the_guest_pings_through_dpdk_testpmd(tmp_path, pyvmm_listens):
+    """testpmd in icmpecho mode answers ARP and ping for any address: the
+    guest's packets went through pyvmm's vhost-user NIC and came back. With
+    pyvmm as the server, testpmd is the client (client=1) and connects."""
+    with dpdk_testpmd(str(tmp_path), client=pyvmm_listens) as (sock, result):
+        proc = start("--net", f"vhost-user,socket={sock},guest-ip=10.0.0.2/24"
+                     + (",server" if pyvmm_listens else ""),
+                     guest_cmd="ping -c 3 -W 10 10.0.0.1")
+        rc, out, err = finish(proc)
+    assert rc == 0, out + err + result.get("output", "")
+    assert "eth0 (02:70:79:76:6d:00) via vhost-user" in err
+    assert re.search(r"3 packets transmitted, 3 (packets )?received", out), out
+    rx = re.search(r"RX-packets: (\d+)", result["output"])
+    assert rx and int(rx.group(1)) >= 4, result["output"]      # ARP and three pings

@@ -80,7 +80,9 @@ class VhostUserBackend(QueueBackend):
             raise DeviceError(f"{self.description} is gone ({self.failed})")
         fe = self.frontend
         try:
-            fe.set_features(features)
+            # Bits the model implements itself (a MAC in config space, say)
+            # are not the back-end's to ack (FE-10).
+            fe.set_features(features & self._features)
             fe.set_mem_table(memory)
             for q in queues:
                 fe.start_vring(q.index, q.size, VringAddr(q.desc, q.avail, q.used),
