@@ -133,8 +133,11 @@ def _interface(key, text):
 def parse_net(text):
     from pyvmm.vmm.virtio_devices import NetConfig
     if text.split(",")[0] == "vhost-user":
-        cfg, opts = parse_vhost_user(text, "--net", "/tmp/net.sock", {"mac", "guest-ip"})
+        cfg, opts = parse_vhost_user(text, "--net", "/tmp/net.sock",
+                                     {"mac", "guest-ip", "queues"})
         cfg.mac = _mac(opts["mac"]) if "mac" in opts else None
+        if "queues" in opts:
+            cfg.queues = _number("--net", "queues", opts["queues"], 1, 8)
         cfg.guest_ip = _interface("guest-ip", opts["guest-ip"]) if "guest-ip" in opts else None
         return cfg
     opts = parse_backend_options(text, "--net", {"tap", "mac", "host-ip", "guest-ip"},
@@ -270,12 +273,13 @@ def build_parser():
                      help="where the serial console goes (default stdio: your terminal)")
     run.add_argument("--net", type=parse_net, action="append", default=[],
                      metavar="vhost-kernel[,tap=NAME][,mac=MAC][,host-ip=CIDR][,guest-ip=CIDR] "
-                             "| vhost-user,socket=PATH[,mac=MAC][,guest-ip=CIDR][,server]",
+                             "| vhost-user,socket=PATH[,mac=MAC][,queues=N][,guest-ip=CIDR]"
+                             "[,server]",
                      help="a virtio-net NIC whose packets the kernel's vhost-net moves to "
                           "a tap (by default a new tap pyvmmN with 10.10.N.1/30 on the host "
                           "and 10.10.N.2/30 as the guest's ethN), or a vhost-user back-end "
                           "such as DPDK's vhost PMD (dpdk-testpmd --vdev net_vhost0,iface=PATH) "
-                          "moves. Repeat for more NICs")
+                          "moves, with N queue pairs (default 1). Repeat for more NICs")
     run.add_argument("--vsock", type=parse_vsock,
                      metavar="vhost-kernel[,cid=N] | vhost-user,socket=PATH[,cid=N]",
                      help="a virtio-vsock device served by the kernel's vhost-vsock (the "

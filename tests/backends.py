@@ -93,18 +93,20 @@ def virtiofsd(directory, source):
 
 
 @contextlib.contextmanager
-def dpdk_testpmd(directory, mode="icmpecho", client=False):
+def dpdk_testpmd(directory, mode="icmpecho", client=False, queues=1):
     """DPDK's dpdk-testpmd with a net_vhost port on a socket in directory, in
     forwarding mode `mode` (icmpecho answers ARP and ping); yields (socket
     path, a dict that gets its "output" once it has exited). With client,
-    it connects to the socket (the front-end listens) and reconnects."""
+    it connects to the socket (the front-end listens) and reconnects; queues:
+    queue pairs."""
     sock = os.path.join(directory, "net.sock")
     prefix = f"pyvmm{os.getpid()}{abs(hash(directory)) % 10000}"
-    vdev = f"net_vhost0,iface={sock},queues=1" + (",client=1" if client else "")
+    vdev = f"net_vhost0,iface={sock},queues={queues}" + (",client=1" if client else "")
     proc = subprocess.Popen(
         ["dpdk-testpmd", "-l", "0-1", "--no-pci", "--no-huge", "-m", "256",
          f"--file-prefix={prefix}", "--vdev", vdev, "--", "--no-mlockall",
-         "--total-num-mbufs=8192", f"--forward-mode={mode}", "--auto-start"],
+         "--total-num-mbufs=8192", f"--rxq={queues}", f"--txq={queues}",
+         f"--forward-mode={mode}", "--auto-start"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = {}
     try:

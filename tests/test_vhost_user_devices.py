@@ -243,3 +243,52 @@ def test_pyvmm_listens_and_testpmd_connects(tmp_path):
             assert device.backend.features() & (1 << spec.VIRTIO_F_VERSION_1)
         finally:
             device.close()
+
+
+def test_net_queue_pairs_are_enabled_by_the_driver_on_the_control_queue(tmp_path, memory16,
+                                                                        transport):
+    """queues=2: MQ and a control queue that pyvmm serves; the second pair stays
+    disabled until VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 2, then carries packets."""
+    from backends import dpdk_testpmd
+
+    from pyvmm.vmm.virtio_devices import plan_net_user
+    mac = bytes.fromhex("020000000002")
+    trace = []
+    with dpdk_testpmd(str(tmp_path), queues=2) as (sock, result):
+        device, _, summary = plan_net_user(
+            VhostUserConfig(sock, kind="net", mac=mac, queues=2), 0,
+            lambda name, names: lambda direction, message: direction == "->" and trace.append(
+                message))
+        assert ", 2 queue pairs via vhost-user" in summary
+        t = transport(device)
+        assert device.features & (1 << spec.VIRTIO_NET_F_MQ)
+        assert t.read(mmio.CONFIG + 8, 2) == 2                     # max_virtqueue_pairs
+        rings = start_driver(t, memory16, [0, 1, 2, 3, 4])
+        enables = [(m.payload.index, m.payload.num) for m in trace
+                   if m.request.name == "SET_VRING_ENABLE"]
+        assert enables == [(0, 1), (1, 1), (2, 0), (3, 0)]         # pair 1 waits
+        memory16.write(BUF, bytes([4, 0]) + struct.pack("<H", 2))  # MQ, VQ_PAIRS_SET, 2
+        memory16.write(BUF + 0x100, b"\xff")
+        head = rings[4].add([(BUF, 4, False), (BUF + 0x100, 1, True)])
+        t.write(mmio.QUEUE_NOTIFY, 4, 4)                           # the control queue: no fd
+        assert rings[4].pop_used() == [(head, 1)]
+        assert memory16.read(BUF + 0x100, 1) == b"\0"              # VIRTIO_NET_OK
+        enables = [(m.payload.index, m.payload.num) for m in trace
+                   if m.request.name == "SET_VRING_ENABLE"]
+        assert enables[-2:] == [(2, 1), (3, 1)]
+        # An ARP request on the second pair's transmit queue is answered on its receive queue.
+        rx_buffers = {}
+        for i in range(4):
+            addr = BUF + 0x10000 + i * 0x1000
+            rx_buffers[rings[2].add([(addr, 2048, True)])] = addr
+        os.eventfd_write(t.queues[2].kick_fd, 1)
+        frame = bytes(12) + arp_request(mac, "10.0.0.2", "10.0.0.1")
+        memory16.write(BUF + 0x2000, frame)
+        rings[3].add([(BUF + 0x2000, len(frame), False)])
+        os.eventfd_write(t.queues[3].kick_fd, 1)
+        deadline = time.monotonic() + 10
+        while not (used := rings[2].pop_used()):
+            assert time.monotonic() < deadline, "no frame came back on the second pair"
+            time.sleep(0.02)
+        reply = memory16.read(rx_buffers[used[0][0]], used[0][1])[12:]
+        assert reply[12:14] == b"\x08\x06" and reply[20:22] == b"\x00\x02"

@@ -56,7 +56,8 @@ class VhostUserConfig:
     kind: str = "blk"            # which option: blk, rng, vsock or device
     cid: int = None              # vsock: the guest's CID (default: the back-end's)
     virtio_id: int = None        # device: VIRTIO_ID_*
-    queues: int = None           # device: default the back-end's count (GET_QUEUE_NUM)
+    queues: int = None           # device: default the back-end's count (GET_QUEUE_NUM);
+                                 # fs: request queues; net: queue pairs
     queue_size: int = 256        # device: the most entries a queue may have
     config_size: int = None      # device: default the known size for virtio_id
     tag: str = None              # fs: what the guest mounts
@@ -144,18 +145,31 @@ def plan_net_user(cfg, index, tracer):
     """One --net vhost-user: a NIC whose packets a back-end such as DPDK's
     vhost PMD moves; the MAC is pyvmm's (config space), the guest is eth{index}."""
     from pyvmm.devices.virtio.net import VirtioNet
+    from pyvmm.virtio import spec
     name = f"virtio-net{index}"
-    backend = open_vhost_user(cfg, name, tracer)
+    backend = open_vhost_user(cfg, name, tracer, config_size=12)
     mac = cfg.mac or default_mac(index)
     try:
-        device = VirtioNet(backend, mac, name=name)
+        pairs, most = cfg.queues or 1, backend.frontend.max_queues
+        if pairs > 1 and not most:
+            raise DeviceError(f"--net socket={cfg.socket}: queues={pairs}, but the back-end "
+                              f"does not offer the MQ protocol feature")
+        if most and pairs > most:
+            raise DeviceError(f"--net socket={cfg.socket}: queues={pairs}, but the back-end "
+                              f"serves at most {most} queue pairs")
+        mtu = None
+        if backend.features() & spec.bit(spec.VIRTIO_NET_F_MTU) and backend.config_space:
+            mtu = int.from_bytes(backend.config_space[10:12], "little") or None
+        device = VirtioNet(backend, mac, name=name, queue_pairs=pairs, mtu=mtu)
     except BaseException:
         backend.close()
         raise
     dev = f"eth{index}"
     args = [net_arg(dev, str(cfg.guest_ip) if cfg.guest_ip else "")]
-    return device, args, (f"{dev} ({':'.join(f'{b:02x}' for b in mac)}) via vhost-user "
-                          f"{cfg.socket}" + (f", guest {cfg.guest_ip.ip}" if cfg.guest_ip else ""))
+    return device, args, (f"{dev} ({':'.join(f'{b:02x}' for b in mac)})"
+                          + (f", {pairs} queue pairs" if pairs > 1 else "")
+                          + (f", MTU {mtu}" if mtu else "") + f" via vhost-user {cfg.socket}"
+                          + (f", guest {cfg.guest_ip.ip}" if cfg.guest_ip else ""))
 
 
 def plan_vsock(cfg):

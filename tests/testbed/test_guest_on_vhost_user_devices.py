@@ -88,3 +88,21 @@ def test_the_guest_pings_through_dpdk_testpmd(tmp_path, pyvmm_listens):
     assert re.search(r"3 packets transmitted, 3 (packets )?received", out), out
     rx = re.search(r"RX-packets: (\d+)", result["output"])
     assert rx and int(rx.group(1)) >= 4, result["output"]      # ARP and three pings
+
+
+def test_two_queue_pairs_with_two_vcpus(tmp_path):
+    """queues=2: Linux turns the second pair on through pyvmm's control queue
+    (one pair per vCPU) and the guest still pings."""
+    trace = tmp_path / "trace.log"
+    with dpdk_testpmd(str(tmp_path), queues=2) as (sock, result):
+        proc = start("--cpus", "2", "--net", f"vhost-user,socket={sock},queues=2,"
+                                             f"guest-ip=10.0.0.2/24", "--trace-file", str(trace),
+                     guest_cmd="ls /sys/class/net/eth0/queues; ping -c 3 -W 10 10.0.0.1")
+        rc, out, err = finish(proc)
+    assert rc == 0, out + err + result.get("output", "")
+    assert "2 queue pairs via vhost-user" in err
+    assert out.split()[:4] == ["rx-0", "rx-1", "tx-0", "tx-1"]
+    text = trace.read_text()          # the second pair: off at start, on when the driver asks
+    assert re.search(r"SET_VRING_ENABLE \S* ?index=2 enable=0.*SET_VRING_ENABLE \S* ?index=2 "
+                     r"enable=1", text, re.S), text[-3000:]
+    assert re.search(r"3 packets transmitted, 3 (packets )?received", out), out

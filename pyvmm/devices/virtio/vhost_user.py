@@ -50,6 +50,9 @@ class VhostUserBackend(QueueBackend):
         self._started = []
         self.failed = None           # why the back-end is gone, once it is
         self._backend_session = None
+        # Queues the model keeps disabled at DRIVER_OK (a NIC's pairs past the
+        # first, until the driver asks for them: set_enabled()).
+        self.disabled_at_start = set()
         if config_size:
             self.refresh_config()
 
@@ -60,6 +63,11 @@ class VhostUserBackend(QueueBackend):
         """Read the config space again (GET_CONFIG); keep the last one on failure."""
         if self._config_size and self.frontend.has(PF.CONFIG):
             self.config_space = self.frontend.get_config(self._config_size)
+
+    def set_enabled(self, index, enabled):
+        """SET_VRING_ENABLE for a started queue (the model's decision)."""
+        if index in self._started and not self.failed:
+            self.frontend.set_vring_enable(index, enabled)
 
     def write_config(self, offset, data):
         """A driver's write into the config space: kept in the cache and sent on
@@ -89,7 +97,7 @@ class VhostUserBackend(QueueBackend):
                                q.kick_fd, q.call_fd, q.err_fd)
                 self._started.append(q.index)
                 if fe.negotiated.protocol_features_on:
-                    fe.set_vring_enable(q.index, True)
+                    fe.set_vring_enable(q.index, q.index not in self.disabled_at_start)
                 # FE-45: requests the guest queued before the back-end watched
                 # its kick fd would otherwise wait for the next kick.
                 os.eventfd_write(q.kick_fd, 1)
