@@ -292,3 +292,36 @@ def test_net_queue_pairs_are_enabled_by_the_driver_on_the_control_queue(tmp_path
             time.sleep(0.02)
         reply = memory16.read(rx_buffers[used[0][0]], used[0][1])[12:]
         assert reply[12:14] == b"\x08\x06" and reply[20:22] == b"\x00\x02"
+
+
+def test_net_passes_the_back_ends_mtu_on(tmp_path):
+    """A back-end offering VIRTIO_NET_F_MTU and CONFIG: its MTU reaches the
+    guest's config space, the MAC stays pyvmm's."""
+    import threading
+
+    from backends import FakeBackEnd
+
+    from pyvmm.vhost.user.channel import Listener
+    from pyvmm.vhost.user.messages import FrontendReq, ProtocolFeature as PF
+    from pyvmm.vmm.virtio_devices import plan_net_user
+    path = str(tmp_path / "net.sock")
+    listener = Listener(path)
+    config = bytes.fromhex("0a0b0c0d0e0f") + struct.pack("<HHH", 1, 1, 9000)
+
+    def back_end():
+        be = FakeBackEnd(listener.accept("pyvmm"), features=1 << 32 | 1 << 30
+                         | 1 << spec.VIRTIO_NET_F_MTU,
+                         protocol=PF.REPLY_ACK.mask | PF.CONFIG.mask, config=config)
+        be.serve_until(FrontendReq.GET_CONFIG)
+    thread = threading.Thread(target=back_end)
+    thread.start()
+    device, _, summary = plan_net_user(VhostUserConfig(path, kind="net"), 0, None)
+    thread.join(10)
+    listener.close()
+    try:
+        assert ", MTU 9000 via vhost-user" in summary
+        assert device.features & (1 << spec.VIRTIO_NET_F_MTU)
+        assert device.config()[:6] == bytes.fromhex("02707976 6d00".replace(" ", ""))
+        assert struct.unpack_from("<H", device.config(), 10) == (9000,)
+    finally:
+        device.close()

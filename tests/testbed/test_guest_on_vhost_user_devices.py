@@ -88,6 +88,7 @@ def test_the_guest_pings_through_dpdk_testpmd(tmp_path, pyvmm_listens):
     assert re.search(r"3 packets transmitted, 3 (packets )?received", out), out
     rx = re.search(r"RX-packets: (\d+)", result["output"])
     assert rx and int(rx.group(1)) >= 4, result["output"]      # ARP and three pings
+    print("\n".join(line for line in result["output"].splitlines() if "-packets:" in line))
 
 
 def test_two_queue_pairs_with_two_vcpus(tmp_path):
