@@ -321,6 +321,8 @@ def build_parser():
 
     from pyvmm.vhost.user.backend import program
     program.add_parser(sub, HelpFormatter)
+    from pyvmm.vhost.user import trace_command
+    trace_command.add_parser(sub, HelpFormatter)
     return parser
 
 
@@ -456,5 +458,8 @@ def main(argv=None):
     if args.command == "backend":
         from pyvmm.vhost.user.backend import program
         return program.run(args, parser)
+    if args.command == "trace":
+        from pyvmm.vhost.user import trace_command
+        return trace_command.run(args)
     parser.print_help()
     return EXIT_USAGE

@@ -1,0 +1,116 @@
+"""`pyvmm trace`: a transparent proxy between a vhost-user front-end and its
+back-end, which prints every message decoded and flags each broken rule.
+
+The front-end connects to the proxy's socket as if it were the back-end;
+the proxy connects to the real back-end and forwards each frame unchanged,
+its fds with it, in the order it came. Beside the forwarding, a
+Session(OBSERVER) reads both directions with the protocol's rules: each
+message becomes one line (as `pyvmm run --trace vhost-user` prints them),
+and the first rule either side breaks becomes a line naming the side and
+the rule. After that the session cannot follow the conversation any more;
+the proxy goes on forwarding without decoding.
+
+The back-end's request channel (the socket SET_BACKEND_REQ_FD passes) is
+forwarded as an fd like any other, so its messages go directly from one
+side to the other and are not traced.
+"""
+
+import os
+import select
+
+from pyvmm.vhost.user.channel import Connection, Listener
+from pyvmm.vhost.user.errors import Disconnected, VhostUserError
+from pyvmm.vhost.user.rules import Side
+from pyvmm.vhost.user.session import NEED_DATA, Role, Session
+from pyvmm.vhost.user.trace import describe
+
+# No deadline on the sides: a quiet guest leaves the front-end quiet for hours.
+PATIENT = 24 * 3600.0
+
+
+class Proxy:
+    """One front-end and one back-end, joined; write(line) gets the trace."""
+
+    def __init__(self, front, back, write):
+        self.sides = {Side.FRONTEND: front, Side.BACKEND: back}
+        self.write = write
+        self.session = Session(Role.OBSERVER)
+        self.broken = []             # the rule broken, as its line (at most one)
+        self.messages = 0
+
+    def run(self):
+        """Forward until either side hangs up; returns why, in a few words."""
+        by_fd = {conn.fileno(): side for side, conn in self.sides.items()}
+        while True:
+            ready, _, _ = select.select(list(by_fd), [], [])
+            for fd in ready:
+                side = by_fd[fd]
+                source = self.sides[side]
+                other = self.sides[Side.BACKEND if side is Side.FRONTEND else Side.FRONTEND]
+                try:
+                    data, fds = source.receive(timeout=PATIENT)
+                except Disconnected:
+                    return f"the {side.value} closed its connection"
+                try:
+                    self._observe(side, data, fds)
+                    other.send(data, fds)
+                except OSError as e:
+                    return f"forwarding to the {other.name}: {e.strerror or e}"
+                finally:
+                    for f in fds:
+                        os.close(f)
+
+    def _observe(self, side, data, fds):
+        if self.broken:
+            return
+        copies = [os.dup(f) for f in fds]
+        try:
+            self.session.receive(data, copies, sender=side)
+            while (msg := self.session.next_message(sender=side)) is not NEED_DATA:
+                self.messages += 1
+                self.write(describe("->" if side is Side.FRONTEND else "<-", msg))
+                for f in msg.fds:
+                    os.close(f)
+        except VhostUserError as e:
+            line = f"!! RULE BROKEN by the {side.value}: {e}; forwarding without decoding from here"
+            self.broken.append(line)
+            self.write(line)
+
+    def close(self):
+        for conn in self.sides.values():
+            conn.close()
+        self.session.close()
+
+
+def serve(listen, connect, write, once=False):
+    """Listen on `listen`; for each front-end, connect to the back-end at
+    `connect` and trace until one side goes (the first only, with once).
+    Returns the number of rules broken."""
+    listener = Listener(listen)
+    broken = 0
+    try:
+        while True:
+            front = listener.accept("the front-end", timeout=None)
+            front.timeout = PATIENT
+            try:
+                back = Connection.connect(connect, "the back-end")
+            except VhostUserError as e:
+                write(f"!! {e}; closing the front-end's connection")
+                front.close()
+                if once:
+                    return broken + 1
+                continue
+            back.timeout = PATIENT
+            write(f"-- a front-end connected; tracing it to {connect}")
+            proxy = Proxy(front, back, write)
+            try:
+                why = proxy.run()
+            finally:
+                proxy.close()
+            broken += len(proxy.broken)
+            write(f"-- {why} after {proxy.messages} messages")
+            if once:
+                return broken
+    finally:
+        listener.close()
+

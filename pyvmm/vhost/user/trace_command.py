@@ -1,0 +1,60 @@
+"""`pyvmm trace`: its options and how it runs (the proxy is proxy.py, imported
+only when the command runs, so that `pyvmm run` does not pay for it)."""
+
+DESCRIPTION = """\
+Trace a vhost-user conversation: listen on --listen for a front-end (give
+QEMU or pyvmm that path as the back-end's socket), connect to the real
+back-end at --connect, and forward every message both ways unchanged,
+fds included, while printing each one decoded (one line each, '->' from
+the front-end, '<-' from the back-end) and flagging the first rule either
+side breaks, by its id in the conformance notes (FE-n, BE-n). The
+back-end's request channel passes through as an fd and is not traced."""
+
+
+def add_parser(sub, formatter_class):
+    p = sub.add_parser("trace", help="trace the vhost-user messages between a front-end "
+                                     "and a back-end (a proxy)",
+                       description=DESCRIPTION, formatter_class=formatter_class,
+                       epilog="example:\n  pyvmm trace --listen /tmp/trace.sock --connect "
+                              "/tmp/vub.sock &\n  pyvmm run --blk vhost-user,"
+                              "socket=/tmp/trace.sock -- true\n\nexit status: 1 if a rule "
+                              "was broken (or the back-end could not be reached), else 0")
+    p.add_argument("--listen", required=True, metavar="PATH",
+                   help="the socket the front-end connects to (created, mode 0600)")
+    p.add_argument("--connect", required=True, metavar="PATH",
+                   help="the real back-end's socket")
+    p.add_argument("--once", action="store_true",
+                   help="end when the first front-end goes (default: serve the next one)")
+    p.add_argument("--output", metavar="FILE", help="write the trace to FILE, not stdout")
+    return p
+
+
+def run(args):
+    import signal
+    import sys
+
+    from pyvmm.vhost.user.errors import ChannelError
+    from pyvmm.vhost.user.proxy import serve
+    out = sys.stdout
+    if args.output:
+        try:
+            out = open(args.output, "a", buffering=1)
+        except OSError as e:
+            print(f"pyvmm: error: --output {args.output}: {e.strerror}", file=sys.stderr)
+            return 1
+
+    def write(line):
+        out.write(line + "\n")
+        out.flush()
+
+    def terminate(signum, frame):
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        broken = serve(args.listen, args.connect, write, once=args.once)
+    except ChannelError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 1 if broken else 0

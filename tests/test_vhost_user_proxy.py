@@ -1,0 +1,92 @@
+"""`pyvmm trace`: the proxy between a front-end and a back-end, no VM. It
+forwards every frame and fd unchanged (the disk still works through it),
+prints each message decoded, and flags a broken rule with its id."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from backends import pyvmm_backend, storage_daemon
+from test_vhost_user_blk import VIRTIO_BLK_T_IN, DATA, request, start_driver
+from test_virtio import RecordingVm, w32
+
+from pyvmm.devices.virtio import mmio
+from pyvmm.vhost.user import proxy
+from pyvmm.vmm.virtio_devices import BlkConfig, plan_blk
+
+
+def traced(listen, connect):
+    """The proxy in a thread for one front-end; (thread, lines, result)."""
+    lines, result = [], {}
+
+    def run():
+        result["broken"] = proxy.serve(listen, connect, lines.append, once=True)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not os.path.exists(listen):
+        assert time.monotonic() < deadline, "the proxy did not listen"
+        time.sleep(0.01)
+    return thread, lines, result
+
+
+def test_pyvmm_and_qemu_storage_daemon_through_the_proxy(tmp_path, memory16):
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(1 << 20))
+    listen = str(tmp_path / "trace.sock")
+    with storage_daemon(str(tmp_path), image) as sock:
+        thread, lines, result = traced(listen, sock)
+        device, _, summary = plan_blk(BlkConfig(listen), 0, None)
+        assert summary.startswith("vda: 1 MiB disk")
+        t = mmio.VirtioMmio(device, RecordingVm(), memory16, 0xD000_0000, 5)
+        ring = start_driver(t, memory16, device.features)
+        assert request(t, ring, memory16, VIRTIO_BLK_T_IN, 0, 4096) == 0
+        assert memory16.read(DATA, 4096) == image.read_bytes()[:4096]     # data went through
+        w32(t, mmio.STATUS, 0)                                            # a reset: stop
+        t.close()
+        device.close()
+        thread.join(10)
+    assert result["broken"] == 0
+    text = "\n".join(lines)
+    for expected in ("-> GET_FEATURES", "<- reply to GET_FEATURES: features=0x",
+                     "-> SET_PROTOCOL_FEATURES", "-> SET_BACKEND_REQ_FD", "-> GET_CONFIG",
+                     "-> SET_MEM_TABLE" if "SET_MEM_TABLE" in text else "-> ADD_MEM_REG",
+                     "-> SET_VRING_KICK", "(1 fd)", "-> GET_VRING_BASE",
+                     "-- the front-end closed its connection"):
+        assert expected in text, text
+    assert not any(line.startswith("!!") for line in lines)
+
+
+def test_a_broken_rule_is_flagged_and_forwarding_goes_on(tmp_path):
+    """A front-end that sends SET_VRING_ADDR before any memory table (FE-50):
+    the proxy names the rule; the back-end's own refusal then reaches the
+    front-end through it (the connection closes)."""
+    from pyvmm.vhost.user.channel import Connection
+    from pyvmm.vhost.user.frontend import VhostUserFrontend
+    from pyvmm.vhost.user.messages import FrontendReq, VringAddress
+    from pyvmm.vhost.user.wire import encode
+    listen = str(tmp_path / "trace.sock")
+    with pyvmm_backend(str(tmp_path), "rng") as (sock, _):
+        thread, lines, result = traced(listen, sock)
+        fe = VhostUserFrontend(Connection.connect(listen, "the proxy", timeout=5))
+        fe.negotiate()
+        raw = fe.session.request(FrontendReq.SET_VRING_ADDR,
+                                 VringAddress(0, 0, 0x1000, 0x3000, 0x2000))
+        fe.conn.send(encode(raw.request, raw.flags, raw.payload.pack()))
+        thread.join(10)
+        fe.close()
+    assert result["broken"] == 1
+    flagged = [line for line in lines if line.startswith("!! RULE BROKEN by the front-end")]
+    assert len(flagged) == 1 and "FE-50" in flagged[0], lines
+
+
+def test_the_command_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pyvmm", "trace", "--listen",
+                        str(tmp_path / "t.sock"), "--connect", str(tmp_path / "none.sock"),
+                        "--once", "--output", "/nonexistent/dir/trace.log"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "pyvmm: error: --output /nonexistent/dir/trace.log: No such file or directory"]
