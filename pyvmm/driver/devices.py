@@ -1,0 +1,84 @@
+"""Requests of a few device types, for the guest-less driver: each lays out
+its buffers in the driver's memory as a guest's driver would, sends the
+chain, waits for it and returns what the device wrote.
+
+    blk:  blk_read, blk_write, blk_flush, blk_get_id (pyvmm/virtio/blk.py)
+    rng:  rng_read
+    net:  net_send (a frame with the 12-byte virtio_net_hdr_v1), net_receive
+"""
+
+import os
+
+from pyvmm.virtio.blk import (OUTHDR, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_FLUSH,
+                              VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT)
+
+NET_HDR = bytes(12)          # struct virtio_net_hdr_v1, no offloads asked for
+
+
+def _blk(driver, queue, kind, sector, out=b"", in_length=0, timeout=5.0):
+    """One virtio-blk request; (status byte, the data the device wrote)."""
+    header = driver.alloc(OUTHDR.size + len(out))
+    driver.write(header, OUTHDR.pack(kind, 0, sector) + out)
+    data = driver.alloc(in_length) if in_length else None
+    status = driver.alloc(1)
+    driver.write(status, b"\xff")
+    buffers = [(header, OUTHDR.size + len(out), False)]
+    if in_length:
+        buffers.append((data, in_length, True))
+    buffers.append((status, 1, True))
+    written = queue.wait(queue.send(buffers), timeout)
+    return (driver.read(status, 1)[0],
+            driver.read(data, max(0, min(written - 1, in_length))) if in_length else b"")
+
+
+def blk_read(driver, queue, sector, length, timeout=5.0):
+    """VIRTIO_BLK_T_IN: (status, bytes read)."""
+    return _blk(driver, queue, VIRTIO_BLK_T_IN, sector, in_length=length, timeout=timeout)
+
+
+def blk_write(driver, queue, sector, data, timeout=5.0):
+    """VIRTIO_BLK_T_OUT: the status."""
+    return _blk(driver, queue, VIRTIO_BLK_T_OUT, sector, out=bytes(data), timeout=timeout)[0]
+
+
+def blk_flush(driver, queue, timeout=5.0):
+    return _blk(driver, queue, VIRTIO_BLK_T_FLUSH, 0, timeout=timeout)[0]
+
+
+def blk_get_id(driver, queue, timeout=5.0):
+    """VIRTIO_BLK_T_GET_ID: (status, the id without its NUL padding)."""
+    status, ident = _blk(driver, queue, VIRTIO_BLK_T_GET_ID, 0,
+                         in_length=VIRTIO_BLK_ID_BYTES, timeout=timeout)
+    return status, ident.rstrip(b"\0")
+
+
+def rng_read(driver, queue, length, timeout=5.0):
+    """Entropy: the bytes the device wrote into a buffer of length bytes."""
+    buf = driver.alloc(length)
+    written = queue.wait(queue.send([(buf, length, True)]), timeout)
+    return driver.read(buf, written)
+
+
+def net_send(driver, txq, frame, timeout=5.0):
+    """One Ethernet frame on a transmit queue; waits until the device took it."""
+    buf = driver.alloc(len(NET_HDR) + len(frame))
+    driver.write(buf, NET_HDR + frame)
+    txq.wait(txq.send([(buf, len(NET_HDR) + len(frame), False)]), timeout)
+
+
+def net_post(driver, rxq, count=8, size=2048):
+    """count receive buffers on a receive queue; {head: gpa} for net_receive."""
+    posted = {}
+    for _ in range(count):
+        gpa = driver.alloc(size)
+        posted[rxq.send([(gpa, size, True)], kick=False)] = gpa
+    os.eventfd_write(rxq.kick, 1)
+    return posted
+
+
+def net_receive(driver, rxq, posted, timeout=5.0):
+    """The frames the device put in posted buffers (virtio_net_hdr_v1 removed)."""
+    frames = []
+    for head, length in rxq.wait(None, timeout):
+        frames.append(driver.read(posted.pop(head), length)[len(NET_HDR):])
+    return frames

@@ -1,0 +1,119 @@
+"""The guest-less driver: guest memory, buffers in it, and one back-end's
+queues, started through QueueBackend (devices/virtio/device.py), the
+interface pyvmm's own devices use, so that the same driver serves the
+kernel's vhost-net and any vhost-user back-end.
+
+    with vhost_user("/tmp/vub.sock") as d:
+        q = d.start(queues=[(0, 128)])[0]
+        status, data = blk_read(d, q, sector=0, length=4096)   # devices.py
+"""
+
+
+from pyvmm.devices.virtio.device import Queue
+from pyvmm.driver.queue import DriverError, DriverQueue
+from pyvmm.memory import GuestMemory
+from pyvmm.virtio.splitring import DriverRing
+
+MiB = 1 << 20
+RINGS = 0x10000                 # rings from here, one per 64 KiB
+SCRATCH = 4 * MiB               # request buffers from here
+
+
+class Driver:
+    def __init__(self, backend, mem_size=32 * MiB):
+        """backend: a QueueBackend (now the driver's: close() closes it)."""
+        self.backend = backend
+        self.memory = GuestMemory(mem_size)
+        self.queues = {}
+        self.features = None
+        self._next = SCRATCH
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def start(self, features=None, queues=((0, 256),)):
+        """DRIVER_OK: these (index, size) queues with these feature bits (default:
+        every bit the back-end offers); {index: DriverQueue}."""
+        self.features = self.backend.features() if features is None else features
+        for index, size in queues:
+            if DriverRing.ring_size(size) > 0x10000:
+                raise DriverError(f"queue {index}: {size} entries do not fit in 64 KiB")
+            self.queues[index] = DriverQueue(self.memory, index, RINGS + index * 0x10000, size)
+        described = []
+        for q in self.queues.values():
+            described.append(Queue(q.index, q.size, True, q.ring.desc_addr, q.ring.avail_addr,
+                                   q.ring.used_addr, q.kick, q.call, q.err))
+        self.backend.start(self.memory, self.features, described)
+        return self.queues
+
+    def alloc(self, size, align=64):
+        """size bytes of guest memory for a request's buffers."""
+        gpa = (self._next + align - 1) & ~(align - 1)
+        if gpa + size > self.memory.size:
+            if all(not q.in_flight for q in self.queues.values()):
+                gpa = SCRATCH                # nothing in flight: start over
+            else:
+                raise DriverError(f"no room for {size} more bytes of buffers")
+        self._next = gpa + size
+        return gpa
+
+    def write(self, gpa, data):
+        self.memory.write(gpa, data)
+
+    def read(self, gpa, length):
+        return self.memory.read(gpa, length)
+
+    def close(self):
+        try:
+            self.backend.stop()
+            self.backend.close()
+        finally:
+            for q in self.queues.values():
+                q.close()
+            self.memory.close()
+
+
+def vhost_user(path, config_size=0, timeout=10.0):
+    """A Driver on the vhost-user back-end listening at path (negotiated)."""
+    from pyvmm.devices.virtio.vhost_user import VhostUserBackend
+    from pyvmm.vhost.user.frontend import VhostUserFrontend
+    frontend = VhostUserFrontend.connect(path, "the back-end", timeout)
+    try:
+        frontend.negotiate()
+        backend = VhostUserBackend(frontend, f"the vhost-user back-end at {path}",
+                                   config_size=config_size)
+    except BaseException:
+        frontend.close()
+        raise
+    return Driver(backend)
+
+
+def vhost_net(tap_name, address=None):
+    """A Driver on the kernel's vhost-net with tap tap_name (created, up;
+    address, an ipaddress.ip_interface, on the host side if given)."""
+    from pyvmm.devices.virtio.vhost_kernel import VhostKernelNetBackend
+    from pyvmm.sys.tap import Tap
+    from pyvmm.vhost.kernel import VhostKernelNet
+    vhost = VhostKernelNet()
+    try:
+        tap = Tap(tap_name)
+    except BaseException:
+        vhost.close()
+        raise
+    try:
+        if address is not None:
+            tap.configure(address)
+        else:
+            tap.up()
+        backend = VhostKernelNetBackend(vhost, tap)
+    except BaseException:
+        tap.close()
+        vhost.close()
+        raise
+    return Driver(backend)
+
+
+__all__ = ["Driver", "DriverError", "vhost_net", "vhost_user"]
