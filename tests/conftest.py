@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# pytester: tests of pyvmm's own pytest plugin (pyvmm/pytest_plugin.py) run
+# pytest on small test files.
+pytest_plugins = ["pytester"]
+
 TOP = Path(__file__).resolve().parent.parent
 IN_TESTBED = bool(os.environ.get("PYVMM_TESTBED"))
 

@@ -3,10 +3,11 @@ qemu-storage-daemon and pyvmm's rng back-end, and back-ends of pyvmm's
 library broken on purpose, which the driver's checks must catch."""
 
 import os
+import sys
 import threading
 
 import pytest
-from backends import pyvmm_backend, storage_daemon
+from backends import storage_daemon
 
 from pyvmm.driver import DriverError, vhost_user
 from pyvmm.driver.devices import blk_flush, blk_get_id, blk_read, blk_write, rng_read
@@ -28,11 +29,13 @@ def test_a_disk_on_qemu_storage_daemon(tmp_path):
     assert image.read_bytes()[8 * 512:8 * 512 + 8192] == data
 
 
-def test_entropy_from_pyvmm_backend_rng(tmp_path):
-    with pyvmm_backend(str(tmp_path), "rng") as (sock, _), vhost_user(sock) as d:
-        q = d.start(queues=[(0, 64)])[0]
-        a, b = rng_read(d, q, 64), rng_read(d, q, 64)
-        assert len(a) == len(b) == 64 and a != b
+def test_entropy_from_pyvmm_backend_rng(vhost_user_driver):
+    """(With the pytest plugin's fixture, as a back-end author would.)"""
+    d = vhost_user_driver([sys.executable, "-m", "pyvmm", "backend", "rng", "--socket-path",
+                           "{socket}"])
+    q = d.start(queues=[(0, 64)])[0]
+    a, b = rng_read(d, q, 64), rng_read(d, q, 64)
+    assert len(a) == len(b) == 64 and a != b
 
 
 class Liar(Rng):

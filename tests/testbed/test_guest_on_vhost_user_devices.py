@@ -5,6 +5,7 @@ backend rng|vsock`), and qemu-storage-daemon behind the generic --device."""
 import hashlib
 import os
 import re
+import sys
 
 import pytest
 from backends import dpdk_testpmd, pyvmm_backend, storage_daemon, virtiofsd
@@ -107,3 +108,12 @@ def test_two_queue_pairs_with_two_vcpus(tmp_path):
     assert re.search(r"SET_VRING_ENABLE \S* ?index=2 enable=0.*SET_VRING_ENABLE \S* ?index=2 "
                      r"enable=1", text, re.S), text[-3000:]
     assert re.search(r"3 packets transmitted, 3 (packets )?received", out), out
+
+
+def test_the_pytest_plugin_boots_a_guest_on_a_back_end(pyvmm_guest):
+    """The plugin's third fixture, as a back-end author would use it."""
+    status, out = pyvmm_guest("rng", [sys.executable, "-m", "pyvmm", "backend", "rng",
+                                      "--socket-path", "{socket}"],
+                              "head -c 16 /dev/hwrng | wc -c")
+    assert status == 0, out
+    assert "hwrng: virtio-rng via vhost-user" in out and re.search(r"^16$", out, re.M), out
