@@ -52,12 +52,17 @@ def vhost_user_backend(tmp_path_factory):
 
     yield start
     for proc in started:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def stop(proc, grace=10):
+    """SIGTERM (a back-end's clean exit), then SIGKILL after grace seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ import os
 import subprocess
 import time
 
+from pyvmm.pytest_plugin import stop as _stop   # SIGTERM, then SIGKILL
+
 
 def _wait_for_socket(proc, sock, what):
     deadline = time.monotonic() + 30
@@ -14,14 +16,6 @@ def _wait_for_socket(proc, sock, what):
             raise AssertionError(f"{what} did not start: {proc.communicate()[0]}")
         time.sleep(0.05)
 
-
-def _stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @contextlib.contextmanager
