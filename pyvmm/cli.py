@@ -323,6 +323,8 @@ def build_parser():
     program.add_parser(sub, HelpFormatter)
     from pyvmm.vhost.user import trace_command
     trace_command.add_parser(sub, HelpFormatter)
+    from pyvmm.check import command as check_command
+    check_command.add_parser(sub, HelpFormatter)
     return parser
 
 
@@ -461,5 +463,8 @@ def main(argv=None):
     if args.command == "trace":
         from pyvmm.vhost.user import trace_command
         return trace_command.run(args)
+    if args.command == "check":
+        from pyvmm.check import command as check_command
+        return check_command.run(args)
     parser.print_help()
     return EXIT_USAGE

@@ -348,10 +348,11 @@ class Daemon:
             os.eventfd_write(ring.call, 1)
 
 
-def serve_connection(device, conn):
-    """Serve one connected front-end until it goes away."""
+def serve_connection(device, conn, daemon_class=Daemon):
+    """Serve one connected front-end until it goes away (daemon_class: a
+    Daemon subclass, say one broken on purpose to test a checker)."""
     loop = EventLoop(on_error=lambda what, e: log.error("%s: %s", what, e))
-    daemon = Daemon(device, conn, loop)
+    daemon = daemon_class(device, conn, loop)
     try:
         loop.run_until(lambda: daemon.done)
     finally:
@@ -361,13 +362,13 @@ def serve_connection(device, conn):
         device.reset()
 
 
-def serve_forever(listener, device):
+def serve_forever(listener, device, daemon_class=Daemon):
     """Serve one front-end after another on listener (a Listener, or a path to
     listen on) until interrupted; the socket file goes at the end."""
     if not isinstance(listener, Listener):
         listener = Listener(listener)
     try:
         while True:
-            serve_connection(device, listener.accept("the front-end"))
+            serve_connection(device, listener.accept("the front-end"), daemon_class)
     finally:
         listener.close()
