@@ -40,7 +40,7 @@ class MachineConfig:
     mem_size: int = 256 << 20
     cpus: int = 1
     hugepages: bool = False
-    nets: list = field(default_factory=list)   # NetConfig per --net
+    nets: list = field(default_factory=list)   # NetConfig or VhostUserConfig per --net
     vsock: object = None                       # VsockConfig or VhostUserConfig
     blks: list = field(default_factory=list)   # VhostUserConfig per --blk
     rngs: list = field(default_factory=list)   # VhostUserConfig per --rng
