@@ -250,6 +250,17 @@ def max_mem_slots(ctx):
     _count(ctx, PF.CONFIGURE_MEM_SLOTS, R.GET_MAX_MEM_SLOTS)
 
 
+@check("BE-76", "MUST*", "a GET_CONFIG it cannot serve is answered with an empty payload")
+def get_config_error(ctx):
+    ctx.needs(PF.CONFIG)
+    p = ctx.negotiated()
+    reply = p.ask(R.GET_CONFIG, DeviceConfig(0, 0, bytes(256)))    # past any blk config
+    if ctx.device != "blk" and reply.size == 12 + 256:
+        raise Skipped("the device's config space may be 256 bytes long (give --device)")
+    expect(reply.request == R.GET_CONFIG and reply.size == 0, p, reply,
+           "size 0 (the error form) for 256 bytes of a 60-byte config space")
+
+
 @check("BE-75", "MUST", "GET_CONFIG is answered with as many bytes as asked")
 def get_config(ctx):
     ctx.needs(PF.CONFIG)
@@ -304,6 +315,107 @@ def _one_request(d, q, timeout):
         raise Failed(str(e)) from None
 
 
+def _post(d, q):
+    """One request made available, not waited for."""
+    from pyvmm.virtio.blk import OUTHDR, VIRTIO_BLK_T_IN
+    if d.device == "rng":
+        return q.send([(d.alloc(16), 16, True)])
+    header = d.alloc(OUTHDR.size)
+    d.write(header, OUTHDR.pack(VIRTIO_BLK_T_IN, 0, 0))
+    return q.send([(header, OUTHDR.size, False), (d.alloc(512), 512, True),
+                   (d.alloc(1), 1, True)])
+
+
+def _untouched(q, used, what):
+    import time
+    time.sleep(0.5)
+    if q.ring.used_idx() != used:
+        raise Failed(what)
+
+
+@check("BE-45", "MUST", "a ring is not processed before SET_VRING_KICK starts it")
+def not_started(ctx):
+    from pyvmm.vhost import VringAddr
+    with _driver(ctx) as d:
+        d.device = ctx.device
+        fe = d.backend.frontend
+        q = d.make_queue(0, 64)
+        fe.set_features(d.backend.features())
+        fe.set_mem_table(d.memory)
+        _post(d, q)                                  # already there when the ring is set up
+        fe.set_vring_num(0, 64)
+        fe.set_vring_base(0, 0)
+        fe.set_vring_addr(0, VringAddr(q.ring.desc_addr, q.ring.avail_addr, q.ring.used_addr))
+        fe.set_vring_call(0, q.call)
+        if fe.negotiated.protocol_features_on:
+            fe.set_vring_enable(0, True)
+        _untouched(q, 0, "a request was served on a ring that had no SET_VRING_KICK yet")
+
+
+@check("BE-55", "MUST*", "a disabled ring is served without side effects; enabled, normally")
+def enable_disable(ctx):
+    """The spec's disabled ring is processed "without causing any side effects"
+    (a NIC consumes and drops TX): a request may be consumed, but not executed.
+    So: while disabled, a read into a marked buffer must not come back done
+    with the data; enabled again, a request is served."""
+    if not ctx.offer.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
+        raise Skipped("VHOST_USER_F_PROTOCOL_FEATURES not offered")
+    with _driver(ctx) as d:
+        d.device = ctx.device
+        q = d.start(queues=[(0, 64)])[0]
+        fe = d.backend.frontend
+        _one_request(d, q, ctx.timeout)
+        fe.set_vring_enable(0, False)
+        head, executed = _post_marked(d, q)
+        import os
+        import time
+        os.eventfd_write(q.kick, 1)
+        time.sleep(0.5)
+        done = dict(q.used())
+        if head in done and executed():
+            raise Failed("a read on a disabled ring was executed: the data and an OK status "
+                         "reached the guest's buffers")
+        fe.set_vring_enable(0, True)
+        if head not in done:
+            os.eventfd_write(q.kick, 1)
+            try:
+                q.wait(head, ctx.timeout)
+            except Exception as e:
+                raise Failed(f"enabled again, the ring did not serve the held request: "
+                             f"{e}") from None
+        _one_request(d, q, ctx.timeout)
+
+
+def _post_marked(d, q):
+    """A read into buffers marked 0xa5 (status 0xff); (head, executed()) where
+    executed() says whether the device did the read."""
+    from pyvmm.virtio.blk import OUTHDR, VIRTIO_BLK_T_IN
+    data = d.alloc(512)
+    d.write(data, b"\xa5" * 512)
+    if d.device == "rng":
+        return q.send([(data, 512, True)]), lambda: d.read(data, 512) != b"\xa5" * 512
+    header, status = d.alloc(OUTHDR.size), d.alloc(1)
+    d.write(header, OUTHDR.pack(VIRTIO_BLK_T_IN, 0, 0))
+    d.write(status, b"\xff")
+    head = q.send([(header, OUTHDR.size, False), (data, 512, True), (status, 1, True)])
+    return head, lambda: d.read(status, 1) == b"\0"
+
+
+@check("BE-92", "MUST*", "after RESET_DEVICE the rings are stopped")
+def reset_device(ctx):
+    ctx.needs(PF.RESET_DEVICE)
+    import os
+    with _driver(ctx) as d:
+        d.device = ctx.device
+        q = d.start(queues=[(0, 64)])[0]
+        _one_request(d, q, ctx.timeout)
+        d.backend.frontend.reset_device()
+        used = q.ring.used_idx()
+        _post(d, q)
+        os.eventfd_write(q.kick, 1)
+        _untouched(q, used, "a request posted and kicked after RESET_DEVICE was served")
+
+
 @check("BE-51", "MUST", "a started and enabled ring executes requests")
 def data_path(ctx):
     with _driver(ctx) as d:
@@ -328,15 +440,12 @@ def vring_base(ctx):
 @check("BE-48", "MUST", "after GET_VRING_BASE the ring is stopped: kicks are not served")
 def stopped_ring(ctx):
     import os
-    import time
     with _driver(ctx) as d:
         d.device = ctx.device
         q = d.start(queues=[(0, 64)])[0]
         _one_request(d, q, ctx.timeout)
         d.backend.frontend.get_vring_base(0)
         used = q.ring.used_idx()
-        q.send([(d.alloc(16), 16, True)])
+        _post(d, q)
         os.eventfd_write(q.kick, 1)
-        time.sleep(0.5)
-        if q.ring.used_idx() != used:
-            raise Failed("a request posted and kicked after GET_VRING_BASE was served")
+        _untouched(q, used, "a request posted and kicked after GET_VRING_BASE was served")

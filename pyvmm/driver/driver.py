@@ -39,15 +39,21 @@ class Driver:
         every bit the back-end offers); {index: DriverQueue}."""
         self.features = self.backend.features() if features is None else features
         for index, size in queues:
-            if DriverRing.ring_size(size) > 0x10000:
-                raise DriverError(f"queue {index}: {size} entries do not fit in 64 KiB")
-            self.queues[index] = DriverQueue(self.memory, index, RINGS + index * 0x10000, size)
+            self.make_queue(index, size)
         described = []
         for q in self.queues.values():
             described.append(Queue(q.index, q.size, True, q.ring.desc_addr, q.ring.avail_addr,
                                    q.ring.used_addr, q.kick, q.call, q.err))
         self.backend.start(self.memory, self.features, described)
         return self.queues
+
+    def make_queue(self, index, size):
+        """A DriverQueue in this memory, not yet handed to the back-end (start()
+        does that; a test of the protocol may set it up message by message)."""
+        if DriverRing.ring_size(size) > 0x10000:
+            raise DriverError(f"queue {index}: {size} entries do not fit in 64 KiB")
+        self.queues[index] = DriverQueue(self.memory, index, RINGS + index * 0x10000, size)
+        return self.queues[index]
 
     def alloc(self, size, align=64):
         """size bytes of guest memory for a request's buffers."""
