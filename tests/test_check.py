@@ -37,6 +37,19 @@ def test_pyvmm_backend_blk_passes_every_must_rule(tmp_path, image):
     assert lines[-1] == f"{len(CHECKS)} passed, 0 failed, 0 skipped"
 
 
+def test_json_output_and_one_rule(tmp_path, image):
+    import json
+    with pyvmm_backend(str(tmp_path), "rng") as (sock, _):
+        r = subprocess.run([sys.executable, "-m", "pyvmm", "check", "--socket", sock, "--json",
+                            "--device", "rng", "--rule", "BE-9", "--rule", "BE-75"],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert [(x["rule"], x["result"]) for x in report["results"]] == [("BE-9", "PASS"),
+                                                                      ("BE-75", "SKIP")]
+    assert (report["passed"], report["failed"], report["skipped"]) == (1, 0, 1)
+
+
 def test_qemu_storage_daemon_on_the_command_line(tmp_path, image):
     """It passes every rule that applies but one: it executes requests on a
     disabled ring (BE-55), which QEMU never notices, as it disables a ring

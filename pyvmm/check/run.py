@@ -8,9 +8,9 @@ from pyvmm.check.rules import CHECKS, MUST_LEVELS, Context, Failed, Skipped, dis
 from pyvmm.errors import PyvmmError
 
 
-def run_checks(path, device=None, write=print, timeout=5.0, only=None):
+def run_checks(path, device=None, write=print, timeout=5.0, only=None, results=None):
     """Every check against the back-end at path; (passed, failed, skipped,
-    whether a MUST failed)."""
+    whether a MUST failed). results, a list, gets a dict per check."""
     offer = discover(path, timeout)
     write(f"back-end at {path}: features {offer.features:#x}, protocol features "
           f"{offer.protocol:#x}, {offer.queues} queue(s); device {device or 'unknown'}")
@@ -33,6 +33,9 @@ def run_checks(path, device=None, write=print, timeout=5.0, only=None):
         counts[result] += 1
         if result == "FAIL" and c.level in MUST_LEVELS:
             must_failed = True
+        if results is not None:
+            results.append({"rule": c.rule, "result": result, "level": c.level,
+                            "what": c.what, "detail": detail})
         write(f"{c.rule:<7} {result}  {c.level:<9} {c.what}" + (f": {detail}" if detail else ""))
     write(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
     return counts["PASS"], counts["FAIL"], counts["SKIP"], must_failed
