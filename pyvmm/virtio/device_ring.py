@@ -99,14 +99,8 @@ class DeviceRing:
         to notify for anything it adds from here on; so a caller that pops
         until None misses nothing added meanwhile.
         """
-        self.memory.write(self.used + 4 + 8 * self.num, struct.pack("<H", self.next_avail))
-        idx = self.avail_idx()
-        pending = (idx - self.next_avail) & 0xFFFF
-        if pending == 0:
+        if not self._pending():
             return None
-        if pending > self.num:
-            raise RingError(f"the available index {idx} is {pending} entries ahead of the "
-                            f"device, more than the ring's {self.num}")
         head = self._u16(self.avail + 4 + 2 * (self.next_avail % self.num))
         chain = self.chain(head)
         self.next_avail = (self.next_avail + 1) & 0xFFFF
@@ -151,8 +145,18 @@ class DeviceRing:
     def has_available(self):
         """Whether pop() would return a chain; asks the driver (avail_event) to
         notify for the next one when there is none."""
+        return self._pending() > 0
+
+    def _pending(self):
+        """Chains made available and not yet popped, after asking the driver
+        (avail_event) to notify for any it adds from here on."""
         self.memory.write(self.used + 4 + 8 * self.num, struct.pack("<H", self.next_avail))
-        return self.avail_idx() != self.next_avail
+        idx = self.avail_idx()
+        pending = (idx - self.next_avail) & 0xFFFF
+        if pending > self.num:
+            raise RingError(f"the available index {idx} is {pending} entries ahead of the "
+                            f"device, more than the ring's {self.num}")
+        return pending
 
     def should_notify(self, used_before, event_idx):
         """Whether the driver wants an interrupt for what was used since the used

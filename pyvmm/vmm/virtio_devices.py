@@ -11,6 +11,7 @@ rng.py, generic.py) on a queue back-end: the kernel's vhost (vhost_kernel.py) or
 back-end process (vhost_user.py).
 """
 
+import contextlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -66,10 +67,6 @@ class VhostUserConfig:
 
 
 BlkConfig = VhostUserConfig
-
-# Config space sizes of device types pyvmm has no model for (virtio 1.x 5.x),
-# for --device when config-size is not given.
-KNOWN_CONFIG_SIZES = {2: 60, 4: 0, 19: 8, 26: 40, 1: 12}
 
 
 def default_addresses(tap_name):
@@ -144,12 +141,12 @@ def default_mac(index):
 def plan_net_user(cfg, index, tracer):
     """One --net vhost-user: a NIC whose packets a back-end such as DPDK's
     vhost PMD moves; the MAC is pyvmm's (config space), the guest is eth{index}."""
-    from pyvmm.devices.virtio.net import VirtioNet
+    from pyvmm.devices.virtio.net import CONFIG_TAIL, NET_CONFIG_SIZE, VirtioNet
     from pyvmm.virtio import spec
     name = f"virtio-net{index}"
-    backend = open_vhost_user(cfg, name, tracer, config_size=12)
+    backend = open_vhost_user(cfg, name, tracer, config_size=NET_CONFIG_SIZE)
     mac = cfg.mac or default_mac(index)
-    try:
+    with _owned(backend):
         pairs, most = cfg.queues or 1, backend.frontend.max_queues
         if pairs > 1 and not most:
             raise DeviceError(f"--net socket={cfg.socket}: queues={pairs}, but the back-end "
@@ -159,11 +156,8 @@ def plan_net_user(cfg, index, tracer):
                               f"serves at most {most} queue pairs")
         mtu = None
         if backend.features() & spec.bit(spec.VIRTIO_NET_F_MTU) and backend.config_space:
-            mtu = int.from_bytes(backend.config_space[10:12], "little") or None
+            mtu = CONFIG_TAIL.unpack_from(backend.config_space, 6)[2] or None
         device = VirtioNet(backend, mac, name=name, queue_pairs=pairs, mtu=mtu)
-    except BaseException:
-        backend.close()
-        raise
     dev = f"eth{index}"
     args = [net_arg(dev, str(cfg.guest_ip) if cfg.guest_ip else "")]
     return device, args, (f"{dev} ({':'.join(f'{b:02x}' for b in mac)})"
@@ -240,10 +234,19 @@ def open_vhost_user(cfg, name, tracer, feature_names=None, config_size=0):
         raise
 
 
+@contextlib.contextmanager
+def _owned(backend):
+    """The back-end is closed if making its device fails."""
+    try:
+        yield backend
+    except BaseException:
+        backend.close()
+        raise
+
+
 def _needs_config(backend, cfg, why):
     from pyvmm.vhost.user.messages import ProtocolFeature
     if not backend.frontend.has(ProtocolFeature.CONFIG):
-        backend.close()
         raise DeviceError(f"--{cfg.kind} socket={cfg.socket}: the back-end does not offer the "
                           f"CONFIG protocol feature, so pyvmm cannot learn {why}")
 
@@ -253,13 +256,10 @@ def plan_blk(cfg, index, tracer):
     from pyvmm.devices.virtio.blk import BLK_FEATURE_NAMES, VIRTIO_BLK_CONFIG_SIZE, VirtioBlk
     backend = open_vhost_user(cfg, f"virtio-blk{index}", tracer, BLK_FEATURE_NAMES,
                               VIRTIO_BLK_CONFIG_SIZE)
-    _needs_config(backend, cfg, "the disk's size")
-    try:
+    with _owned(backend):
+        _needs_config(backend, cfg, "the disk's size")
         device = VirtioBlk(backend, name=f"virtio-blk{index}",
                            max_queues=backend.frontend.max_queues or 1)
-    except BaseException:
-        backend.close()
-        raise
     disk = f"vd{chr(ord('a') + index)}"
     summary = (f"{disk}: {device.capacity / (1 << 20):g} MiB disk"
                f"{' (read-only)' if device.read_only else ''}, {device.block_size}-byte "
@@ -280,8 +280,9 @@ def plan_vsock_user(cfg, tracer):
     """--vsock vhost-user: the back-end knows the guest's CID (its config
     space); cid=N, if given, must agree."""
     from pyvmm.devices.virtio.vsock import VirtioVsock
-    backend = open_vhost_user(cfg, "virtio-vsock", tracer, config_size=8)
-    try:
+    from pyvmm.virtio.vsock import CONFIG
+    backend = open_vhost_user(cfg, "virtio-vsock", tracer, config_size=CONFIG.size)
+    with _owned(backend):
         served = int.from_bytes(backend.config_space, "little") if backend.config_space else None
         if served is not None and cfg.cid is not None and served != cfg.cid:
             raise DeviceError(f"--vsock socket={cfg.socket}: the back-end serves CID {served}, "
@@ -291,9 +292,6 @@ def plan_vsock_user(cfg, tracer):
             raise DeviceError(f"--vsock socket={cfg.socket}: the back-end does not say which "
                               f"CID it serves (no CONFIG): give cid=N")
         device = VirtioVsock(backend, cid)
-    except BaseException:
-        backend.close()
-        raise
     return device, [], f"vsock CID {cid} via vhost-user {cfg.socket}"
 
 
@@ -302,19 +300,27 @@ def plan_fs(cfg, index, tracer):
     from pyvmm.devices.virtio.fs import VirtioFs
     name = f"virtio-fs{index}"
     backend = open_vhost_user(cfg, name, tracer)
-    try:
+    with _owned(backend):
         most = backend.frontend.max_queues
         queues = cfg.queues or 1
         if most and 1 + queues > most:
             raise DeviceError(f"--fs socket={cfg.socket}: queues={queues} request queues and "
                               f"the high-priority one, but the back-end serves at most {most}")
         device = VirtioFs(backend, cfg.tag, queues, name)
-    except BaseException:
-        backend.close()
-        raise
     return device, [], (f"file system '{cfg.tag}' ({queues} request "
                         f"queue{'s' if queues > 1 else ''}) via vhost-user {cfg.socket}: "
                         f"mount -t virtiofs {cfg.tag} DIR")
+
+
+def known_config_size(virtio_id):
+    """Bytes of config space of the device types pyvmm knows (0 for others),
+    for --device when config-size is not given."""
+    from pyvmm.devices.virtio.fs import CONFIG as FS_CONFIG
+    from pyvmm.devices.virtio.net import NET_CONFIG_SIZE
+    from pyvmm.virtio import blk, spec, vsock
+    return {spec.VIRTIO_ID_NET: NET_CONFIG_SIZE, spec.VIRTIO_ID_BLOCK: blk.CONFIG.size,
+            spec.VIRTIO_ID_VSOCK: vsock.CONFIG.size,
+            spec.VIRTIO_ID_FS: FS_CONFIG.size}.get(virtio_id, 0)
 
 
 def plan_generic(cfg, index, tracer):
@@ -323,18 +329,15 @@ def plan_generic(cfg, index, tracer):
     name = f"virtio-dev{index}"
     size = cfg.config_size
     if size is None:
-        size = KNOWN_CONFIG_SIZES.get(cfg.virtio_id, 0)
+        size = known_config_size(cfg.virtio_id)
     backend = open_vhost_user(cfg, name, tracer, config_size=size)
-    try:
+    with _owned(backend):
         most = backend.frontend.max_queues
         queues = cfg.queues or most or 1
         if most and queues > most:
             raise DeviceError(f"--device socket={cfg.socket}: queues={queues}, but the back-end "
                               f"serves at most {most}")
         device = VirtioGeneric(backend, cfg.virtio_id, queues, cfg.queue_size, name)
-    except BaseException:
-        backend.close()
-        raise
     config = f", {len(backend.config_space)} bytes of config space" if backend.config_space \
         else ""
     return device, [], (f"virtio device id {cfg.virtio_id}, {queues} "

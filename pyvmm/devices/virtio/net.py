@@ -26,6 +26,10 @@ VIRTIO_NET_CTRL_MQ = 4
 VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0
 VIRTIO_NET_OK, VIRTIO_NET_ERR = 0, 1
 
+# struct virtio_net_config up to mtu: mac[6], then status, max_virtqueue_pairs, mtu.
+CONFIG_TAIL = struct.Struct("<HHH")
+NET_CONFIG_SIZE = 6 + CONFIG_TAIL.size       # 12
+
 RX_QUEUE, TX_QUEUE = 0, 1
 
 # What the model implements itself: a MAC and a link status in config space.
@@ -91,9 +95,8 @@ class VirtioNet(VirtioDevice):
         return range(2 * self.queue_pairs)
 
     def config(self):
-        # struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu
-        return self.mac + struct.pack("<HHH", spec.VIRTIO_NET_S_LINK_UP, self.queue_pairs,
-                                      self.mtu or 0)
+        return self.mac + CONFIG_TAIL.pack(spec.VIRTIO_NET_S_LINK_UP, self.queue_pairs,
+                                           self.mtu or 0)
 
     def refuse_features(self, features):
         if (features & spec.bit(spec.VIRTIO_NET_F_CTRL_VQ)

@@ -60,7 +60,7 @@ class Blk(BackendDevice):
             st = os.fstat(self.fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise OSError("not a regular file or block device")
-            self.size = os.lseek(self.fd, 0, os.SEEK_END) // SECTOR * SECTOR
+            self.size = self._image_size()
         except OSError:
             os.close(self.fd)
             raise
@@ -89,9 +89,13 @@ class Blk(BackendDevice):
     def close(self):
         os.close(self.fd)
 
+    def _image_size(self):
+        """Whole sectors of the image (a partial last one is not the guest's)."""
+        return os.lseek(self.fd, 0, os.SEEK_END) // SECTOR * SECTOR
+
     def resize(self):
         """Take the image's size again (it grew or shrank) and tell the front-end."""
-        self.size = os.lseek(self.fd, 0, os.SEEK_END) // SECTOR * SECTOR
+        self.size = self._image_size()
         if self.daemon is not None:
             self.daemon.config_changed()
 

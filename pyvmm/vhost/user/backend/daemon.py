@@ -36,7 +36,7 @@ from pyvmm.vhost.user.rules import Channel
 from pyvmm.vhost.user.session import NEED_DATA, Role, Session
 from pyvmm.virtio import spec
 from pyvmm.virtio.device_ring import DeviceRing
-from pyvmm.virtio.splitring import RingError
+from pyvmm.virtio.splitring import RingError, avail_ring_size, desc_table_size, used_ring_size
 
 log = logging.getLogger("pyvmm.backend")
 
@@ -241,7 +241,7 @@ class Daemon:
         ring = self._ring(msg.payload.index)
         if msg.payload.num > self.device.max_queue_size:
             raise RemoteProtocolError(f"queue {ring.index}: {msg.payload.num} entries, at most "
-                                f"{self.device.max_queue_size}")
+                                      f"{self.device.max_queue_size}")
         ring.num = msg.payload.num
 
     def _set_vring_base(self, msg):
@@ -267,9 +267,9 @@ class Daemon:
         m = self.memory
         try:
             ring.start(DeviceRing(
-                m, ring.num, m.guest_address(a.desc, 16 * ring.num),
-                m.guest_address(a.avail, 6 + 2 * ring.num),
-                m.guest_address(a.used, 6 + 8 * ring.num), ring.base))
+                m, ring.num, m.guest_address(a.desc, desc_table_size(ring.num)),
+                m.guest_address(a.avail, avail_ring_size(ring.num)),
+                m.guest_address(a.used, used_ring_size(ring.num)), ring.base))
         except RingError as e:
             raise RemoteProtocolError(f"queue {ring.index}: {e}") from None
         if ring.resubmit:

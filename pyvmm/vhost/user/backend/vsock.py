@@ -89,7 +89,6 @@ class Vsock(BackendDevice):
         except OSError:
             self.listener.close()
             raise
-        self.loop = None
         self.conns = {}              # (guest port, host port) -> Connection
         self.waiting = {}            # fd -> [socket, bytes so far]: host streams before CONNECT
         self.control = collections.deque()   # (op, guest port, host port, flags) to the guest
@@ -108,16 +107,19 @@ class Vsock(BackendDevice):
 
     # --- the library's hooks --------------------------------------------------------------
 
+    @property
+    def loop(self):
+        """The serving daemon's event loop, while a front-end is connected."""
+        return self.daemon.loop if self.daemon is not None else None
+
     def attach(self, daemon):
         super().attach(daemon)
-        self.loop = daemon.loop
         self.loop.add_reader(self.listener.fileno(), self._accept, f"{self.uds_path} (listening)")
 
     def detach(self):
         self.reset()
         if self.loop is not None:
             self.loop.remove(self.listener.fileno())
-        self.loop = None
         super().detach()
 
     def reset(self):
