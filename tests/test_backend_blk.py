@@ -126,6 +126,7 @@ def test_a_read_only_disk_refuses_writes(memory16, image):
 
 
 def test_each_queue_serves_requests(memory16, image):
+    """BE-18."""
     device = Blk(str(image), num_queues=2)
     rig = LibraryRig(memory16, device, queues=2)
     try:
@@ -188,7 +189,7 @@ class Area:
 
 
 def test_the_inflight_area_follows_each_request(memory16, image):
-    """Fresh area: version 1 and the ring's used index at start; after each
+    """BE-71, BE-73. Fresh area: version 1 and the ring's used index at start; after each
     completion nothing is marked and used_idx is the ring's."""
     device, area = Blk(str(image)), Area()
     rig = LibraryRig(memory16, device, protocol=WITH_INFLIGHT, inflight=area)
@@ -207,7 +208,7 @@ def test_the_inflight_area_follows_each_request(memory16, image):
 
 
 def test_a_successor_resubmits_what_was_in_flight_oldest_first(memory16, image):
-    """The state a back-end killed mid-request leaves: two heads taken (counters 7
+    """BE-74. The state a back-end killed mid-request leaves: two heads taken (counters 7
     and 5) and never used. The next back-end, given the same area, serves
     both, the one taken first first, and starts after them."""
     area = Area()
@@ -245,7 +246,7 @@ def test_a_successor_resubmits_what_was_in_flight_oldest_first(memory16, image):
 
 
 def test_a_batch_used_but_not_yet_cleared_is_not_resubmitted(memory16, image):
-    """Killed between publishing the used index and clearing the inflight mark:
+    """BE-74. Killed between publishing the used index and clearing the inflight mark:
     the area's used_idx is behind the ring's, and last_batch_head is done."""
     area = Area()
     first = Blk(str(image))

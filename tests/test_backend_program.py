@@ -20,6 +20,7 @@ PYVMM = [sys.executable, "-m", "pyvmm", "backend"]
 
 @pytest.mark.parametrize("device, kind", [("rng", "rng"), ("blk", "block"), ("vsock", "vsock")])
 def test_print_capabilities(device, kind):
+    """BE-114."""
     out = subprocess.run(PYVMM + [device, "--print-capabilities"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0
@@ -44,6 +45,7 @@ def test_print_capabilities(device, kind):
     (["rng", "--socket-path", "/nonexistent/dir/x.sock"], "/nonexistent/dir/x.sock"),
 ])
 def test_a_bad_option_is_one_line(args, message):
+    """BE-108: a failed start is a non-zero exit, one line."""
     out = subprocess.run(PYVMM + args, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
@@ -52,6 +54,7 @@ def test_a_bad_option_is_one_line(args, message):
 
 
 def test_sigterm_ends_it_cleanly_and_removes_the_socket(tmp_path):
+    """BE-110, BE-111."""
     with pyvmm_backend(str(tmp_path), "rng") as (sock, proc):
         fe = VhostUserFrontend.connect(sock)
         fe.negotiate()

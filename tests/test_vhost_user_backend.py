@@ -66,7 +66,7 @@ def make_device(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["rng", "blk", "vsock"])
 @pytest.mark.parametrize("breakage", ["outside RAM", "loop", "oversize", "wrong direction"])
 def test_a_broken_chain_breaks_the_ring_not_the_back_end(memory16, tmp_path, kind, breakage):
-    """What the guest wrote is checked before use: a chain that points outside
+    """BE-66. What the guest wrote is checked before use: a chain that points outside
     guest RAM, loops, claims 4 GiB, or puts a readable buffer after a writable
     one, is reported on the ring's error eventfd (as vhost-net does); nothing
     is used, and the back-end still answers."""
@@ -95,7 +95,7 @@ def test_a_broken_chain_breaks_the_ring_not_the_back_end(memory16, tmp_path, kin
 
 
 def test_event_idx_interrupts_only_when_the_driver_asks(memory16):
-    """With VIRTIO_RING_F_EVENT_IDX the driver's used_event says which used
+    """BE-65. With VIRTIO_RING_F_EVENT_IDX the driver's used_event says which used
     entry it wants an interrupt for; the back-end signals the call eventfd
     for that one and not for others."""
     rig = LibraryRig(memory16, Rng(), features=VERSION_1 | 1 << 29)
