@@ -25,6 +25,8 @@ import time
 
 import pytest
 
+from pyvmm.sys.process import stop
+
 START_TIMEOUT = 30
 
 
@@ -53,16 +55,6 @@ def vhost_user_backend(tmp_path_factory):
     yield start
     for proc in started:
         stop(proc)
-
-
-def stop(proc, grace=10):
-    """SIGTERM (a back-end's clean exit), then SIGKILL after grace seconds."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture

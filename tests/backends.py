@@ -5,7 +5,7 @@ import os
 import subprocess
 import time
 
-from pyvmm.pytest_plugin import stop as _stop   # SIGTERM, then SIGKILL
+from pyvmm.sys.process import stop as _stop   # SIGTERM, then SIGKILL
 
 
 def _wait_for_socket(proc, sock, what):

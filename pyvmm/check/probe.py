@@ -5,7 +5,6 @@ look for)."""
 
 import select
 
-from pyvmm.vhost.user.channel import Connection
 from pyvmm.vhost.user.messages import (HEADER, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_VERSION,
                                        U64)
 from pyvmm.vhost.user.wire import encode
@@ -29,8 +28,9 @@ class Reply:
 
 
 class Probe:
-    def __init__(self, path, timeout=5.0):
-        self.conn = Connection.connect(path, "the back-end", timeout)
+    def __init__(self, conn):
+        """conn: a connected Connection (closed by whoever opened it)."""
+        self.conn = conn
         self.sent = []                 # what was sent, for failure messages
 
     def send(self, request, payload=b"", flags=0, fds=()):

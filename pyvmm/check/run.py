@@ -5,16 +5,20 @@
 """
 
 from pyvmm.check.rules import CHECKS, MUST_LEVELS, Context, Failed, Skipped, discover
+from pyvmm.check.target import SocketTarget, Target
 from pyvmm.errors import PyvmmError
 
 
-def run_checks(path, device=None, write=print, timeout=5.0, only=None, results=None):
-    """Every check against the back-end at path; (passed, failed, skipped,
-    whether a MUST failed). results, a list, gets a dict per check."""
-    offer = discover(path, timeout)
-    write(f"back-end at {path}: features {offer.features:#x}, protocol features "
+def run_checks(target, device=None, write=print, timeout=5.0, only=None, results=None):
+    """Every check against the back-end (a check.target.Target, or the path
+    it listens on); (passed, failed, skipped, whether a MUST failed).
+    results, a list, gets a dict per check."""
+    if not isinstance(target, Target):
+        target = SocketTarget(target, timeout)
+    offer = discover(target)
+    write(f"{target}: features {offer.features:#x}, protocol features "
           f"{offer.protocol:#x}, {offer.queues} queue(s); device {device or 'unknown'}")
-    ctx = Context(path, offer, device, timeout)
+    ctx = Context(target, offer, device, timeout)
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
     must_failed = False
     for c in CHECKS:
@@ -30,6 +34,8 @@ def run_checks(path, device=None, write=print, timeout=5.0, only=None, results=N
             result, detail = "FAIL", str(e)
         except (PyvmmError, OSError) as e:
             result, detail = "FAIL", f"{type(e).__name__}: {e}"
+        finally:
+            target.release()
         counts[result] += 1
         if result == "FAIL" and c.level in MUST_LEVELS:
             must_failed = True

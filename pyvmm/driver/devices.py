@@ -4,10 +4,18 @@ chain, waits for it and returns what the device wrote.
 
     blk:  blk_read, blk_write, blk_flush, blk_get_id (pyvmm/virtio/blk.py)
     rng:  rng_read
-    net:  net_send (a frame with the 12-byte virtio_net_hdr_v1), net_receive
+    net:  net_send (a frame with the 12-byte virtio_net_hdr_v1), net_post,
+          net_receive
+    fs:   fuse_init, fuse_lookup (pyvmm/virtio/fs.py)
+    vsock: vsock_send, with net_post/net_receive's twins vsock_post and
+          vsock_receive on the rx queue (pyvmm/virtio/vsock.py)
 """
 
+import itertools
 import os
+
+from pyvmm.driver.queue import DriverError
+from pyvmm.virtio import fs, vsock
 
 from pyvmm.virtio.blk import (OUTHDR, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_FLUSH,
                               VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT)
@@ -82,3 +90,67 @@ def net_receive(driver, rxq, posted, timeout=5.0):
     for head, length in rxq.wait(None, timeout):
         frames.append(driver.read(posted.pop(head), length)[len(NET_HDR):])
     return frames
+
+
+_fuse_unique = itertools.count(1)
+
+
+def _fuse(driver, queue, opcode, nodeid, arguments, reply_size, timeout):
+    """One FUSE request; (error, unique matches, the reply after the out header)."""
+    unique = next(_fuse_unique)
+    request = fs.IN_HEADER.pack(fs.IN_HEADER.size + len(arguments), opcode, unique, nodeid,
+                                0, 0, 0, 0, 0) + arguments
+    inp, out = driver.alloc(len(request)), driver.alloc(fs.OUT_HEADER.size + reply_size)
+    driver.write(inp, request)
+    written = queue.wait(queue.send([(inp, len(request), False),
+                                     (out, fs.OUT_HEADER.size + reply_size, True)]), timeout)
+    if written < fs.OUT_HEADER.size:
+        raise DriverError(f"queue {queue.index}: a FUSE reply of {written} bytes, shorter "
+                          f"than its {fs.OUT_HEADER.size}-byte header")
+    length, error, got = fs.OUT_HEADER.unpack(driver.read(out, fs.OUT_HEADER.size))
+    if got != unique or length != written:
+        raise DriverError(f"queue {queue.index}: a FUSE reply for request {got} of "
+                          f"{length} bytes, to request {unique} in {written} used bytes")
+    return error, driver.read(out + fs.OUT_HEADER.size, written - fs.OUT_HEADER.size)
+
+
+def fuse_init(driver, queue, timeout=5.0):
+    """FUSE_INIT (the first request of a session): (error, (major, minor))."""
+    error, reply = _fuse(driver, queue, fs.FUSE_INIT, 0,
+                         fs.INIT_IN.pack(fs.FUSE_KERNEL_VERSION, fs.FUSE_KERNEL_MINOR_VERSION,
+                                         0, 0), 256, timeout)
+    return error, (fs.INIT_IN.unpack_from(reply)[:2] if len(reply) >= 8 else None)
+
+
+def fuse_lookup(driver, queue, name, parent=fs.FUSE_ROOT_ID, timeout=5.0):
+    """FUSE_LOOKUP of name in directory parent: (error, the entry's nodeid or None)."""
+    error, reply = _fuse(driver, queue, fs.FUSE_LOOKUP, parent, name.encode() + b"\0", 256,
+                         timeout)
+    return error, (fs.ENTRY_NODEID.unpack_from(reply)[0] if error == 0 and len(reply) >= 8
+                   else None)
+
+
+def vsock_send(driver, txq, src_cid, dst_cid, src_port, dst_port, op, payload=b"",
+               buf_alloc=1 << 16, fwd_cnt=0, timeout=5.0):
+    """One vsock stream packet on the tx queue; waits until the device took it."""
+    packet = vsock.HDR.pack(src_cid, dst_cid, src_port, dst_port, len(payload),
+                            vsock.VIRTIO_VSOCK_TYPE_STREAM, op, 0, buf_alloc, fwd_cnt) + payload
+    buf = driver.alloc(len(packet))
+    driver.write(buf, packet)
+    txq.wait(txq.send([(buf, len(packet), False)]), timeout)
+
+
+def vsock_post(driver, rxq, count=8, size=4096):
+    return net_post(driver, rxq, count, size)
+
+
+def vsock_receive(driver, rxq, posted, timeout=5.0):
+    """The packets the device put in posted buffers, as (header fields, payload)."""
+    packets = []
+    for head, length in rxq.wait(None, timeout):
+        data = driver.read(posted.pop(head), length)
+        if length < vsock.HDR.size:
+            raise DriverError(f"queue {rxq.index}: a vsock packet of {length} bytes, shorter "
+                              f"than its {vsock.HDR.size}-byte header")
+        packets.append((vsock.HDR.unpack_from(data), data[vsock.HDR.size:]))
+    return packets

@@ -13,6 +13,7 @@ from pyvmm.devices.virtio.device import Queue
 from pyvmm.driver.queue import DriverError, DriverQueue
 from pyvmm.memory import GuestMemory
 from pyvmm.virtio.splitring import DriverRing
+from pyvmm.vhost.user.frontend import SUPPORTED_PROTOCOL_FEATURES
 
 MiB = 1 << 20
 RINGS = 0x10000                 # rings from here, one per 64 KiB
@@ -20,12 +21,15 @@ SCRATCH = 4 * MiB               # request buffers from here
 
 
 class Driver:
-    def __init__(self, backend, mem_size=32 * MiB):
-        """backend: a QueueBackend (now the driver's: close() closes it)."""
+    def __init__(self, backend, mem_size=32 * MiB, memory=None, timeout=5.0):
+        """backend: a QueueBackend (now the driver's: close() closes it);
+        memory: a GuestMemory to use (now the driver's) instead of mem_size
+        bytes of a new one; timeout: what the device helpers wait by default."""
         self.backend = backend
-        self.memory = GuestMemory(mem_size)
+        self.memory = GuestMemory(mem_size) if memory is None else memory
         self.queues = {}
         self.features = None
+        self.timeout = timeout
         self._next = SCRATCH
 
     def __enter__(self):
@@ -56,15 +60,23 @@ class Driver:
         return self.queues[index]
 
     def alloc(self, size, align=64):
-        """size bytes of guest memory for a request's buffers."""
+        """size bytes of guest memory for a request's buffers, within one region."""
         gpa = (self._next + align - 1) & ~(align - 1)
-        if gpa + size > self.memory.size:
+        region = next((r for r in self.memory.regions if r.guest_phys_addr <= gpa < r.end), None)
+        if region is not None and gpa + size > region.end:
+            gpa = region.end                 # buffers never straddle two regions
+            region = next((r for r in self.memory.regions if r.guest_phys_addr == gpa), None)
+        if region is None:
             if all(not q.in_flight for q in self.queues.values()):
-                gpa = SCRATCH                # nothing in flight: start over
-            else:
-                raise DriverError(f"no room for {size} more bytes of buffers")
+                self._next = SCRATCH         # nothing in flight: start over
+                return self.alloc(size, align)
+            raise DriverError(f"no room for {size} more bytes of buffers")
         self._next = gpa + size
         return gpa
+
+    def seek(self, gpa):
+        """The next buffers from guest address gpa on (at or above SCRATCH)."""
+        self._next = max(gpa, SCRATCH)
 
     def write(self, gpa, data):
         self.memory.write(gpa, data)
@@ -82,19 +94,29 @@ class Driver:
             self.memory.close()
 
 
-def vhost_user(path, config_size=0, timeout=10.0):
-    """A Driver on the vhost-user back-end listening at path (negotiated)."""
+def vhost_user(where, config_size=0, timeout=10.0, memory=None,
+               protocol=SUPPORTED_PROTOCOL_FEATURES):
+    """A Driver on a vhost-user back-end (negotiated): where is the path it
+    listens on, or a Connection already made to it (which the driver then owns);
+    memory: a GuestMemory to use; protocol: the protocol features to ack
+    where the back-end offers them."""
     from pyvmm.devices.virtio.vhost_user import VhostUserBackend
+    from pyvmm.vhost.user.channel import Connection
     from pyvmm.vhost.user.frontend import VhostUserFrontend
-    frontend = VhostUserFrontend.connect(path, "the back-end", timeout)
+    if isinstance(where, Connection):
+        frontend, name = VhostUserFrontend(where), where.name
+    else:
+        frontend, name = VhostUserFrontend.connect(where, "the back-end", timeout), str(where)
     try:
-        frontend.negotiate()
-        backend = VhostUserBackend(frontend, f"the vhost-user back-end at {path}",
+        frontend.negotiate(want_protocol=protocol)
+        backend = VhostUserBackend(frontend, f"the vhost-user back-end at {name}",
                                    config_size=config_size)
     except BaseException:
         frontend.close()
+        if memory is not None:
+            memory.close()
         raise
-    return Driver(backend)
+    return Driver(backend, memory=memory, timeout=timeout)
 
 
 def vhost_net(tap_name, address=None):

@@ -1,0 +1,343 @@
+"""Checks of ring states, kicks and GET_VRING_BASE, and of the data path,
+through the guest-less driver (section E of the back-end rules).
+
+Each check runs a device's DataPath (datapath.py): the queues it starts,
+the queue it watches, and requests whose execution can be seen.
+"""
+
+import contextlib
+import os
+import select
+import time
+
+from pyvmm.check.core import Failed, Skipped, check
+from pyvmm.check.datapath import PATHS
+from pyvmm.driver import DriverError
+from pyvmm.vhost import VringAddr
+from pyvmm.vhost.user.messages import (VHOST_USER_F_PROTOCOL_FEATURES, FrontendReq as R,
+                                       ProtocolFeature as PF, U64)
+
+QUIET = 0.5                   # how long "nothing happens" is watched
+
+
+def path_of(ctx):
+    if ctx.device is None:
+        raise Skipped("a data-path check needs the device type (give --device)")
+    return PATHS[ctx.device]()
+
+
+@contextlib.contextmanager
+def running(ctx, **driver):
+    """A driver with the device's queues started and enabled, begun."""
+    path = path_of(ctx)
+    with ctx.driver(path.config_size, **driver) as d:
+        d.start(queues=path.queues)
+        path.begin(d)
+        yield d, path, d.queues[path.queue]
+
+
+@contextlib.contextmanager
+def set_up(ctx, kick=True, enable=True, base=0, before=None):
+    """A driver whose queues are set up message by message: everything but
+    the watched queue's SET_VRING_KICK (unless kick) and its
+    SET_VRING_ENABLE (unless enable; True/False: sent with that value, None:
+    not sent). The watched queue starts at base; before(driver, queue), if
+    given, prepares its ring first. Yields (driver, path, the watched
+    DriverQueue, start()), where start() sends what was held back."""
+    path = path_of(ctx)
+    with ctx.driver(path.config_size) as d:
+        fe = d.backend.frontend
+        fe.set_features(d.backend.features())
+        fe.set_mem_table(d.memory)
+        for index, size in path.queues:
+            q = d.make_queue(index, size)
+            if index == path.queue and before is not None:
+                before(d, q)
+            fe.set_vring_num(index, size)
+            fe.set_vring_base(index, base if index == path.queue else 0)
+            fe.set_vring_addr(index, VringAddr(q.ring.desc_addr, q.ring.avail_addr,
+                                               q.ring.used_addr))
+            fe.set_vring_call(index, q.call)
+            protocol = fe.negotiated.protocol_features_on
+            if index != path.queue:
+                fe.set_vring_kick(index, q.kick)
+                if protocol:
+                    fe.set_vring_enable(index, True)
+                continue
+            if protocol and enable is not None:
+                fe.set_vring_enable(index, enable)
+            if kick:
+                fe.set_vring_kick(index, q.kick)
+
+        def start():
+            q = d.queues[path.queue]
+            if not kick:
+                fe.set_vring_kick(path.queue, q.kick)
+            if enable is not True and fe.negotiated.protocol_features_on:
+                fe.set_vring_enable(path.queue, True)
+        yield d, path, d.queues[path.queue], start
+
+
+def untouched(q, used, what, seconds=QUIET):
+    time.sleep(seconds)
+    if q.ring.used_idx() != used:
+        raise Failed(what)
+
+
+def kick(q):
+    os.eventfd_write(q.kick, 1)
+
+
+def completes(q, head, timeout, what):
+    try:
+        q.wait(head, timeout)
+    except DriverError as e:
+        raise Failed(f"{what}: {e}") from None
+
+
+@check("BE-45", "MUST", "a ring is not processed before SET_VRING_KICK starts it")
+def not_started(ctx):
+    path = path_of(ctx)
+    with set_up(ctx, kick=False, before=lambda d, q: path.post(d)) as (d, path, q, _):
+        kick(q)
+        untouched(q, 0, "a request was served on a ring that had no SET_VRING_KICK yet")
+
+
+@check("BE-46", "MUST", "SET_VRING_KICK starts a ring: a kick is then served")
+def kick_starts(ctx):
+    with set_up(ctx) as (d, path, q, _):
+        path.begin(d)
+        path.request(d)
+
+
+@check("BE-47", "SHOULD", "a request queued before SET_VRING_KICK is served without a kick")
+def no_kick_needed(ctx):
+    with set_up(ctx, kick=False) as (d, path, q, start):
+        head = path.post(d)
+        start()
+        completes(q, head, 1.0, "queued before SET_VRING_KICK and never kicked")
+
+
+@check("BE-48", "MUST", "after GET_VRING_BASE the ring is stopped: kicks are not served")
+def stopped_ring(ctx):
+    with running(ctx) as (d, path, q):
+        path.request(d)
+        d.backend.frontend.get_vring_base(path.queue)
+        used = q.ring.used_idx()
+        path.post(d)
+        kick(q)
+        untouched(q, used, "a request posted and kicked after GET_VRING_BASE was served")
+
+
+@check("BE-49", "MUST*", "a stopped ring restarts at SET_VRING_BASE with a new SET_VRING_KICK")
+def restart(ctx):
+    with running(ctx) as (d, path, q):
+        path.request(d)
+        fe = d.backend.frontend
+        base = fe.get_vring_base(path.queue)
+        fe.set_vring_base(path.queue, base)
+        fe.set_vring_addr(path.queue, VringAddr(q.ring.desc_addr, q.ring.avail_addr,
+                                                q.ring.used_addr))
+        new_kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        os.close(q.kick)
+        q.kick = new_kick
+        fe.set_vring_kick(path.queue, q.kick)
+        if fe.negotiated.protocol_features_on:
+            fe.set_vring_enable(path.queue, True)
+        head = path.post(d)
+        kick(q)
+        completes(q, head, ctx.timeout, f"restarted at base {base}")
+
+
+def _no_side_effects(d, path, q, what):
+    head, executed = path.marked(d)
+    kick(q)
+    time.sleep(QUIET)
+    done = dict(q.used())
+    if head in done and executed():
+        raise Failed(what)
+    return head, done
+
+
+@check("BE-50", "MUST", "started but not enabled, a ring is served without side effects")
+def started_not_enabled(ctx):
+    ctx.needs_protocol_features()
+    with set_up(ctx, enable=None) as (d, path, q, _):
+        _no_side_effects(d, path, q, "a request on a ring that had no SET_VRING_ENABLE was "
+                                     "executed (its result reached the guest's buffers)")
+
+
+@check("BE-51", "MUST", "a started and enabled ring executes requests")
+def data_path(ctx):
+    with running(ctx) as (d, path, q):
+        path.request(d)
+
+
+@check("BE-52", "MUST*", "with bit 30, rings need SET_VRING_ENABLE(1) before they execute")
+def enable_needed(ctx):
+    ctx.needs_protocol_features()
+    with set_up(ctx, enable=None) as (d, path, q, start):
+        head, done = _no_side_effects(d, path, q, "a request was executed before "
+                                                  "SET_VRING_ENABLE")
+        start()
+        if head not in done:
+            kick(q)
+            completes(q, head, ctx.timeout, "enabled, the ring did not serve the held request")
+        path.begin(d)
+        path.request(d)
+
+
+@check("BE-53", "MUST", "without bit 30 in SET_FEATURES, rings start enabled")
+def enabled_without_protocol_features(ctx):
+    ctx.needs_protocol_features()
+    path = path_of(ctx)
+    with ctx.driver(path.config_size) as d:
+        fe = d.backend.frontend
+        features = d.backend.features() & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        fe.call(R.SET_FEATURES, U64(features))        # set_features() would add bit 30
+        fe.set_mem_table(d.memory)
+        for index, size in path.queues:
+            q = d.make_queue(index, size)
+            fe.start_vring(index, size, VringAddr(q.ring.desc_addr, q.ring.avail_addr,
+                                                  q.ring.used_addr), q.kick, q.call)
+        path.begin(d)
+        path.request(d)
+
+
+@check("BE-54", "SHOULD", "SET_VRING_ENABLE before SET_VRING_KICK applies once the ring starts")
+def enable_before_start(ctx):
+    ctx.needs_protocol_features()
+    with set_up(ctx, kick=False, enable=False) as (d, path, q, _):
+        fe = d.backend.frontend
+        fe.set_vring_kick(path.queue, q.kick)
+        _no_side_effects(d, path, q, "disabled before SET_VRING_KICK, the ring executed a "
+                                     "request after it")
+    with set_up(ctx, kick=False, enable=True) as (d, path, q, start):
+        start()
+        path.begin(d)
+        path.request(d)
+
+
+@check("BE-55", "MUST*", "a disabled ring is served without side effects; enabled, normally")
+def enable_disable(ctx):
+    """The spec's disabled ring is processed "without causing any side effects"
+    (a NIC consumes and drops TX): a request may be consumed, but not executed."""
+    ctx.needs_protocol_features()
+    with running(ctx) as (d, path, q):
+        path.request(d)
+        fe = d.backend.frontend
+        fe.set_vring_enable(path.queue, False)
+        head, done = _no_side_effects(d, path, q, "a request on a disabled ring was executed "
+                                                  "(its result reached the guest's buffers)")
+        fe.set_vring_enable(path.queue, True)
+        if head not in done:
+            kick(q)
+            completes(q, head, ctx.timeout, "enabled again, the ring did not serve the held "
+                                            "request")
+        path.request(d)
+
+
+@check("BE-56", "MUST*", "SET_VRING_BASE says where in the available ring to start")
+def vring_base_start(ctx):
+    heads = []
+
+    def five_used_one_new(d, q):
+        """As a ring a previous back-end left: five requests used, a sixth not."""
+        heads.extend(path.post(d) for _ in range(6))
+        d.memory.write(q.ring.used_addr + 2, (5).to_bytes(2, "little"))
+        q.ring.last_used_idx = 5
+        for head in heads[:5]:
+            del q.in_flight[head]
+
+    path = path_of(ctx)
+    with set_up(ctx, kick=False, base=5, before=five_used_one_new) as (d, _, q, start):
+        start()
+        kick(q)
+        completes(q, heads[5], ctx.timeout, "from base 5, the sixth request")
+        untouched(q, 6, "from base 5 of 6 available, more than one request was served")
+
+
+@check("BE-58", "MUST", "GET_VRING_BASE answers where the ring stopped")
+def vring_base(ctx):
+    with running(ctx) as (d, path, q):
+        for _ in range(3):
+            path.request(d)
+        expected = q.ring.avail_idx
+        base = d.backend.frontend.get_vring_base(path.queue)
+        if base != expected:
+            raise Failed(f"GET_VRING_BASE after {expected} requests from base 0: got {base}")
+
+
+@check("BE-60", "MUST", "GET_VRING_BASE completes the requests in flight before it answers")
+def vring_base_drains(ctx):
+    with running(ctx) as (d, path, q):
+        for _ in range(8):
+            path.post(d)
+        kick(q)
+        base = d.backend.frontend.get_vring_base(path.queue)
+        used = q.ring.used_idx()
+        if used != base:
+            raise Failed(f"GET_VRING_BASE answered {base} with the used index at {used}: "
+                         f"requests it took were not completed first")
+        untouched(q, used, "the used ring moved after GET_VRING_BASE answered")
+
+
+@check("BE-62", "MUST", "with every ring stopped, nothing is written or signalled")
+def suspended(ctx):
+    with running(ctx) as (d, path, q):
+        path.request(d)
+        fe = d.backend.frontend
+        for index in d.queues:
+            fe.get_vring_base(index)
+        used = {i: dq.ring.used_idx() for i, dq in d.queues.items()}
+        for dq in d.queues.values():
+            while select.select([dq.call], [], [], 0)[0]:
+                os.eventfd_read(dq.call)
+        path.post(d)
+        for dq in d.queues.values():
+            kick(dq)
+        time.sleep(QUIET)
+        for i, dq in d.queues.items():
+            if dq.ring.used_idx() != used[i]:
+                raise Failed(f"queue {i}'s used index moved with every ring stopped")
+            if select.select([dq.call, dq.err], [], [], 0)[0]:
+                raise Failed(f"queue {i}'s call or error eventfd was signalled with every "
+                             f"ring stopped")
+        fe.get_features()                          # and it still answers
+
+
+@check("BE-64", "SHOULD", "with SET_VRING_CALL's no-fd flag the used ring is still updated")
+def no_call_fd(ctx):
+    with running(ctx) as (d, path, q):
+        d.backend.frontend.set_vring_call(path.queue, None)
+        path.request(d)
+
+
+@check("BE-65", "MUST*", "without EVENT_IDX, each completion signals the call eventfd")
+def call_signalled(ctx):
+    path = path_of(ctx)
+    with ctx.driver(path.config_size) as d:
+        d.start(features=d.backend.features() & ~(1 << 29),     # VIRTIO_RING_F_EVENT_IDX
+                queues=path.queues)
+        path.begin(d)
+        q = d.queues[path.queue]
+        while select.select([q.call], [], [], 0)[0]:
+            os.eventfd_read(q.call)
+        head = path.post(d)
+        kick(q)
+        if not select.select([q.call], [], [], ctx.timeout)[0]:
+            raise Failed(f"no signal on the call eventfd within {ctx.timeout:g} s of a "
+                         f"request{' (it was used)' if q.ring.used_idx() else ''}")
+        completes(q, head, ctx.timeout, "the signalled request")
+
+
+@check("BE-92", "MUST*", "after RESET_DEVICE the rings are stopped")
+def reset_device(ctx):
+    ctx.needs(PF.RESET_DEVICE)
+    with running(ctx) as (d, path, q):
+        path.request(d)
+        d.backend.frontend.reset_device()
+        used = q.ring.used_idx()
+        path.post(d)
+        kick(q)
+        untouched(q, used, "a request posted and kicked after RESET_DEVICE was served")

@@ -1,0 +1,171 @@
+"""Where the checked back-end is, and how each check gets a fresh connection.
+
+    SocketTarget   a back-end listening on a path (it must accept one
+                   connection after another)
+    ListenTarget   pyvmm check listens; the back-end connects (and must
+                   connect again after each check)
+    CommandTarget  a back-end program pyvmm check starts itself, and starts
+                   again whenever it has exited: back-ends that serve one
+                   front-end and exit (virtiofsd) are checked this way.
+                   Without a socket of its own, the program is given
+                   --socket-path (the program conventions, which the BE-107
+                   to BE-118 checks then examine)
+
+A check calls connect() as often as it likes; release() closes what it
+opened and, for a command, waits for a one-client back-end to go.
+"""
+
+import os
+import select
+import shutil
+import subprocess
+import tempfile
+import time
+
+from pyvmm.sys.process import stop
+from pyvmm.vhost.user.channel import Connection, Listener
+from pyvmm.vhost.user.errors import ChannelError
+
+
+class Target:
+    command = None          # the program's argv, where the program conventions apply
+
+    def __init__(self, timeout):
+        self.timeout = timeout
+        self._opened = []
+
+    def connect(self):
+        conn = self._connect()
+        self._opened.append(conn)
+        return conn
+
+    def release(self):
+        """The check is over: close every connection it opened."""
+        for conn in self._opened:
+            conn.close()
+        self._opened.clear()
+
+    def close(self):
+        self.release()
+
+
+class SocketTarget(Target):
+    def __init__(self, path, timeout=5.0):
+        super().__init__(timeout)
+        self.path = path
+
+    def __str__(self):
+        return f"back-end at {self.path}"
+
+    def _connect(self):
+        return Connection.connect(self.path, "the back-end", self.timeout)
+
+
+class ListenTarget(Target):
+    def __init__(self, path, timeout=5.0):
+        super().__init__(timeout)
+        self.path = path
+        self.listener = Listener(path)
+
+    def __str__(self):
+        return f"back-end connecting to {self.path}"
+
+    def _connect(self):
+        return self.listener.accept("the back-end", self.timeout)
+
+    def close(self):
+        super().close()
+        self.listener.close()
+
+
+class CommandTarget(Target):
+    """argv started as needed. socket: where it listens (or, with listen,
+    where pyvmm check listens for it); None: a path of ours, given to the
+    program as --socket-path."""
+
+    def __init__(self, argv, socket=None, listen=False, timeout=5.0):
+        super().__init__(timeout)
+        self.argv = list(argv)
+        self.workdir = tempfile.mkdtemp(prefix="pyvmm-check-")
+        if socket is None:
+            self.command = self.argv
+            socket = os.path.join(self.workdir, "backend.sock")
+            self.run_argv = [*self.argv, f"--socket-path={socket}"]
+        else:
+            self.run_argv = self.argv
+        self.path = socket
+        self.listener = Listener(socket) if listen else None
+        self.proc = None
+        self.one_client = None      # learned after the first check: does it exit?
+        self.log = os.path.join(self.workdir, "backend.log")
+
+    def __str__(self):
+        return f"back-end `{' '.join(self.run_argv)}`"
+
+    def start(self):
+        if self.listener is None and os.path.lexists(self.path) and self.command is not None:
+            os.unlink(self.path)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.run_argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self, lines=5):
+        try:
+            with open(self.log, errors="replace") as f:
+                return " | ".join(f.read().strip().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _connect(self):
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        wait = max(self.timeout, 10.0)               # start-up may be slow
+        deadline = time.monotonic() + wait
+        while True:
+            if self.listener is not None:
+                ready = select.select([self.listener], [], [], 0.05)[0]
+                if ready:
+                    return self.listener.accept("the back-end", self.timeout)
+            else:
+                try:
+                    return Connection.connect(self.path, "the back-end", self.timeout)
+                except ChannelError:
+                    time.sleep(0.05)
+            if self.proc.poll() is not None:
+                raise ChannelError(f"the back-end exited with status {self.proc.returncode} "
+                                   f"before it {'connected' if self.listener else 'listened'}"
+                                   f": {self.output() or 'no output'}")
+            if time.monotonic() > deadline:
+                raise ChannelError(f"the back-end did not "
+                                   f"{'connect' if self.listener else 'listen'} within "
+                                   f"{wait:g} s")
+
+    def release(self):
+        opened = bool(self._opened)
+        super().release()
+        if not opened or self.proc is None:
+            return
+        if self.one_client is None:              # the first time: does it go?
+            try:
+                self.proc.wait(1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            self.one_client = self.proc.poll() is not None
+        elif self.one_client:
+            try:
+                self.proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                self.stop()
+
+    def stop(self):
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def close(self):
+        super().close()
+        self.stop()
+        if self.listener is not None:
+            self.listener.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
