@@ -445,8 +445,14 @@ def cmd_run(args, started_at):
 
 def main(argv=None):
     started_at = process_start_time()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["backend"]:
+        from pyvmm.vhost.user.backend import program
+        early = program.capabilities_first(argv)
+        if early is not None:
+            return early
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="pyvmm: %(name)s: %(message)s")
     if args.command == "run":

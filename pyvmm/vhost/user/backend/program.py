@@ -154,12 +154,27 @@ def listen(args):
     return None
 
 
-def run(args, parser):
+def print_capabilities(device):
+    """BE-114: vhost-user.json's capabilities object."""
     import json
+    print(json.dumps({"type": DEVICES[device][0]}))
+    return 0
+
+
+def capabilities_first(argv):
+    """BE-115: `backend DEVICE ... --print-capabilities ...` prints the
+    capabilities whatever else is on the line (argparse would refuse an
+    unknown option first); None for any other command line."""
+    if len(argv) >= 2 and argv[0] == "backend" and argv[1] in DEVICES \
+            and "--print-capabilities" in argv[2:]:
+        return print_capabilities(argv[1])
+    return None
+
+
+def run(args, parser):
     parser = args.device_parser
-    if args.print_capabilities:        # BE-115: other options are ignored
-        print(json.dumps({"type": DEVICES[args.device][0]}))
-        return 0
+    if args.print_capabilities:
+        return print_capabilities(args.device)
     if args.socket_path is None and args.fd is None and args.connect is None:
         parser.error("give --socket-path PATH, --fd N or --connect PATH")
     device = make_device(args, parser)

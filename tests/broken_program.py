@@ -1,0 +1,45 @@
+"""`pyvmm backend rng`, broken in one program convention (the rule given
+as first argument), for the checks of section M to fail on:
+
+    python3 tests/broken_program.py BE-110 --socket-path=PATH
+"""
+
+import json
+import os
+import signal
+import sys
+
+from pyvmm.cli import main
+
+
+def run(rule, args):
+    if rule == "BE-108":                     # whatever goes wrong, exit status 0
+        main(["backend", "rng", *args])
+        return 0
+    if rule == "BE-109" and os.fork():       # daemonizes: the parent goes at once
+        return 0
+    if rule == "BE-110":                     # SIGTERM is ignored
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal = lambda *a: None
+    if rule == "BE-111":                     # listens somewhere else
+        args = [a + ".elsewhere" if a.startswith("--socket-path=") else a for a in args]
+    if rule == "BE-112" and any(a.startswith("--fd") for a in args):
+        return 2                             # no --fd
+    if rule == "BE-113" and any(a.startswith("--socket-path") for a in args):
+        args = [a for a in args if not a.startswith("--fd")]     # both accepted
+    if "--print-capabilities" in args:
+        if rule == "BE-114":
+            print("type: rng")
+            return 0
+        if rule == "BE-115" and len(args) > 1:
+            return 2
+        if rule == "BE-116":
+            print(json.dumps({"type": "random"}))
+            return 0
+    if rule == "BE-118" and os.path.samefile("/dev/null", "/proc/self/fd/1"):
+        return 1                             # needs a real stdout
+    return main(["backend", "rng", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1], sys.argv[2:]))
