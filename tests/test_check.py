@@ -8,7 +8,7 @@ import sys
 import threading
 
 import pytest
-from backends import pyvmm_backend, storage_daemon
+from backends import pyvmm_backend
 
 from pyvmm.check.rules import CHECKS, Context, discover
 from pyvmm.check.run import run_checks
@@ -18,8 +18,8 @@ from pyvmm.vhost.user.backend.daemon import Daemon, serve_forever
 from pyvmm.vhost.user.backend.rng import Rng
 from pyvmm.vhost.user.channel import Listener
 from pyvmm.vhost.user.errors import ChannelError, RemoteProtocolError
-from pyvmm.vhost.user.messages import (HEADER, FrontendReq as R, ProtocolFeature as PF, U64,
-                                       VringState)
+from pyvmm.vhost.user.messages import (HEADER, FrontendReq as R, Inflight,
+                                       ProtocolFeature as PF, U64, VringState)
 from pyvmm.vhost.user.wire import encode
 
 
@@ -36,9 +36,9 @@ def test_pyvmm_backend_blk_passes_every_must_rule(tmp_path, image):
         passed, failed, skipped, must_failed = run_checks(sock, "blk", lines.append)
     assert (failed, must_failed) == (0, False), "\n".join(lines)
     skipped = [line.split()[0] for line in lines if " SKIP " in line]
-    assert skipped == PROGRAM_RULES            # given a socket, not a command
-    assert lines[-1] == f"{len(CHECKS) - len(PROGRAM_RULES)} passed, 0 failed, " \
-                        f"{len(PROGRAM_RULES)} skipped"
+    assert skipped == ["BE-78"] + PROGRAM_RULES    # no CONFIG_WCE; a socket, not a command
+    assert lines[-1] == f"{len(CHECKS) - len(skipped)} passed, 0 failed, " \
+                        f"{len(skipped)} skipped"
 
 
 def test_json_output_and_one_rule(tmp_path, image):
@@ -60,20 +60,28 @@ def test_json_output_and_one_rule(tmp_path, image):
 # as it enables each ring right after SET_VRING_KICK and disables one only to
 # stop it with GET_VRING_BASE; it waits for a kick to look at a new ring
 # (BE-47, a SHOULD QEMU hides by kicking); it hangs up on SET_VRING_CALL
-# without an fd (BE-64, a SHOULD; QEMU always sends one).
-QSD_DEPARTURES = ["BE-47", "BE-50", "BE-52", "BE-54", "BE-55", "BE-64"]
+# without an fd (BE-64, a SHOULD; QEMU always sends one); it crashes on
+# SET_VRING_NUM for a queue far past its last (BE-21; QEMU never asks).
+QSD_DEPARTURES = ["BE-21", "BE-47", "BE-50", "BE-52", "BE-54", "BE-55", "BE-64"]
 
 
 def test_qemu_storage_daemon_on_the_command_line(tmp_path, image):
-    """Every rule that applies passes but the departures above; some are
-    MUST rules: exit status 1."""
-    with storage_daemon(str(tmp_path), image) as sock:
-        r = subprocess.run([sys.executable, "-m", "pyvmm", "check", "--socket", sock,
-                            "--device", "blk"], capture_output=True, text=True, timeout=300)
+    """Started by the checker (--socket PATH -- COMMAND), so that it is started
+    again after it crashes. Every rule that applies passes but the departures
+    above; some are MUST rules: exit status 1."""
+    sock = str(tmp_path / "vub.sock")
+    r = subprocess.run([sys.executable, "-m", "pyvmm", "check", "--socket", sock, "--device",
+                        "blk", "--", "qemu-storage-daemon",
+                        "--blockdev", f"driver=file,node-name=file0,filename={image}",
+                        "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,"
+                                    f"addr.type=unix,addr.path={sock},writable=on"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "BE-93   SKIP" in r.stdout and "BE-92   SKIP" in r.stdout   # no STATUS, RESET_DEVICE
     failed = [line.split()[0] for line in r.stdout.splitlines() if " FAIL " in line]
     assert failed == QSD_DEPARTURES, r.stdout
+    # It dies of SET_VRING_NUM for queue 1024 (QEMU 7.2's libvhost-user).
+    assert "the back-end was killed by SIGSEGV" in r.stdout, r.stdout
 
 
 # --- back-ends broken on purpose ---------------------------------------------------------------
@@ -202,6 +210,52 @@ def _keep_no_call_fd(self, msg):
     Daemon._set_vring_call(self, SimpleNamespace(payload=msg.payload, fds=()))
 
 
+class WceIgnored(Blk):
+    """Offers VIRTIO_BLK_F_CONFIG_WCE and drops the driver's writeback writes."""
+
+    @property
+    def features(self):
+        return Blk.features.fget(self) | 1 << 11
+
+
+class CapacityWritable(Blk):
+    """Takes a driver's write to the read-only capacity."""
+
+    def write_config(self, offset, data):
+        if offset == 0 and len(data) == 8:
+            self.size = int.from_bytes(data, "little") * 512
+
+
+def _protocol_set_needs_features(self, msg):
+    if not self.features:
+        raise RemoteProtocolError("SET_PROTOCOL_FEATURES before SET_FEATURES")
+
+
+def _protocol_features_need_bit_30(self, msg):
+    Daemon._set_features(self, msg)
+    if not msg.payload.value & (1 << 30):
+        self.session.negotiated.protocol_acked = 0     # REPLY_ACK off with it
+
+
+def _only_all_features(self, msg):
+    if msg.payload.value != self.offered_features:
+        raise RemoteProtocolError("SET_FEATURES must ack every offered bit")
+    Daemon._set_features(self, msg)
+
+
+_slots = iter(range(100, 0, -1))
+
+
+def _inflight_unmappable(self, msg):
+    payload, fds = Daemon._get_inflight_fd(self, msg)
+    return Inflight(payload.mmap_size * 4, 0, payload.num_queues, payload.queue_size), fds
+
+
+def _inflight_too_small(self, msg):
+    payload, fds = Daemon._get_inflight_fd(self, msg)
+    return Inflight(64, 0, payload.num_queues, payload.queue_size), fds
+
+
 def only(request, change):
     """A mangler that changes the frames of one request only."""
     def fn(r, flags, payload):
@@ -248,6 +302,19 @@ BROKEN = {
     "BE-62": overriding(_get_vring_base=_base_without_stopping),
     "BE-64": overriding(_set_vring_call=_no_fd_breaks_ring),
     "BE-65": overriding(_set_vring_call=_keep_no_call_fd),
+    "BE-11": overriding(_set_protocol_features=_protocol_set_needs_features),
+    "BE-12": overriding(_set_features=_protocol_features_need_bit_30),
+    "BE-13": overriding(_set_features=_only_all_features),
+    "BE-21": overriding(_set_vring_num=lambda self, msg: None),   # acks any queue index
+    "BE-24": mangling(only(R.SET_BACKEND_REQ_FD, lambda r, f, p: (r, f, U64(1).pack()))),
+    "BE-36": overriding(_get_max_mem_slots=lambda self, msg: U64(next(_slots))),
+    "BE-71": overriding(_get_inflight_fd=_inflight_unmappable),
+    "BE-72": overriding(_get_inflight_fd=_inflight_too_small),
+    "BE-77": CapacityWritable,
+    "BE-78": WceIgnored,
+    "BE-91": overriding(_reset_owner=lambda self, msg: self.close()),
+    "BE-94": overriding(_set_status=lambda self, msg: setattr(
+        self, "status", msg.payload.value or self.status)),
     "BE-58": overriding(_get_vring_base=lambda self, msg: VringState(
         msg.payload.index, self._stop(self._ring(msg.payload.index)) + 1)),
     "BE-48": overriding(_get_vring_base=_base_without_stopping),
@@ -263,6 +330,7 @@ def test_each_check_fails_on_a_back_end_broken_its_way(tmp_path, image, rule):
     broken = BROKEN[rule]
     device, daemon_class = (broken(str(image)), Daemon) if issubclass(broken, Blk) else (
         Blk(str(image)), broken)
+    offered = device.features
     path = str(tmp_path / "broken.sock")
     listener = Listener(path)
 
@@ -274,16 +342,17 @@ def test_each_check_fails_on_a_back_end_broken_its_way(tmp_path, image, rule):
     threading.Thread(target=serve, daemon=True).start()
     try:
         check = next(c for c in CHECKS if c.rule == rule)
-        if rule == "BE-10":               # discovery itself would trip over it
+        if rule in ("BE-10", "BE-11"):    # discovery itself would trip over it
             from pyvmm.check.rules import Offer
-            offer = Offer(Blk(str(image)).features | 1 << 30, PF.REPLY_ACK.mask)
+            offer = Offer(offered | 1 << 30, PF.REPLY_ACK.mask)
         else:
             offer = discover(SocketTarget(path, timeout=1))
         ctx = Context(SocketTarget(path, timeout=1), offer, "blk", timeout=1)
         from pyvmm.check.rules import Failed
         # A back-end that stays silent or hangs up fails by the connection's
         # error; every other breakage must be what the check itself reports.
-        expected = ChannelError if rule in ("BE-10", "BE-20") else Failed
+        expected = (ChannelError if rule in ("BE-10", "BE-11", "BE-12", "BE-13", "BE-20",
+                                             "BE-91") else Failed)
         try:
             with pytest.raises(expected):
                 check.run(ctx)
@@ -294,13 +363,17 @@ def test_each_check_fails_on_a_back_end_broken_its_way(tmp_path, image, rule):
 
 
 def test_dpdk_testpmd_passes_what_applies(tmp_path):
-    """DPDK's vhost PMD: no CONFIG and no CONFIGURE_MEM_SLOTS (skipped), no
-    data-path check for net yet; everything else passes."""
+    """DPDK's vhost PMD, control plane only: no CONFIG, CONFIGURE_MEM_SLOTS or
+    INFLIGHT_SHMFD (skipped); everything else passes but BE-21, a SHOULD: it
+    acks SET_VRING_ENABLE with num = 2. (With --device net, run by hand,
+    its data path passes too; in this rig the back-end stops answering after
+    BE-50, which is being looked into.)"""
     from backends import dpdk_testpmd
     with dpdk_testpmd(str(tmp_path)) as (sock, _):
         lines = []
         passed, failed, skipped, must_failed = run_checks(sock, None, lines.append, timeout=2)
-    assert failed == 0, "\n".join(lines)
+    failed = [line.split()[0] for line in lines if " FAIL " in line]
+    assert failed == ["BE-21"] and not must_failed, "\n".join(lines)
     assert "BE-75   SKIP" in "\n".join(lines)
 
 
@@ -336,13 +409,23 @@ def test_pyvmm_backend_as_a_command_passes_every_rule(tmp_path):
 def test_virtiofsd_one_front_end_at_a_time(tmp_path):
     """virtiofsd serves one front-end and exits: the checker starts it again
     for each check. It keeps every program convention (and ships its
-    description file, BE-107)."""
+    description file, BE-107); it departs from the ring rules as
+    qemu-storage-daemon does (both are libvhost-user), and the FUSE data
+    path works."""
     (tmp_path / "share").mkdir()
-    results = _program_results(["/usr/lib/qemu/virtiofsd", f"-o", f"source={tmp_path}/share",
-                                "-o", "cache=none"], "fs",
-                               only=PROGRAM_RULES + ["BE-9", "BE-51", "BE-58"])
-    assert {rule: r[0] for rule, r in results.items()} == dict.fromkeys(
-        PROGRAM_RULES + ["BE-9", "BE-51", "BE-58"], "PASS"), results
+    results = _program_results(["/usr/lib/qemu/virtiofsd", "-o", f"source={tmp_path}/share",
+                                "-o", "cache=none"], "fs", only=[c.rule for c in CHECKS])
+    failed = [rule for rule, r in results.items() if r[0] == "FAIL"]
+    assert failed == ["BE-21", "BE-47", "BE-50", "BE-52", "BE-54", "BE-55"], results
+    assert all(results[rule][0] == "PASS" for rule in PROGRAM_RULES + ["BE-51", "BE-58"])
+
+
+def test_pyvmm_vsock_backend_passes_every_rule(tmp_path):
+    with pyvmm_backend(str(tmp_path), "vsock", "--guest-cid", "3", "--uds-path",
+                       str(tmp_path / "host")) as (sock, _):
+        lines = []
+        passed, failed, skipped, must_failed = run_checks(sock, "vsock", lines.append)
+    assert failed == 0 and "BE-51   PASS" in "\n".join(lines), "\n".join(lines)
 
 
 @pytest.mark.parametrize("rule", PROGRAM_RULES)

@@ -102,9 +102,10 @@ class Context:
 
 def known_protocol_mask():
     """What the checker acks: what pyvmm's front-end implements (acking, say,
-    in-band notifications would ask for behaviour nobody then checks)."""
+    in-band notifications would ask for behaviour nobody then checks), and
+    INFLIGHT_SHMFD, whose messages the checks send themselves."""
     from pyvmm.vhost.user.frontend import SUPPORTED_PROTOCOL_FEATURES
-    return SUPPORTED_PROTOCOL_FEATURES
+    return SUPPORTED_PROTOCOL_FEATURES | PF.INFLIGHT_SHMFD.mask
 
 
 def discover(target):

@@ -161,18 +161,24 @@ class Vsock(DataPath):
     PORT = 0x7ffe_c0de
 
     def begin(self, d):
-        d.guest_cid = vsock.CONFIG.unpack(d.backend.config_space)[0]
         d.rx_posted = dev.vsock_post(d, d.queues[0])
 
+    @staticmethod
+    def guest_cid(d):
+        """The CID in the device's config space (GET_CONFIG at connect)."""
+        if len(d.backend.config_space) != vsock.CONFIG.size:
+            raise Failed("no vsock config space (guest_cid) from GET_CONFIG")
+        return vsock.CONFIG.unpack(d.backend.config_space)[0]
+
     def _packet(self, d, port):
-        return vsock.HDR.pack(d.guest_cid, vsock.VMADDR_CID_HOST, port, self.PORT, 0,
+        return vsock.HDR.pack(self.guest_cid(d), vsock.VMADDR_CID_HOST, port, self.PORT, 0,
                               vsock.VIRTIO_VSOCK_TYPE_STREAM, vsock.VIRTIO_VSOCK_OP_REQUEST,
                               0, 1 << 16, 0)
 
     def _request(self, d):
         port = 1024 + len(getattr(d, "ports", ()))
         d.ports = [*getattr(d, "ports", ()), port]
-        dev.vsock_send(d, self.q(d), d.guest_cid, vsock.VMADDR_CID_HOST, port, self.PORT,
+        dev.vsock_send(d, self.q(d), self.guest_cid(d), vsock.VMADDR_CID_HOST, port, self.PORT,
                        vsock.VIRTIO_VSOCK_OP_REQUEST, timeout=d.timeout)
         for header, _ in dev.vsock_receive(d, d.queues[0], d.rx_posted, d.timeout):
             if header[2] == self.PORT and header[3] == port:

@@ -3,6 +3,7 @@ of the back-end rules)."""
 
 from pyvmm.check.core import REPLY_FLAGS, Failed, check, count, expect
 from pyvmm.check.probe import NEED_REPLY
+from pyvmm.vhost.user.errors import Disconnected
 from pyvmm.vhost.user.messages import (FrontendReq as R, ProtocolFeature as PF, U64,
                                        VringState)
 
@@ -133,3 +134,66 @@ def need_reply_on_get(ctx):
                "GET_QUEUE_NUM's reply, not a second one to GET_FEATURES")
 
 
+
+
+@check("BE-11", "MUST", "with bit 30, SET_PROTOCOL_FEATURES is accepted before SET_FEATURES")
+def protocol_set_first(ctx):
+    ctx.needs_protocol_features()
+    p = ctx.negotiated()                      # GET_FEATURES, GET/SET_PROTOCOL_FEATURES
+    reply = p.ask(R.GET_FEATURES)             # the barrier
+    expect(reply.request == R.GET_FEATURES, p, reply, "the barrier's reply, the socket open")
+
+
+@check("BE-12", "MUST*", "protocol features hold even if SET_FEATURES lacks bit 30")
+def protocol_without_bit_30(ctx):
+    ctx.needs(PF.REPLY_ACK)
+    p = ctx.negotiated()
+    p.send(R.SET_FEATURES, U64(ctx.offer.features & ~(1 << 30)))
+    reply = p.ask(R.SET_VRING_NUM, VringState(0, 64), NEED_REPLY)
+    expect(reply.request == R.SET_VRING_NUM and reply.u64 == 0, p, reply,
+           "an ack (REPLY_ACK still on)")
+
+
+@check("BE-13", "MUST*", "SET_FEATURES with a subset of the offered bits is accepted")
+def features_subset(ctx):
+    ctx.needs(PF.REPLY_ACK)
+    p = ctx.negotiated()
+    subset = ctx.offer.features & (1 << 32 | 1 << 30)          # VERSION_1 and bit 30 only
+    reply = p.ask(R.SET_FEATURES, U64(subset), NEED_REPLY)
+    expect(reply.request == R.SET_FEATURES and reply.u64 == 0, p, reply, "ack 0")
+
+
+@check("BE-21", "SHOULD", "with REPLY_ACK, an invalid request gets a non-zero ack")
+def ack_refusal(ctx):
+    ctx.needs(PF.REPLY_ACK)
+    for request, payload, what in (
+            (R.SET_VRING_NUM, VringState(1024, 64), "queue 1024, past any back-end's last"),
+            (R.SET_VRING_ENABLE, VringState(0, 2), "enable = 2")):
+        p = ctx.negotiated()
+        p.send(R.SET_FEATURES, U64(ctx.offer.features))
+        try:
+            reply = p.ask(request, payload, NEED_REPLY)
+        except Disconnected:
+            gone = ctx.target.gone()
+            if gone:
+                raise Failed(f"sent {p.sent[-1]} ({what}): the back-end {gone}") from None
+            reply = None      # refused by hanging up: the notes record it as a refusal
+        if reply is not None:
+            expect(reply.request == request and reply.u64 not in (0, None), p, reply,
+                   f"a non-zero ack for {what}")
+        ctx.target.release()
+
+
+@check("BE-24", "MUST", "with REPLY_ACK, SET_BACKEND_REQ_FD is acked with 0")
+def backend_req_fd(ctx):
+    import socket
+    ctx.needs(PF.REPLY_ACK)
+    ctx.needs(PF.BACKEND_REQ)
+    p = ctx.negotiated()
+    ours, theirs = socket.socketpair()
+    try:
+        reply = p.ask(R.SET_BACKEND_REQ_FD, flags=NEED_REPLY, fds=(theirs.fileno(),))
+    finally:
+        theirs.close()
+        ours.close()
+    expect(reply.request == R.SET_BACKEND_REQ_FD and reply.u64 == 0, p, reply, "ack 0")

@@ -13,8 +13,10 @@ import time
 from pyvmm.check.core import Failed, Skipped, check
 from pyvmm.check.datapath import PATHS
 from pyvmm.driver import DriverError
+from pyvmm.driver.driver import DRIVER_FEATURES
+from pyvmm.devices.virtio.vhost_user import DRIVER_OK_STATUS
 from pyvmm.vhost import VringAddr
-from pyvmm.vhost.user.messages import (VHOST_USER_F_PROTOCOL_FEATURES, FrontendReq as R,
+from pyvmm.vhost.user.messages import (FrontendReq as R,
                                        ProtocolFeature as PF, U64)
 
 QUIET = 0.5                   # how long "nothing happens" is watched
@@ -47,7 +49,7 @@ def set_up(ctx, kick=True, enable=True, base=0, before=None):
     path = path_of(ctx)
     with ctx.driver(path.config_size) as d:
         fe = d.backend.frontend
-        fe.set_features(d.backend.features())
+        fe.set_features(d.backend.features() & DRIVER_FEATURES)
         fe.set_mem_table(d.memory)
         for index, size in path.queues:
             q = d.make_queue(index, size)
@@ -68,6 +70,7 @@ def set_up(ctx, kick=True, enable=True, base=0, before=None):
                 fe.set_vring_enable(index, enable)
             if kick:
                 fe.set_vring_kick(index, q.kick)
+        driver_ok(fe)
 
         def start():
             q = d.queues[path.queue]
@@ -76,6 +79,13 @@ def set_up(ctx, kick=True, enable=True, base=0, before=None):
             if enable is not True and fe.negotiated.protocol_features_on:
                 fe.set_vring_enable(path.queue, True)
         yield d, path, d.queues[path.queue], start
+
+
+def driver_ok(fe):
+    """SET_STATUS(DRIVER_OK) where STATUS was negotiated, as a front-end does once
+    the rings are set up (DPDK serves no ring before it)."""
+    if fe.has(PF.STATUS):
+        fe.set_status(DRIVER_OK_STATUS)
 
 
 def untouched(q, used, what, seconds=QUIET):
@@ -135,13 +145,14 @@ def restart(ctx):
         path.request(d)
         fe = d.backend.frontend
         base = fe.get_vring_base(path.queue)
-        fe.set_vring_base(path.queue, base)
-        fe.set_vring_addr(path.queue, VringAddr(q.ring.desc_addr, q.ring.avail_addr,
-                                                q.ring.used_addr))
         new_kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         os.close(q.kick)
         q.kick = new_kick
-        fe.set_vring_kick(path.queue, q.kick)
+        # The whole set-up again, as QEMU restarts a ring (DPDK serves no
+        # ring it stopped until it has had all of it again).
+        fe.start_vring(path.queue, q.size, VringAddr(q.ring.desc_addr, q.ring.avail_addr,
+                                                     q.ring.used_addr), q.kick, q.call,
+                       base=base)
         if fe.negotiated.protocol_features_on:
             fe.set_vring_enable(path.queue, True)
         head = path.post(d)
@@ -193,13 +204,14 @@ def enabled_without_protocol_features(ctx):
     path = path_of(ctx)
     with ctx.driver(path.config_size) as d:
         fe = d.backend.frontend
-        features = d.backend.features() & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        features = d.backend.features() & DRIVER_FEATURES
         fe.call(R.SET_FEATURES, U64(features))        # set_features() would add bit 30
         fe.set_mem_table(d.memory)
         for index, size in path.queues:
             q = d.make_queue(index, size)
             fe.start_vring(index, size, VringAddr(q.ring.desc_addr, q.ring.avail_addr,
                                                   q.ring.used_addr), q.kick, q.call)
+        driver_ok(fe)
         path.begin(d)
         path.request(d)
 
@@ -317,7 +329,7 @@ def no_call_fd(ctx):
 def call_signalled(ctx):
     path = path_of(ctx)
     with ctx.driver(path.config_size) as d:
-        d.start(features=d.backend.features() & ~(1 << 29),     # VIRTIO_RING_F_EVENT_IDX
+        d.start(features=d.backend.features() & DRIVER_FEATURES & ~(1 << 29),   # no EVENT_IDX
                 queues=path.queues)
         path.begin(d)
         q = d.queues[path.queue]

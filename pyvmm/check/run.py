@@ -34,6 +34,9 @@ def run_checks(target, device=None, write=print, timeout=5.0, only=None, results
             result, detail = "FAIL", str(e)
         except (PyvmmError, OSError) as e:
             result, detail = "FAIL", f"{type(e).__name__}: {e}"
+        except Exception as e:           # a bug of the checker's: say so, go on
+            result, detail = "FAIL", f"the check itself failed (a pyvmm bug): " \
+                                     f"{type(e).__name__}: {e}"
         finally:
             target.release()
         counts[result] += 1

@@ -18,6 +18,7 @@ opened and, for a command, waits for a one-client back-end to go.
 import os
 import select
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -48,6 +49,14 @@ class Target:
     def close(self):
         self.release()
 
+    def gone(self):
+        """Why the back-end is no longer there (say, after a crash), or None."""
+        try:
+            Connection.connect(self.path, "the back-end", self.timeout).close()
+        except ChannelError as e:
+            return f"is gone ({e})"
+        return None
+
 
 class SocketTarget(Target):
     def __init__(self, path, timeout=5.0):
@@ -72,6 +81,9 @@ class ListenTarget(Target):
 
     def _connect(self):
         return self.listener.accept("the back-end", self.timeout)
+
+    def gone(self):
+        return None                   # a back-end that connects: nothing to ask
 
     def close(self):
         super().close()
@@ -156,6 +168,16 @@ class CommandTarget(Target):
                 self.proc.wait(self.timeout)
             except subprocess.TimeoutExpired:
                 self.stop()
+
+    def gone(self):
+        """A crash: killed by a signal (exiting is how some hang up)."""
+        if self.proc is not None:
+            try:
+                status = self.proc.wait(0.5)
+            except subprocess.TimeoutExpired:
+                return None
+            return f"was killed by {signal.Signals(-status).name}" if status < 0 else None
+        return super().gone()
 
     def stop(self):
         if self.proc is not None:

@@ -12,10 +12,19 @@ kernel's vhost-net and any vhost-user back-end.
 from pyvmm.devices.virtio.device import Queue
 from pyvmm.driver.queue import DriverError, DriverQueue
 from pyvmm.memory import GuestMemory
+from pyvmm.virtio import spec
 from pyvmm.virtio.splitring import DriverRing
 from pyvmm.vhost.user.frontend import SUPPORTED_PROTOCOL_FEATURES
 
 MiB = 1 << 20
+# What the driver implements: the device type's own bits (0-23), any layout,
+# indirect descriptors, EVENT_IDX and VERSION_1. Not packed or in-order rings,
+# an IOMMU or dirty logging (VHOST_F_LOG_ALL): a back-end offering those gets
+# a driver that does not ack them.
+DRIVER_FEATURES = (1 << 24) - 1 | spec.bits(spec.VIRTIO_F_ANY_LAYOUT,
+                                            spec.VIRTIO_RING_F_INDIRECT_DESC,
+                                            spec.VIRTIO_RING_F_EVENT_IDX,
+                                            spec.VIRTIO_F_VERSION_1)
 RINGS = 0x10000                 # rings from here, one per 64 KiB
 SCRATCH = 4 * MiB               # request buffers from here
 
@@ -40,8 +49,10 @@ class Driver:
 
     def start(self, features=None, queues=((0, 256),)):
         """DRIVER_OK: these (index, size) queues with these feature bits (default:
-        every bit the back-end offers); {index: DriverQueue}."""
-        self.features = self.backend.features() if features is None else features
+        every bit the back-end offers that the driver implements); {index: DriverQueue}."""
+        if features is None:
+            features = self.backend.features() & DRIVER_FEATURES
+        self.features = features
         for index, size in queues:
             self.make_queue(index, size)
         described = []
