@@ -16,6 +16,9 @@ pyvmm_guest(option, socket,   boots pyvmm's tiny guest with the back-end as
     guest_cmd)                --OPTION vhost-user,socket=PATH, runs guest_cmd;
                               (exit status, output). Needs a KVM that can
                               boot Linux (scripts/testbed where there is none)
+vhost_user_check(command,     `pyvmm check` on a back-end program (started
+    device)                   by the checker, with --socket-path, as often
+                              as needed): {rule: (PASS|FAIL|SKIP, detail)}
 """
 
 import os
@@ -87,3 +90,32 @@ def pyvmm_guest(vhost_user_backend):
                            timeout=timeout)
         return r.returncode, r.stdout + r.stderr
     return boot
+
+
+@pytest.fixture
+def vhost_user_check():
+    """check(command, device=None, rules=None): the conformance checks of
+    `pyvmm check -- COMMAND` (the program conventions included);
+    {rule: (result, detail)}. must_failures(results) lists the MUST rules
+    that failed."""
+    from pyvmm.check.run import run_checks
+    from pyvmm.check.target import CommandTarget
+
+    def check(command, device=None, rules=None, timeout=5.0):
+        target = CommandTarget(command, timeout=timeout)
+        results = []
+        try:
+            run_checks(target, device, lambda line: None, timeout=timeout,
+                       only=set(rules) if rules else None, results=results)
+        finally:
+            target.close()
+        return {r["rule"]: (r["result"], r["detail"]) for r in results}
+    return check
+
+
+def must_failures(results):
+    """The MUST and MUST* rules that failed in vhost_user_check's results."""
+    from pyvmm.check.rules import CHECKS, MUST_LEVELS
+    levels = {c.rule: c.level for c in CHECKS}
+    return {rule: detail for rule, (result, detail) in results.items()
+            if result == "FAIL" and levels[rule] in MUST_LEVELS}

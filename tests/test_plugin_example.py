@@ -5,6 +5,7 @@ own Python ones; put your program's command line in their place."""
 import sys
 
 from pyvmm.driver.devices import blk_read, blk_write, rng_read
+from pyvmm.pytest_plugin import must_failures
 
 BACKEND = [sys.executable, "-m", "pyvmm", "backend"]
 
@@ -22,6 +23,11 @@ def test_a_disk_keeps_what_is_written(vhost_user_driver, tmp_path):
     q = d.start(queues=[(0, 128)])[0]
     assert blk_write(d, q, sector=1, data=b"hello".ljust(512, b"\0")) == 0
     assert blk_read(d, q, sector=1, length=512)[1].startswith(b"hello")
+
+
+def test_every_must_rule_of_the_protocol(vhost_user_check):
+    results = vhost_user_check(BACKEND + ["rng"], device="rng")
+    assert not must_failures(results) and results["BE-51"][0] == "PASS"
 
 
 def test_a_back_end_that_never_listens_fails_in_one_line(pytester):
