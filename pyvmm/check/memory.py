@@ -1,5 +1,120 @@
 """Checks of memory tables (section D of the back-end rules): regions the
 back-end must map from their fds at their offsets, and addresses it must
-translate rather than use."""
+translate rather than use.
 
-from pyvmm.check.core import check
+The data-path ones give the driver a ScatteredMemory (driver/memory.py):
+regions in reverse order in the memfd, so that a back-end ignoring
+mmap_offset, or mixing up guest and user addresses, writes its answers
+where the driver does not look.
+"""
+
+import os
+
+from pyvmm.check.core import Failed, check, expect, known_protocol_mask
+from pyvmm.check.probe import NEED_REPLY
+from pyvmm.check.rings import running
+from pyvmm.driver.memory import ScatteredMemory
+from pyvmm.vhost.user.errors import Disconnected
+from pyvmm.vhost.user.messages import (FrontendReq as R, MemoryRegion, ProtocolFeature as PF,
+                                       SingleMemRegion, U64)
+
+MiB = 1 << 20
+
+
+def _requests_in_each_region(ctx, memory, **driver):
+    """The device's request with its buffers in each region past the rings'."""
+    with running(ctx, memory=memory, **driver) as (d, path, q):
+        for region in memory.regions[1:]:
+            d.seek(region.guest_phys_addr)
+            path.request(d)
+
+
+@check("BE-27", "MUST*", "regions are mapped from their fds at mmap_offset")
+def mapped_at_offsets(ctx):
+    _requests_in_each_region(ctx, ScatteredMemory(32 * MiB, pieces=4))
+
+
+@check("BE-28", "MUST*", "user addresses are opaque: looked up in the table, never used")
+def opaque_user_addresses(ctx):
+    with running(ctx, memory=ScatteredMemory(32 * MiB, opaque=True)) as (d, path, q):
+        path.request(d)
+
+
+@check("BE-29", "MUST*", "SET_MEM_TABLE with 8 regions is accepted and used")
+def eight_regions(ctx):
+    memory = ScatteredMemory(32 * MiB, pieces=8)
+    with running(ctx, memory=memory,
+                 protocol=known_protocol_mask() & ~PF.CONFIGURE_MEM_SLOTS.mask) as (d, path, q):
+        d.seek(memory.regions[7].guest_phys_addr)
+        path.request(d)
+
+
+@check("BE-32", "MUST", "with CONFIGURE_MEM_SLOTS, ADD_MEM_REG maps each region")
+def add_mem_reg(ctx):
+    ctx.needs(PF.CONFIGURE_MEM_SLOTS)
+    _requests_in_each_region(ctx, ScatteredMemory(24 * MiB, pieces=3))
+
+
+def _memfd(size):
+    fd = os.memfd_create("pyvmm-check", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _slots_probe(ctx):
+    ctx.needs(PF.CONFIGURE_MEM_SLOTS)
+    ctx.needs(PF.REPLY_ACK)
+    p = ctx.negotiated()
+    p.send(R.SET_FEATURES, U64(ctx.offer.features))
+    return p
+
+
+def _acked(p, request, region, fd, what):
+    reply = p.ask(request, SingleMemRegion(region), NEED_REPLY, fds=() if fd is None else (fd,))
+    expect(reply.request == request and reply.u64 == 0, p, reply, f"ack 0 for {what}")
+
+
+@check("BE-33", "MUST", "REM_MEM_REG removes the region by address and size, not mmap_offset")
+def rem_mem_reg(ctx):
+    p = _slots_probe(ctx)
+    first, second = _memfd(MiB + 0x2000), _memfd(MiB)
+    try:
+        region = MemoryRegion(0x100000, MiB, 0x7F00_0010_0000, 0x2000)
+        _acked(p, R.ADD_MEM_REG, region, first, "ADD_MEM_REG")
+        stale = MemoryRegion(region.guest_addr, region.size, region.user_addr, 0xDEAD000)
+        _acked(p, R.REM_MEM_REG, stale, None, "REM_MEM_REG with another mmap_offset")
+        again = MemoryRegion(region.guest_addr, MiB, 0x7F00_0020_0000, 0)
+        _acked(p, R.ADD_MEM_REG, again, second, "ADD_MEM_REG over the removed range")
+    finally:
+        os.close(first)
+        os.close(second)
+
+
+@check("BE-34", "MUST", "an fd that comes with REM_MEM_REG is closed unused")
+def rem_mem_reg_fd(ctx):
+    import time
+    p = _slots_probe(ctx)
+    ram = _memfd(MiB)
+    read_end, write_end = os.pipe()
+    try:
+        region = MemoryRegion(0x100000, MiB, 0x7F00_0010_0000, 0)
+        _acked(p, R.ADD_MEM_REG, region, ram, "ADD_MEM_REG")
+        try:
+            p.ask(R.REM_MEM_REG, SingleMemRegion(region), NEED_REPLY, fds=(read_end,))
+        except Disconnected:
+            pass           # refusing the message is allowed, if the fd is closed all the same
+        os.close(read_end)
+        read_end = None
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                os.write(write_end, b"x")
+            except BrokenPipeError:
+                return                         # nobody holds the read end any more
+            time.sleep(0.05)
+        raise Failed("the pipe's read end sent with REM_MEM_REG is still open in the "
+                     "back-end after 1 s")
+    finally:
+        for fd in (ram, read_end, write_end):
+            if fd is not None:
+                os.close(fd)
