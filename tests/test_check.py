@@ -507,3 +507,32 @@ def test_each_program_check_fails_on_a_program_broken_its_way(rule):
             next(c for c in CHECKS if c.rule == rule).run(Context(target, Offer(0), "rng", 5))
     finally:
         target.close()
+
+
+def test_listen_for_a_back_end_that_connects(tmp_path):
+    """--listen: the back-end connects (pyvmm backend --connect, which ends
+    with its front-end); the checker starts it again for each check."""
+    sock = str(tmp_path / "front.sock")
+    r = subprocess.run([sys.executable, "-m", "pyvmm", "check", "--socket", sock, "--listen",
+                        "--device", "rng", "--rule", "BE-9", "--rule", "BE-51", "--rule", "BE-54",
+                        "--", sys.executable, "-m", "pyvmm", "backend", "rng", "--connect", sock],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[-1] == "3 passed, 0 failed, 0 skipped", r.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--listen"], "--listen needs --socket PATH"),
+    ([], "give --socket PATH, or the back-end's command after --"),
+    (["--socket", "/x", "--rule", "BE-999"], "no check for BE-999"),
+])
+def test_bad_command_lines_are_one_line(argv, message):
+    r = subprocess.run([sys.executable, "-m", "pyvmm", "check", *argv],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_nothing_there_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pyvmm", "check", "--socket",
+                        str(tmp_path / "none.sock")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no socket at" in r.stderr, r.stderr

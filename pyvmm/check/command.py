@@ -86,8 +86,8 @@ def run(args):
     known = {c.rule for c in CHECKS}
     unknown = sorted(set(args.rule or ()) - known)
     if unknown:
-        parser.error(f"no check for {', '.join(unknown)} (pyvmm check --help lists how to "
-                     f"see them: run without --rule)")
+        parser.error(f"no check for {', '.join(unknown)} (a run without --rule lists "
+                     f"every rule checked)")
     device = None if args.device == "auto" else args.device
     results = []
     write = (lambda line: None) if args.json else (lambda line: print(line, flush=True))

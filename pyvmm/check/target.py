@@ -11,8 +11,9 @@
                    --socket-path (the program conventions, which the BE-107
                    to BE-118 checks then examine)
 
-A check calls connect() as often as it likes; release() closes what it
-opened and, for a command, waits for a one-client back-end to go.
+A check calls connect() for each connection it needs, one at a time;
+release() closes what it opened and, for a command, waits for a
+one-client back-end to go.
 """
 
 import os
@@ -152,10 +153,23 @@ class CommandTarget(Target):
                                    f"{'connect' if self.listener else 'listen'} within "
                                    f"{wait:g} s")
 
+    def connect(self):
+        """A check holds one connection at a time: a second one first lets a
+        back-end that serves one front-end per run go, and starts it again."""
+        if self._opened and self.one_client is not False:
+            super().release()
+            self._settle()
+        return super().connect()
+
     def release(self):
         opened = bool(self._opened)
         super().release()
-        if not opened or self.proc is None:
+        if opened:
+            self._settle()
+
+    def _settle(self):
+        """The connections are closed: wait for a one-client back-end to exit."""
+        if self.proc is None:
             return
         if self.one_client is None:              # the first time: does it go?
             try:
