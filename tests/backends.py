@@ -13,7 +13,8 @@ def _wait_for_socket(proc, sock, what):
     while not os.path.exists(sock):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"{what} did not start: {proc.communicate()[0]}")
+            out = proc.communicate()[0] if proc.stdout else "(its output is in its log file)"
+            raise AssertionError(f"{what} did not start: {out}")
         time.sleep(0.05)
 
 
@@ -96,12 +97,16 @@ def dpdk_testpmd(directory, mode="icmpecho", client=False, queues=1):
     sock = os.path.join(directory, "net.sock")
     prefix = f"pyvmm{os.getpid()}{abs(hash(directory)) % 10000}"
     vdev = f"net_vhost0,iface={sock},queues={queues}" + (",client=1" if client else "")
-    proc = subprocess.Popen(
-        ["dpdk-testpmd", "-l", "0-1", "--no-pci", "--no-huge", "-m", "256",
-         f"--file-prefix={prefix}", "--vdev", vdev, "--", "--no-mlockall",
-         "--total-num-mbufs=8192", f"--rxq={queues}", f"--txq={queues}",
-         f"--forward-mode={mode}", "--auto-start"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its output goes to a file: testpmd logs every vhost-user connection, and
+    # a pipe nobody reads until the end fills up and wedges its vhost thread.
+    log_path = os.path.join(directory, "testpmd.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            ["dpdk-testpmd", "-l", "0-1", "--no-pci", "--no-huge", "-m", "256",
+             f"--file-prefix={prefix}", "--vdev", vdev, "--", "--no-mlockall",
+             "--total-num-mbufs=8192", f"--rxq={queues}", f"--txq={queues}",
+             f"--forward-mode={mode}", "--auto-start"],
+            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True)
     result = {}
     try:
         if not client:
@@ -109,10 +114,12 @@ def dpdk_testpmd(directory, mode="icmpecho", client=False, queues=1):
         yield sock, result
     finally:
         try:
-            result["output"] = proc.communicate("\n", timeout=20)[0]   # "Press enter to exit"
+            proc.communicate("\n", timeout=20)            # "Press enter to exit"
         except subprocess.TimeoutExpired:
             proc.kill()
-            result["output"] = proc.communicate()[0]
+            proc.wait()
+        with open(log_path, errors="replace") as log:
+            result["output"] = log.read()
 
 
 class FakeBackEnd:
