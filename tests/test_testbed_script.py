@@ -138,3 +138,26 @@ def test_a_locked_up_testbed_kernel_is_noticed_from_its_console(top, tmp_path):
     with open(log, "ab") as f:                         # the line completes later
         f.write(b"empt self-detected stall on CPU\n")
     assert watch.lockup() == "rcu_preempt self-detected stall"
+
+
+def test_a_silent_testbed_kernel_is_noticed_by_its_missing_heartbeat(top, tmp_path):
+    testbed = load_testbed(top)
+    log = tmp_path / "console.log"
+    now = [0.0]
+    watch = testbed.ConsoleWatch(log, clock=lambda: now[0])
+    log.write_bytes(b"[    1.0] booting\n")
+    now[0] = 1000.0
+    assert watch.lockup() is None                      # no heartbeat yet: not armed
+    with open(log, "ab") as f:
+        f.write(b"testbed-init: heartbeat, up 30.0 s\n")
+    assert watch.lockup() is None
+    now[0] += testbed.ConsoleWatch.SILENCE - 1
+    assert watch.lockup() is None
+    with open(log, "ab") as f:
+        f.write(b"testbed-init: heartbeat, up 60.0 s\n")
+    assert watch.lockup() is None                      # it went on beating
+    now[0] += testbed.ConsoleWatch.SILENCE - 1
+    assert watch.lockup() is None
+    now[0] += 2
+    assert watch.lockup() == f"no heartbeat on its console for " \
+                             f"{testbed.ConsoleWatch.SILENCE + 1} s"
