@@ -353,3 +353,34 @@ def reset_device(ctx):
         path.post(d)
         kick(q)
         untouched(q, used, "a request posted and kicked after RESET_DEVICE was served")
+
+
+@check("BE-7", "MUST*", "fds sent with the header count when the payload comes later")
+def fds_before_payload(ctx):
+    """SET_VRING_CALL in two writes 20 ms apart: the header with the new call
+    eventfd, then its payload (a peer's sendmsg may be split like this)."""
+    import socket
+    from pyvmm.vhost.user.messages import VHOST_USER_VERSION, VringFd
+    from pyvmm.vhost.user.wire import encode
+    path = path_of(ctx)
+    with ctx.driver(path.config_size) as d:
+        d.start(features=d.backend.features() & DRIVER_FEATURES & ~(1 << 29),   # no EVENT_IDX
+                queues=path.queues)
+        path.begin(d)
+        q = d.queues[path.queue]
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        frame = encode(R.SET_VRING_CALL, VHOST_USER_VERSION, VringFd(path.queue).pack())
+        sock = d.backend.frontend.conn.sock
+        sock.sendmsg([frame[:12]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                     call.to_bytes(4, "little"))])
+        time.sleep(0.02)
+        sock.sendall(frame[12:])
+        os.close(q.call)
+        q.call = call
+        d.backend.frontend.get_features()          # a barrier: the back-end has read it
+        head = path.post(d)
+        kick(q)
+        if not select.select([q.call], [], [], ctx.timeout)[0]:
+            raise Failed("the call eventfd sent with SET_VRING_CALL's header (its payload "
+                         "20 ms later) was not signalled for a completed request")
+        completes(q, head, ctx.timeout, "after the split SET_VRING_CALL")
