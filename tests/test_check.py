@@ -194,6 +194,15 @@ def _features_without_enabling(self, msg):
     self.device.start(self.features & ~(1 << 30))
 
 
+def _keep_first_call_fd(self, msg):
+    """Goes on signalling the first call eventfd it was given."""
+    if self._ring(msg.payload.index).call is not None:
+        for fd in msg.fds:
+            os.close(fd)
+        return
+    Daemon._set_vring_call(self, msg)
+
+
 def _base_always_0(self, msg):
     self._ring(msg.payload.index).base = 0
 
@@ -392,6 +401,9 @@ BROKEN = {
     "BE-78": WceIgnored,
     "BE-91": overriding(_reset_owner=lambda self, msg: self.close()),
     "BE-7": FdsWithPayloadOnly,
+    "BE-26": overriding(_set_vring_call=_keep_first_call_fd),
+    "BE-73": overriding(_set_inflight_fd=lambda self, msg: [os.close(fd) for fd in msg.fds]
+                        and None),                        # takes the area, never tracks
     "BE-27": overriding(_add_mem_reg=_map_at_offset_0),
     "BE-28": UserAddressesAsGuest,
     "BE-29": overriding(_set_mem_table=_at_most_4_regions),

@@ -88,6 +88,7 @@ class Context:
         """A guest-less Driver on a fresh connection, negotiated, not started
         (options: vhost_user()'s memory and protocol)."""
         from pyvmm.driver import vhost_user
+        options.setdefault("protocol", known_protocol_mask())
         return vhost_user(self.target.connect(), config_size=config_size,
                           timeout=self.timeout, **options)
 

@@ -39,17 +39,21 @@ def running(ctx, **driver):
 
 
 @contextlib.contextmanager
-def set_up(ctx, kick=True, enable=True, base=0, before=None):
+def set_up(ctx, kick=True, enable=True, base=0, before=None, inflight=False):
     """A driver whose queues are set up message by message: everything but
     the watched queue's SET_VRING_KICK (unless kick) and its
     SET_VRING_ENABLE (unless enable; True/False: sent with that value, None:
     not sent). The watched queue starts at base; before(driver, queue), if
-    given, prepares its ring first. Yields (driver, path, the watched
+    given, prepares its ring first. With inflight, an area from
+    GET_INFLIGHT_FD is handed back with SET_INFLIGHT_FD first, as QEMU does
+    (d.inflight: its mapping). Yields (driver, path, the watched
     DriverQueue, start()), where start() sends what was held back."""
     path = path_of(ctx)
     with ctx.driver(path.config_size) as d:
         fe = d.backend.frontend
         fe.set_features(d.backend.features() & DRIVER_FEATURES)
+        if inflight:
+            d.inflight = inflight_area(fe, len(path.queues), max(s for _, s in path.queues))
         fe.set_mem_table(d.memory)
         for index, size in path.queues:
             q = d.make_queue(index, size)
@@ -79,6 +83,21 @@ def set_up(ctx, kick=True, enable=True, base=0, before=None):
             if enable is not True and fe.negotiated.protocol_features_on:
                 fe.set_vring_enable(path.queue, True)
         yield d, path, d.queues[path.queue], start
+
+
+def inflight_area(fe, num_queues, queue_size):
+    """GET_INFLIGHT_FD, mapped, then SET_INFLIGHT_FD: the mapping."""
+    import mmap
+    description, fd = fe.get_inflight_fd(num_queues, queue_size)
+    if fd is None or not description.mmap_size:
+        raise Failed(f"GET_INFLIGHT_FD for {num_queues} queue(s) of {queue_size}: no area")
+    try:
+        area = mmap.mmap(fd, description.mmap_size, mmap.MAP_SHARED,
+                         mmap.PROT_READ | mmap.PROT_WRITE, offset=description.mmap_offset)
+        fe.set_inflight_fd(description, fd)
+    finally:
+        os.close(fd)
+    return area
 
 
 def driver_ok(fe):
@@ -384,3 +403,49 @@ def fds_before_payload(ctx):
             raise Failed("the call eventfd sent with SET_VRING_CALL's header (its payload "
                          "20 ms later) was not signalled for a completed request")
         completes(q, head, ctx.timeout, "after the split SET_VRING_CALL")
+
+
+@check("BE-73", "SHOULD", "the inflight area tracks each request: none in flight once used")
+def inflight_tracked(ctx):
+    from pyvmm.vhost.user.backend.inflight import DESC, HEADER
+    ctx.needs(PF.INFLIGHT_SHMFD)
+    with set_up(ctx, inflight=True) as (d, path, q, _):
+        path.begin(d)
+        for _ in range(3):
+            path.request(d)
+        stride = len(d.inflight) // len(path.queues)      # the split layout's, per queue
+        region = path.queues.index((path.queue, q.size)) * stride
+        _, _, desc_num, _, used_idx = HEADER.unpack_from(d.inflight, region)
+        if used_idx != q.ring.used_idx():
+            raise Failed(f"after {q.ring.used_idx()} requests the area's used_idx is "
+                         f"{used_idx}")
+        busy = [i for i in range(min(desc_num, q.size))
+                if DESC.unpack_from(d.inflight, region + HEADER.size + i * DESC.size)[0]]
+        if busy:
+            raise Failed(f"descriptors {busy} are still marked in flight after their "
+                         f"requests were used")
+
+
+@check("BE-26", "SHOULD**", "once a new call eventfd is set, only it is signalled")
+def new_call_fd(ctx):
+    path = path_of(ctx)
+    with ctx.driver(path.config_size) as d:
+        d.start(features=d.backend.features() & DRIVER_FEATURES & ~(1 << 29),   # no EVENT_IDX
+                queues=path.queues)
+        path.begin(d)
+        q = d.queues[path.queue]
+        old, q.call = q.call, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            d.backend.frontend.set_vring_call(path.queue, q.call)
+            while select.select([old], [], [], 0)[0]:
+                os.eventfd_read(old)
+            head = path.post(d)
+            kick(q)
+            if not select.select([q.call], [], [], ctx.timeout)[0]:
+                raise Failed("the new call eventfd was not signalled")
+            completes(q, head, ctx.timeout, "after SET_VRING_CALL with a new eventfd")
+            if select.select([old], [], [], QUIET)[0]:
+                raise Failed("the old call eventfd was signalled after SET_VRING_CALL "
+                             "replaced it")
+        finally:
+            os.close(old)
