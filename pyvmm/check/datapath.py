@@ -11,6 +11,7 @@ watch, and three actions on a started guest-less Driver:
                  executed() true if the device did it (not merely took it)
 """
 
+import itertools
 import struct
 
 from pyvmm.check.core import Failed
@@ -104,18 +105,15 @@ class Net(DataPath):
     def _request(self, d):
         dev.net_send(d, self.q(d), ARP_WHO_HAS, d.timeout)
 
-    def _frame(self, d):
+    def post(self, d):
         buf = d.alloc(len(dev.NET_HDR) + len(ARP_WHO_HAS))
         d.write(buf, dev.NET_HDR + ARP_WHO_HAS)
         return self.q(d).send([(buf, len(dev.NET_HDR) + len(ARP_WHO_HAS), False)], kick=False)
 
-    def post(self, d):
-        return self._frame(d)
-
     def marked(self, d):
         rx = d.queues[0]
         before = rx.ring.used_idx()
-        return self._frame(d), lambda: rx.ring.used_idx() != before
+        return self.post(d), lambda: rx.ring.used_idx() != before
 
 
 class Fs(DataPath):
@@ -160,6 +158,9 @@ class Vsock(DataPath):
     config_size = vsock.CONFIG.size
     PORT = 0x7ffe_c0de
 
+    def __init__(self):
+        self._ports = itertools.count(1024)
+
     def begin(self, d):
         d.rx_posted = dev.vsock_post(d, d.queues[0])
 
@@ -176,8 +177,7 @@ class Vsock(DataPath):
                               0, 1 << 16, 0)
 
     def _request(self, d):
-        port = 1024 + len(getattr(d, "ports", ()))
-        d.ports = [*getattr(d, "ports", ()), port]
+        port = next(self._ports)                  # a fresh source port per request
         dev.vsock_send(d, self.q(d), self.guest_cid(d), vsock.VMADDR_CID_HOST, port, self.PORT,
                        vsock.VIRTIO_VSOCK_OP_REQUEST, timeout=d.timeout)
         for header, _ in dev.vsock_receive(d, d.queues[0], d.rx_posted, d.timeout):
@@ -188,19 +188,16 @@ class Vsock(DataPath):
                 return
         raise Failed("a request to a host port nobody listens on: no RST")
 
-    def _post(self, d):
+    def post(self, d):
         packet = self._packet(d, 4000)
         buf = d.alloc(len(packet))
         d.write(buf, packet)
         return self.q(d).send([(buf, len(packet), False)], kick=False)
 
-    def post(self, d):
-        return self._post(d)
-
     def marked(self, d):
         rx = d.queues[0]
         before = rx.ring.used_idx()
-        return self._post(d), lambda: rx.ring.used_idx() != before
+        return self.post(d), lambda: rx.ring.used_idx() != before
 
 
 PATHS = {"blk": Blk, "rng": Rng, "net": Net, "fs": Fs, "vsock": Vsock}
