@@ -12,12 +12,11 @@ import time
 
 from pyvmm.check.core import Failed, Skipped, check
 from pyvmm.check.datapath import PATHS
+from pyvmm.devices.virtio.vhost_user import DRIVER_OK_STATUS
 from pyvmm.driver import DriverError
 from pyvmm.driver.driver import DRIVER_FEATURES
-from pyvmm.devices.virtio.vhost_user import DRIVER_OK_STATUS
 from pyvmm.vhost import VringAddr
-from pyvmm.vhost.user.messages import (FrontendReq as R,
-                                       ProtocolFeature as PF, U64)
+from pyvmm.vhost.user.messages import FrontendReq as R, ProtocolFeature as PF, U64
 
 QUIET = 0.5                   # how long "nothing happens" is watched
 
