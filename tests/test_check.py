@@ -62,8 +62,9 @@ def test_json_output_and_one_rule(tmp_path, image):
 # stop it with GET_VRING_BASE; it waits for a kick to look at a new ring
 # (BE-47, a SHOULD QEMU hides by kicking); it hangs up on SET_VRING_CALL
 # without an fd (BE-64, a SHOULD; QEMU always sends one); it crashes on
-# SET_VRING_NUM for a queue far past its last (BE-21; QEMU never asks).
-QSD_DEPARTURES = ["BE-21", "BE-47", "BE-50", "BE-52", "BE-54", "BE-55", "BE-64"]
+# SET_VRING_NUM for a queue far past its last (BE-21; QEMU never asks); it
+# takes one memory region more than GET_MAX_MEM_SLOTS says (BE-37).
+QSD_DEPARTURES = ["BE-21", "BE-37", "BE-47", "BE-50", "BE-52", "BE-54", "BE-55", "BE-64"]
 
 
 def test_qemu_storage_daemon_on_the_command_line(tmp_path, image):
@@ -271,6 +272,12 @@ def _map_at_offset_0(self, msg):
     self.memory.add(replace(msg.payload.region, mmap_offset=0), msg.fds[0])
 
 
+def _no_new_regions_while_running(self, msg):
+    if any(ring.started for ring in self.rings):
+        raise RemoteProtocolError("ADD_MEM_REG while a ring runs")
+    Daemon._add_mem_reg(self, msg)
+
+
 def _at_most_4_regions(self, msg):
     if len(msg.payload.regions) > 4:
         raise RemoteProtocolError("more than 4 regions")
@@ -407,7 +414,9 @@ BROKEN = {
     "BE-27": overriding(_add_mem_reg=_map_at_offset_0),
     "BE-28": UserAddressesAsGuest,
     "BE-29": overriding(_set_mem_table=_at_most_4_regions),
+    "BE-31": overriding(_add_mem_reg=_no_new_regions_while_running),
     "BE-32": overriding(_add_mem_reg=_map_at_offset_0),
+    "BE-37": mangling(only(R.GET_MAX_MEM_SLOTS, lambda r, f, p: (r, f, U64(4).pack()))),
     "BE-33": RemovesByOffsetToo,
     "BE-34": KeepsFds,
     "BE-94": overriding(_set_status=lambda self, msg: setattr(
@@ -450,7 +459,8 @@ def test_each_check_fails_on_a_back_end_broken_its_way(tmp_path, image, rule):
         # error (or the driver's set-up refusing it): run_checks reports it as a
         # FAIL all the same. Every other breakage must be what the check reports.
         expected = (PyvmmError if rule in ("BE-7", "BE-10", "BE-11", "BE-12", "BE-13",
-                                           "BE-20", "BE-28", "BE-29", "BE-91") else Failed)
+                                           "BE-20", "BE-28", "BE-29", "BE-31", "BE-91")
+                    else Failed)
         try:
             with pytest.raises(expected):
                 check.run(ctx)

@@ -118,3 +118,35 @@ def rem_mem_reg_fd(ctx):
         for fd in (ram, read_end, write_end):
             if fd is not None:
                 os.close(fd)
+
+
+@check("BE-31", "MUST", "the memory table may grow while the rings run")
+def table_grows(ctx):
+    memory = ScatteredMemory(32 * MiB, pieces=4)
+    held_back = memory.regions.pop()                 # not the back-end's at first
+    with running(ctx, memory=memory) as (d, path, q):
+        path.request(d)
+        memory.regions.append(held_back)
+        d.backend.frontend.set_mem_table(memory)     # a new table, or ADD_MEM_REG
+        d.seek(held_back.guest_phys_addr)
+        path.request(d)
+
+
+@check("BE-37", "SHOULD**", "as many ADD_MEM_REG regions as GET_MAX_MEM_SLOTS says are taken")
+def all_the_slots(ctx):
+    p = _slots_probe(ctx)
+    slots = min(p.ask(R.GET_MAX_MEM_SLOTS).u64 or 0, 128)
+    ram = _memfd((slots + 1) * 4096)
+    try:
+        for i in range(slots):
+            region = MemoryRegion(i * 0x10000, 4096, 0x7F00_0000_0000 + i * 0x10000, i * 4096)
+            _acked(p, R.ADD_MEM_REG, region, ram, f"region {i + 1} of {slots}")
+        extra = MemoryRegion(slots * 0x10000, 4096, 0x7F00_0000_0000 + slots * 0x10000,
+                             slots * 4096)
+        try:
+            reply = p.ask(R.ADD_MEM_REG, SingleMemRegion(extra), NEED_REPLY, fds=(ram,))
+        except Disconnected:
+            return                                   # refused by hanging up: allowed
+        expect(reply.u64 != 0, p, reply, f"a refusal of region {slots + 1} past {slots} slots")
+    finally:
+        os.close(ram)
