@@ -32,7 +32,8 @@ def image(tmp_path):
 
 
 def test_pyvmm_backend_blk_passes_every_must_rule(tmp_path, image):
-    with pyvmm_backend(str(tmp_path), "blk", "--image", str(image)) as (sock, _):
+    with pyvmm_backend(str(tmp_path), "blk", "--image", str(image), "--queues", "2") \
+            as (sock, _):
         lines = []
         passed, failed, skipped, must_failed = run_checks(sock, "blk", lines.append)
     assert (failed, must_failed) == (0, False), "\n".join(lines)
@@ -219,6 +220,17 @@ def _keep_no_call_fd(self, msg):
     for fd in msg.fds:
         os.close(fd)
     Daemon._set_vring_call(self, SimpleNamespace(payload=msg.payload, fds=()))
+
+
+class LastQueueIgnored(Blk):
+    """Two request queues, and only the first is served."""
+
+    def __init__(self, image):
+        super().__init__(image, num_queues=2)
+
+    def handle_queue(self, index, ring, memory):
+        if index == 0:
+            super().handle_queue(index, ring, memory)
 
 
 class WceIgnored(Blk):
@@ -408,6 +420,9 @@ BROKEN = {
     "BE-78": WceIgnored,
     "BE-91": overriding(_reset_owner=lambda self, msg: self.close()),
     "BE-7": FdsWithPayloadOnly,
+    "BE-18": LastQueueIgnored,
+    "BE-80": overriding(offered_protocol_features=property(
+        lambda self: Daemon.offered_protocol_features.fget(self) & ~PF.CONFIG.mask)),
     "BE-26": overriding(_set_vring_call=_keep_first_call_fd),
     "BE-73": overriding(_set_inflight_fd=lambda self, msg: [os.close(fd) for fd in msg.fds]
                         and None),                        # takes the area, never tracks

@@ -174,3 +174,14 @@ def status_reset(ctx):
     p.send(R.SET_STATUS, U64(0))
     reply = p.ask(R.GET_STATUS)
     expect(reply.u64 == 0, p, reply, "status 0")
+
+
+@check("BE-80", "SHOULD**", "a blk back-end offers bit 30 and CONFIG (QEMU needs both)")
+def blk_needs_config(ctx):
+    if ctx.device != "blk":
+        raise Skipped("a check of blk back-ends (give --device blk)")
+    missing = [name for name, offered in (("bit 30", ctx.offer.protocol_features),
+                                          ("CONFIG", ctx.offer.has(PF.CONFIG))) if not offered]
+    if missing:
+        raise Failed(f"features {ctx.offer.features:#x}, protocol features "
+                     f"{ctx.offer.protocol:#x}: no {' and no '.join(missing)}")

@@ -448,3 +448,17 @@ def new_call_fd(ctx):
                              "replaced it")
         finally:
             os.close(old)
+
+
+@check("BE-18", "MUST*", "every queue below the advertised count works (the last one too)")
+def last_queue(ctx):
+    path = path_of(ctx)
+    if ctx.device != "blk":
+        raise Skipped("a check of blk's request queues (give --device blk)")
+    last = ctx.offer.queues - 1
+    if last == 0:
+        raise Skipped("one queue: BE-51 covers it")
+    path.queue = last
+    with ctx.driver(path.config_size) as d:
+        d.start(queues=[(i, 64) for i in range(last + 1)])
+        path.request(d)
