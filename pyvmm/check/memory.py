@@ -150,3 +150,39 @@ def all_the_slots(ctx):
         expect(reply.u64 != 0, p, reply, f"a refusal of region {slots + 1} past {slots} slots")
     finally:
         os.close(ram)
+
+
+@check("BE-30", "MUST*", "a new memory table replaces the old one")
+def table_replaced(ctx):
+    """Rings stopped, the same guest addresses move to another memfd (its
+    contents copied, rings included) in one SET_MEM_TABLE (CONFIGURE_MEM_SLOTS
+    left out: it would be REM_MEM_REG then ADD_MEM_REG), rings restarted
+    where they stopped: the device's answers must land in the new memfd.
+    The new memfd is mapped at other user addresses, as a front-end's would
+    be (DPDK takes a region with the same addresses for the same memory)."""
+    from pyvmm.vhost import VringAddr
+    old = ScatteredMemory(32 * MiB, pieces=2)
+    with running(ctx, memory=old,
+                 protocol=known_protocol_mask() & ~PF.CONFIGURE_MEM_SLOTS.mask) as (d, path, q):
+        path.request(d)
+        fe = d.backend.frontend
+        bases = {i: fe.get_vring_base(i) for i in d.queues}
+        new = ScatteredMemory(32 * MiB, pieces=2)
+        for r in old.regions:
+            new.write(r.guest_phys_addr, old.read(r.guest_phys_addr, r.size))
+        fe.set_mem_table(new)
+        d.memory = new                               # the driver looks there from now on
+        try:
+            for i, dq in d.queues.items():
+                dq.ring.memory = new
+                fe.start_vring(i, dq.size, VringAddr(dq.ring.desc_addr, dq.ring.avail_addr,
+                                                     dq.ring.used_addr), dq.kick, dq.call,
+                               base=bases[i])
+                if fe.negotiated.protocol_features_on:
+                    fe.set_vring_enable(i, True)
+            for r in old.regions:                    # nothing is to be found here any more
+                old.write(r.guest_phys_addr, bytes(r.size))
+            path.request(d)
+        finally:
+            d.memory = old                           # the driver closes its own
+            new.close()
