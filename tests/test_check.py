@@ -593,7 +593,7 @@ def test_listen_for_a_back_end_that_connects(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--listen"], "--listen needs --socket PATH"),
     ([], "give --socket PATH, or the back-end's command after --"),
-    (["--socket", "/x", "--rule", "BE-999"], "no check for BE-999"),
+    (["--socket", "/x", "--rule", "BE-999"], "no check for BE-999 (pyvmm check --list"),
 ])
 def test_bad_command_lines_are_one_line(argv, message):
     r = subprocess.run([sys.executable, "-m", "pyvmm", "check", *argv],
@@ -605,3 +605,17 @@ def test_nothing_there_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyvmm", "check", "--socket",
                         str(tmp_path / "none.sock")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no socket at" in r.stderr, r.stderr
+
+
+def test_list_names_every_rule_without_a_back_end():
+    r = subprocess.run([sys.executable, "-m", "pyvmm", "check", "--list"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[0] for line in r.stdout.splitlines()] == [c.rule for c in CHECKS]
+    assert "BE-55   MUST*     a disabled ring is served without side effects" in r.stdout
+
+
+def test_a_reader_that_goes_away_is_no_traceback():
+    r = subprocess.run(f"{sys.executable} -m pyvmm check --list | true", shell=True,
+                       capture_output=True, text=True, timeout=60)
+    assert r.stderr == "", r.stderr             # no BrokenPipeError traceback

@@ -52,6 +52,8 @@ def add_parser(sub, formatter_class):
                         "vhost-user does not say, so those checks are skipped)")
     p.add_argument("--rule", action="append", metavar="BE-N",
                    help="run only this rule (repeat for more)")
+    p.add_argument("--list", action="store_true",
+                   help="list the rules checked (id, level, what) and exit")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (each rule's result, then the counts) "
                         "instead of lines")
@@ -77,17 +79,30 @@ def target_of(args, parser):
 
 
 def run(args):
+    """The exit status; a reader that goes away (| head) ends the run quietly."""
+    import os
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
+
+
+def _run(args):
     import json
 
     from pyvmm.check.rules import CHECKS
     from pyvmm.check.run import run_checks
     from pyvmm.errors import PyvmmError
     parser = args.check_parser
+    if args.list:
+        for c in CHECKS:
+            print(f"{c.rule:<7} {c.level:<9} {c.what}")
+        return 0
     known = {c.rule for c in CHECKS}
     unknown = sorted(set(args.rule or ()) - known)
     if unknown:
-        parser.error(f"no check for {', '.join(unknown)} (a run without --rule lists "
-                     f"every rule checked)")
+        parser.error(f"no check for {', '.join(unknown)} (pyvmm check --list lists them)")
     device = None if args.device == "auto" else args.device
     results = []
     write = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
