@@ -16,7 +16,6 @@ from pyvmm.check.target import SocketTarget
 from pyvmm.errors import PyvmmError
 from pyvmm.vhost.user.backend.blk import Blk
 from pyvmm.vhost.user.backend.daemon import Daemon, serve_forever
-from pyvmm.vhost.user.backend.rng import Rng
 from pyvmm.vhost.user.channel import Connection, Listener
 from pyvmm.vhost.user.errors import ChannelError, RemoteProtocolError
 from pyvmm.vhost.user.messages import (HEADER, FrontendReq as R, Inflight,
@@ -619,3 +618,19 @@ def test_a_reader_that_goes_away_is_no_traceback():
     r = subprocess.run(f"{sys.executable} -m pyvmm check --list | true", shell=True,
                        capture_output=True, text=True, timeout=60)
     assert r.stderr == "", r.stderr             # no BrokenPipeError traceback
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.rule)
+def test_no_check_trips_over_a_bare_offer(check, tmp_path):
+    """A back-end offering neither bit 30 nor protocol features, and no device
+    type: each check skips, or fails the way run_checks reports (Failed, a
+    pyvmm error), never with an error of its own (a checker bug)."""
+    from pyvmm.check.rules import Failed, Offer, Skipped
+    ctx = Context(SocketTarget(str(tmp_path / "none.sock"), timeout=1), Offer(1 << 32), None,
+                  timeout=1)
+    try:
+        check.run(ctx)
+    except (Skipped, Failed, PyvmmError, OSError):
+        pass
+    finally:
+        ctx.target.release()

@@ -74,8 +74,7 @@ def get_features(ctx):
 
 @check("BE-10", "MUST", "with bit 30, GET_PROTOCOL_FEATURES is answered before SET_FEATURES")
 def protocol_before_features(ctx):
-    if not ctx.offer.protocol_features:
-        raise Skipped("VHOST_USER_F_PROTOCOL_FEATURES not offered")
+    ctx.needs_protocol_features()
     p = ctx.probe()
     p.ask(R.GET_FEATURES)
     reply = p.ask(R.GET_PROTOCOL_FEATURES)
