@@ -18,7 +18,7 @@ from pyvmm.check.core import Failed
 from pyvmm.driver import DriverError
 from pyvmm.driver import devices as dev
 from pyvmm.virtio import fs as fuse, vsock
-from pyvmm.virtio.blk import OUTHDR, VIRTIO_BLK_T_IN
+from pyvmm.virtio.blk import VIRTIO_BLK_T_IN
 
 MARK = b"\xa5" * 512
 
@@ -48,13 +48,11 @@ class Rng(DataPath):
             raise Failed("asked for 16 random bytes; got fewer")
 
     def post(self, d):
-        return self.q(d).send([(d.alloc(16), 16, True)], kick=False)
+        return dev.post(d, self.q(d), writable=[16], kick=False)[0]
 
     def marked(self, d):
-        data = d.alloc(512)
-        d.write(data, MARK)
-        return (self.q(d).send([(data, 512, True)], kick=False),
-                lambda: d.read(data, 512) != MARK)
+        head, (data,) = dev.post(d, self.q(d), writable=[MARK], kick=False)
+        return head, lambda: d.read(data, len(MARK)) != MARK
 
 
 class Blk(DataPath):
@@ -69,21 +67,12 @@ class Blk(DataPath):
         if dev.blk_write(d, q, 0, data, d.timeout) not in (0, 1):   # 1: read-only's IOERR
             raise Failed("writing sector 0 back: a status other than OK or IOERR")
 
-    def _read(self, d, data):
-        header, status = d.alloc(OUTHDR.size), d.alloc(1)
-        d.write(header, OUTHDR.pack(VIRTIO_BLK_T_IN, 0, 0))
-        d.write(status, b"\xff")
-        head = self.q(d).send([(header, OUTHDR.size, False), (data, 512, True),
-                               (status, 1, True)], kick=False)
-        return head, status
-
     def post(self, d):
-        return self._read(d, d.alloc(512))[0]
+        return dev.blk_post(d, self.q(d), VIRTIO_BLK_T_IN, 0, data=512, kick=False)[0]
 
     def marked(self, d):
-        data = d.alloc(512)
-        d.write(data, MARK)
-        head, status = self._read(d, data)
+        head, (_, status) = dev.blk_post(d, self.q(d), VIRTIO_BLK_T_IN, 0, data=MARK,
+                                         kick=False)
         return head, lambda: d.read(status, 1) == b"\0"
 
 
@@ -92,12 +81,21 @@ ARP_WHO_HAS = (b"\xff" * 6 + bytes.fromhex("020000c0ffee") + b"\x08\x06"
                + bytes([10, 0, 2, 15]) + bytes(6) + bytes([10, 0, 2, 2]))
 
 
-class Net(DataPath):
-    """TX (queue 1) is watched: an ARP request from a made-up MAC. Whether
-    it was sent shows only if the back-end answers it (dpdk-testpmd in
-    icmpecho mode does) on RX (queue 0)."""
-    queues = ((0, 64), (1, 64))
+class Answered(DataPath):
+    """TX (queue 1) is watched; what a request did shows as an answer on RX
+    (queue 0), which begin() gives buffers."""
     queue = 1
+
+    def marked(self, d):
+        rx = d.queues[0]
+        before = rx.ring.used_idx()
+        return self.post(d), lambda: rx.ring.used_idx() != before
+
+
+class Net(Answered):
+    """An ARP request from a made-up MAC. Whether it was sent shows only if
+    the back-end answers it (dpdk-testpmd in icmpecho mode does)."""
+    queues = ((0, 64), (1, 64))
 
     def begin(self, d):
         d.rx_posted = dev.net_post(d, d.queues[0])
@@ -106,14 +104,7 @@ class Net(DataPath):
         dev.net_send(d, self.q(d), ARP_WHO_HAS, d.timeout)
 
     def post(self, d):
-        buf = d.alloc(len(dev.NET_HDR) + len(ARP_WHO_HAS))
-        d.write(buf, dev.NET_HDR + ARP_WHO_HAS)
-        return self.q(d).send([(buf, len(dev.NET_HDR) + len(ARP_WHO_HAS), False)], kick=False)
-
-    def marked(self, d):
-        rx = d.queues[0]
-        before = rx.ring.used_idx()
-        return self.post(d), lambda: rx.ring.used_idx() != before
+        return dev.post(d, self.q(d), [dev.NET_HDR + ARP_WHO_HAS], kick=False)[0]
 
 
 class Fs(DataPath):
@@ -133,13 +124,9 @@ class Fs(DataPath):
             raise Failed(f"FUSE_LOOKUP in the root: error {error}")
 
     def _lookup(self, d):
-        name = b".pyvmm-check-absent\0"
-        request = fuse.IN_HEADER.pack(fuse.IN_HEADER.size + len(name), fuse.FUSE_LOOKUP,
-                                      1 << 32, fuse.FUSE_ROOT_ID, 0, 0, 0, 0, 0) + name
-        inp, out = d.alloc(len(request)), d.alloc(512)
-        d.write(inp, request)
-        d.write(out, MARK)
-        head = self.q(d).send([(inp, len(request), False), (out, 512, True)], kick=False)
+        request = dev.fuse_message(fuse.FUSE_LOOKUP, 1 << 32, fuse.FUSE_ROOT_ID,
+                                   b".pyvmm-check-absent\0")
+        head, (out,) = dev.post(d, self.q(d), [request], [MARK], kick=False)
         return head, out
 
     def post(self, d):
@@ -147,14 +134,13 @@ class Fs(DataPath):
 
     def marked(self, d):
         head, out = self._lookup(d)
-        return head, lambda: d.read(out, 512) != MARK
+        return head, lambda: d.read(out, len(MARK)) != MARK
 
 
-class Vsock(DataPath):
-    """TX (queue 1) is watched: a connection request to a host port nobody
-    listens on, which the device refuses with RST on RX (queue 0)."""
+class Vsock(Answered):
+    """A connection request to a host port nobody listens on, which the
+    device refuses with RST."""
     queues = ((0, 64), (1, 64), (2, 64))
-    queue = 1
     config_size = vsock.CONFIG.size
     PORT = 0x7ffe_c0de
 
@@ -171,11 +157,6 @@ class Vsock(DataPath):
             raise Failed("no vsock config space (guest_cid) from GET_CONFIG")
         return vsock.CONFIG.unpack(d.backend.config_space)[0]
 
-    def _packet(self, d, port):
-        return vsock.HDR.pack(self.guest_cid(d), vsock.VMADDR_CID_HOST, port, self.PORT, 0,
-                              vsock.VIRTIO_VSOCK_TYPE_STREAM, vsock.VIRTIO_VSOCK_OP_REQUEST,
-                              0, 1 << 16, 0)
-
     def _request(self, d):
         port = next(self._ports)                  # a fresh source port per request
         dev.vsock_send(d, self.q(d), self.guest_cid(d), vsock.VMADDR_CID_HOST, port, self.PORT,
@@ -189,15 +170,9 @@ class Vsock(DataPath):
         raise Failed("a request to a host port nobody listens on: no RST")
 
     def post(self, d):
-        packet = self._packet(d, 4000)
-        buf = d.alloc(len(packet))
-        d.write(buf, packet)
-        return self.q(d).send([(buf, len(packet), False)], kick=False)
-
-    def marked(self, d):
-        rx = d.queues[0]
-        before = rx.ring.used_idx()
-        return self.post(d), lambda: rx.ring.used_idx() != before
+        packet = dev.vsock_packet(self.guest_cid(d), vsock.VMADDR_CID_HOST, 4000, self.PORT,
+                                  vsock.VIRTIO_VSOCK_OP_REQUEST)
+        return dev.post(d, self.q(d), [packet], kick=False)[0]
 
 
 PATHS = {"blk": Blk, "rng": Rng, "net": Net, "fs": Fs, "vsock": Vsock}

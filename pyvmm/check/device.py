@@ -1,6 +1,8 @@
 """Checks of memory slots, configuration space, owner, status and reset
 (sections D, G and I of the back-end rules)."""
 
+import contextlib
+import mmap
 import os
 
 from pyvmm.check.core import Failed, Skipped, check, count, expect
@@ -67,53 +69,59 @@ def mem_slots_stable(ctx):
         raise Failed(f"GET_MAX_MEM_SLOTS answered {values[0]}, then {values[1]}")
 
 
-@check("BE-71", "MUST", "GET_INFLIGHT_FD answers a 24-byte description and an fd to map")
-def inflight_fd(ctx):
-    import mmap
+INFLIGHT_QUEUE_SIZE = 64
+
+
+@contextlib.contextmanager
+def _inflight_reply(ctx):
+    """GET_INFLIGHT_FD for every queue of 64 entries: (probe, reply); the
+    reply's fds are closed afterwards."""
     ctx.needs(PF.INFLIGHT_SHMFD)
     p = ctx.negotiated()
     p.send(R.SET_FEATURES, U64(ctx.offer.features))
-    reply = p.ask(R.GET_INFLIGHT_FD, Inflight(0, 0, ctx.offer.queues, 64))
+    reply = p.ask(R.GET_INFLIGHT_FD, Inflight(0, 0, ctx.offer.queues, INFLIGHT_QUEUE_SIZE))
     try:
+        yield p, reply
+    finally:
+        for fd in reply.fds:
+            os.close(fd)
+
+
+def _mapped(fd, area):
+    """The inflight area, mapped read-only; Failed if it does not map."""
+    try:
+        return mmap.mmap(fd, area.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ,
+                         offset=area.mmap_offset)
+    except (OSError, ValueError) as e:
+        raise Failed(f"the area ({area.mmap_size} bytes at {area.mmap_offset}) does "
+                     f"not map: {e}") from None
+
+
+@check("BE-71", "MUST", "GET_INFLIGHT_FD answers a 24-byte description and an fd to map")
+def inflight_fd(ctx):
+    with _inflight_reply(ctx) as (p, reply):
         expect(reply.request == R.GET_INFLIGHT_FD and reply.size == 24, p, reply,
                "id 31, 24 bytes")
         area = Inflight.unpack(reply.payload)
         if area.mmap_size:
             expect(len(reply.fds) == 1, p, reply, f"one fd (got {len(reply.fds)})")
-            try:
-                mmap.mmap(reply.fds[0], area.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ,
-                          offset=area.mmap_offset).close()
-            except (OSError, ValueError) as e:
-                raise Failed(f"the area ({area.mmap_size} bytes at {area.mmap_offset}) does "
-                             f"not map: {e}") from None
-    finally:
-        for fd in reply.fds:
-            os.close(fd)
+            _mapped(reply.fds[0], area).close()
 
 
 @check("BE-72", "SHOULD", "the inflight area holds the spec's split-ring layout, zeroed")
 def inflight_layout(ctx):
-    import mmap
-    ctx.needs(PF.INFLIGHT_SHMFD)
-    queues, size = ctx.offer.queues, 64
-    p = ctx.negotiated()
-    p.send(R.SET_FEATURES, U64(ctx.offer.features))
-    reply = p.ask(R.GET_INFLIGHT_FD, Inflight(0, 0, queues, size))
-    try:
+    with _inflight_reply(ctx) as (p, reply):
         area = Inflight.unpack(reply.payload) if reply.size == 24 else None
         if area is None or not area.mmap_size or len(reply.fds) != 1:
             raise Failed(f"no inflight area to look at: {reply}")
+        queues, size = ctx.offer.queues, INFLIGHT_QUEUE_SIZE
         needed = queues * (16 + 16 * size)
         if area.mmap_size < needed:
             raise Failed(f"{area.mmap_size} bytes for {queues} queue(s) of {size}: the "
                          f"split layout needs {needed}")
-        with mmap.mmap(reply.fds[0], area.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ,
-                       offset=area.mmap_offset) as m:
+        with _mapped(reply.fds[0], area) as m:
             if any(m[:needed]):
                 raise Failed("a fresh inflight area is not zeroed")
-    finally:
-        for fd in reply.fds:
-            os.close(fd)
 
 
 BLK_CAPACITY = 0                         # struct virtio_blk_config: le64 capacity first

@@ -17,8 +17,8 @@ import time
 
 from pyvmm.check.core import Failed, Skipped, check
 from pyvmm.check.probe import Probe
+from pyvmm.check.target import connect_when_listening
 from pyvmm.sys.process import stop
-from pyvmm.vhost.user.channel import Connection
 from pyvmm.vhost.user.errors import ChannelError
 from pyvmm.vhost.user.messages import FrontendReq as R
 
@@ -71,18 +71,10 @@ def launched(ctx, options, pass_fds=(), quiet=False):
 
 def answered(path, proc, timeout):
     """Wait for proc to listen on path; a Probe that got GET_FEATURES answered."""
-    deadline = time.monotonic() + max(timeout, 10.0)
-    while True:
-        try:
-            conn = Connection.connect(path, "the back-end", timeout)
-            break
-        except ChannelError:
-            if proc.poll() is not None:
-                raise Failed(f"it exited with status {proc.returncode} before listening on "
-                             f"{path}") from None
-            if time.monotonic() > deadline:
-                raise Failed(f"nothing listened on {path} within 10 s") from None
-            time.sleep(0.05)
+    try:
+        conn = connect_when_listening(path, proc, timeout)
+    except ChannelError as e:
+        raise Failed(str(e)) from None
     p = Probe(conn)
     try:
         reply = p.ask(R.GET_FEATURES)

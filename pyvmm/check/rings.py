@@ -17,6 +17,7 @@ from pyvmm.driver import DriverError
 from pyvmm.driver.driver import DRIVER_FEATURES
 from pyvmm.vhost import VringAddr
 from pyvmm.vhost.user.messages import FrontendReq as R, ProtocolFeature as PF, U64
+from pyvmm.virtio import spec
 
 QUIET = 0.5                   # how long "nothing happens" is watched
 
@@ -28,11 +29,16 @@ def path_of(ctx):
 
 
 @contextlib.contextmanager
-def running(ctx, **driver):
-    """A driver with the device's queues started and enabled, begun."""
-    path = path_of(ctx)
+def running(ctx, path=None, event_idx=True, **driver):
+    """A driver with the device's queues (path's, or the device's) started and
+    enabled, begun; without event_idx, VIRTIO_RING_F_EVENT_IDX is not acked,
+    so that every completion signals the call eventfd."""
+    path = path or path_of(ctx)
     with ctx.driver(path.config_size, **driver) as d:
-        d.start(queues=path.queues)
+        features = d.backend.features() & DRIVER_FEATURES
+        if not event_idx:
+            features &= ~spec.bit(spec.VIRTIO_RING_F_EVENT_IDX)
+        d.start(features=features, queues=path.queues)
         path.begin(d)
         yield d, path, d.queues[path.queue]
 
@@ -116,6 +122,21 @@ def kick(q):
     os.eventfd_write(q.kick, 1)
 
 
+def new_eventfd():
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def signalled(fd, seconds=0):
+    """Whether eventfd fd is (or within seconds becomes) readable."""
+    return bool(select.select([fd], [], [], seconds)[0])
+
+
+def drain(fd):
+    """Forget the signals an eventfd has had so far."""
+    while signalled(fd):
+        os.eventfd_read(fd)
+
+
 def completes(q, head, timeout, what):
     try:
         q.wait(head, timeout)
@@ -146,15 +167,21 @@ def no_kick_needed(ctx):
         completes(q, head, 1.0, "queued before SET_VRING_KICK and never kicked")
 
 
-@check("BE-48", "MUST", "after GET_VRING_BASE the ring is stopped: kicks are not served")
-def stopped_ring(ctx):
+def _not_served_after(ctx, stop, what):
+    """A request served, then stop(frontend, index): a request posted and
+    kicked after it must stay unused."""
     with running(ctx) as (d, path, q):
         path.request(d)
-        d.backend.frontend.get_vring_base(path.queue)
+        stop(d.backend.frontend, path.queue)
         used = q.ring.used_idx()
         path.post(d)
         kick(q)
-        untouched(q, used, "a request posted and kicked after GET_VRING_BASE was served")
+        untouched(q, used, f"a request posted and kicked after {what} was served")
+
+
+@check("BE-48", "MUST", "after GET_VRING_BASE the ring is stopped: kicks are not served")
+def stopped_ring(ctx):
+    _not_served_after(ctx, lambda fe, index: fe.get_vring_base(index), "GET_VRING_BASE")
 
 
 @check("BE-49", "MUST*", "a stopped ring restarts at SET_VRING_BASE with a new SET_VRING_KICK")
@@ -163,7 +190,7 @@ def restart(ctx):
         path.request(d)
         fe = d.backend.frontend
         base = fe.get_vring_base(path.queue)
-        new_kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        new_kick = new_eventfd()
         os.close(q.kick)
         q.kick = new_kick
         # The whole set-up again, as QEMU restarts a ring (DPDK serves no
@@ -321,8 +348,7 @@ def suspended(ctx):
             fe.get_vring_base(index)
         used = {i: dq.ring.used_idx() for i, dq in d.queues.items()}
         for dq in d.queues.values():
-            while select.select([dq.call], [], [], 0)[0]:
-                os.eventfd_read(dq.call)
+            drain(dq.call)
         path.post(d)
         for dq in d.queues.values():
             kick(dq)
@@ -330,7 +356,7 @@ def suspended(ctx):
         for i, dq in d.queues.items():
             if dq.ring.used_idx() != used[i]:
                 raise Failed(f"queue {i}'s used index moved with every ring stopped")
-            if select.select([dq.call, dq.err], [], [], 0)[0]:
+            if signalled(dq.call) or signalled(dq.err):
                 raise Failed(f"queue {i}'s call or error eventfd was signalled with every "
                              f"ring stopped")
         fe.get_features()                          # and it still answers
@@ -345,17 +371,11 @@ def no_call_fd(ctx):
 
 @check("BE-65", "MUST*", "without EVENT_IDX, each completion signals the call eventfd")
 def call_signalled(ctx):
-    path = path_of(ctx)
-    with ctx.driver(path.config_size) as d:
-        d.start(features=d.backend.features() & DRIVER_FEATURES & ~(1 << 29),   # no EVENT_IDX
-                queues=path.queues)
-        path.begin(d)
-        q = d.queues[path.queue]
-        while select.select([q.call], [], [], 0)[0]:
-            os.eventfd_read(q.call)
+    with running(ctx, event_idx=False) as (d, path, q):
+        drain(q.call)
         head = path.post(d)
         kick(q)
-        if not select.select([q.call], [], [], ctx.timeout)[0]:
+        if not signalled(q.call, ctx.timeout):
             raise Failed(f"no signal on the call eventfd within {ctx.timeout:g} s of a "
                          f"request{' (it was used)' if q.ring.used_idx() else ''}")
         completes(q, head, ctx.timeout, "the signalled request")
@@ -364,13 +384,7 @@ def call_signalled(ctx):
 @check("BE-92", "MUST*", "after RESET_DEVICE the rings are stopped")
 def reset_device(ctx):
     ctx.needs(PF.RESET_DEVICE)
-    with running(ctx) as (d, path, q):
-        path.request(d)
-        d.backend.frontend.reset_device()
-        used = q.ring.used_idx()
-        path.post(d)
-        kick(q)
-        untouched(q, used, "a request posted and kicked after RESET_DEVICE was served")
+    _not_served_after(ctx, lambda fe, index: fe.reset_device(), "RESET_DEVICE")
 
 
 @check("BE-7", "MUST*", "fds sent with the header count when the payload comes later")
@@ -380,13 +394,8 @@ def fds_before_payload(ctx):
     import socket
     from pyvmm.vhost.user.messages import VHOST_USER_VERSION, VringFd
     from pyvmm.vhost.user.wire import encode
-    path = path_of(ctx)
-    with ctx.driver(path.config_size) as d:
-        d.start(features=d.backend.features() & DRIVER_FEATURES & ~(1 << 29),   # no EVENT_IDX
-                queues=path.queues)
-        path.begin(d)
-        q = d.queues[path.queue]
-        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    with running(ctx, event_idx=False) as (d, path, q):
+        call = new_eventfd()
         frame = encode(R.SET_VRING_CALL, VHOST_USER_VERSION, VringFd(path.queue).pack())
         sock = d.backend.frontend.conn.sock
         sock.sendmsg([frame[:12]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -398,7 +407,7 @@ def fds_before_payload(ctx):
         d.backend.frontend.get_features()          # a barrier: the back-end has read it
         head = path.post(d)
         kick(q)
-        if not select.select([q.call], [], [], ctx.timeout)[0]:
+        if not signalled(q.call, ctx.timeout):
             raise Failed("the call eventfd sent with SET_VRING_CALL's header (its payload "
                          "20 ms later) was not signalled for a completed request")
         completes(q, head, ctx.timeout, "after the split SET_VRING_CALL")
@@ -427,23 +436,17 @@ def inflight_tracked(ctx):
 
 @check("BE-26", "SHOULD**", "once a new call eventfd is set, only it is signalled")
 def new_call_fd(ctx):
-    path = path_of(ctx)
-    with ctx.driver(path.config_size) as d:
-        d.start(features=d.backend.features() & DRIVER_FEATURES & ~(1 << 29),   # no EVENT_IDX
-                queues=path.queues)
-        path.begin(d)
-        q = d.queues[path.queue]
-        old, q.call = q.call, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    with running(ctx, event_idx=False) as (d, path, q):
+        old, q.call = q.call, new_eventfd()
         try:
             d.backend.frontend.set_vring_call(path.queue, q.call)
-            while select.select([old], [], [], 0)[0]:
-                os.eventfd_read(old)
+            drain(old)
             head = path.post(d)
             kick(q)
-            if not select.select([q.call], [], [], ctx.timeout)[0]:
+            if not signalled(q.call, ctx.timeout):
                 raise Failed("the new call eventfd was not signalled")
             completes(q, head, ctx.timeout, "after SET_VRING_CALL with a new eventfd")
-            if select.select([old], [], [], QUIET)[0]:
+            if signalled(old, QUIET):
                 raise Failed("the old call eventfd was signalled after SET_VRING_CALL "
                              "replaced it")
         finally:
@@ -458,7 +461,6 @@ def last_queue(ctx):
     last = ctx.offer.queues - 1
     if last == 0:
         raise Skipped("one queue: BE-51 covers it")
-    path.queue = last
-    with ctx.driver(path.config_size) as d:
-        d.start(queues=[(i, 64) for i in range(last + 1)])
+    path.queue, path.queues = last, tuple((i, 64) for i in range(last + 1))
+    with running(ctx, path) as (d, path, q):
         path.request(d)

@@ -28,6 +28,8 @@ from pyvmm.sys.process import stop
 from pyvmm.vhost.user.channel import Connection, Listener
 from pyvmm.vhost.user.errors import ChannelError
 
+START_WAIT = 10.0             # seconds a started back-end has to listen or connect
+
 
 class Target:
     command = None          # the program's argv, where the program conventions apply
@@ -132,26 +134,17 @@ class CommandTarget(Target):
     def _connect(self):
         if self.proc is None or self.proc.poll() is not None:
             self.start()
-        wait = max(self.timeout, 10.0)               # start-up may be slow
+        if self.listener is None:
+            return connect_when_listening(self.path, self.proc, self.timeout, self.output)
+        wait = max(self.timeout, START_WAIT)
         deadline = time.monotonic() + wait
-        while True:
-            if self.listener is not None:
-                ready = select.select([self.listener], [], [], 0.05)[0]
-                if ready:
-                    return self.listener.accept("the back-end", self.timeout)
-            else:
-                try:
-                    return Connection.connect(self.path, "the back-end", self.timeout)
-                except ChannelError:
-                    time.sleep(0.05)
+        while not select.select([self.listener], [], [], 0.05)[0]:
             if self.proc.poll() is not None:
                 raise ChannelError(f"the back-end exited with status {self.proc.returncode} "
-                                   f"before it {'connected' if self.listener else 'listened'}"
-                                   f": {self.output() or 'no output'}")
+                                   f"before it connected: {self.output() or 'no output'}")
             if time.monotonic() > deadline:
-                raise ChannelError(f"the back-end did not "
-                                   f"{'connect' if self.listener else 'listen'} within "
-                                   f"{wait:g} s")
+                raise ChannelError(f"the back-end did not connect within {wait:g} s")
+        return self.listener.accept("the back-end", self.timeout)
 
     def connect(self):
         """A check holds one connection at a time: a second one first lets a
@@ -205,3 +198,19 @@ class CommandTarget(Target):
             self.listener.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+
+def connect_when_listening(path, proc, timeout, output=lambda: ""):
+    """A Connection to path once the just-started proc listens there
+    (start-up may take START_WAIT s); ChannelError if it exits first."""
+    wait = max(timeout, START_WAIT)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return Connection.connect(path, "the back-end", timeout)
+        except ChannelError:
+            time.sleep(0.05)
+        if proc.poll() is not None:
+            raise ChannelError(f"the back-end exited with status {proc.returncode} before "
+                               f"it listened on {path}: {output() or 'no output'}")
+        if time.monotonic() > deadline:
+            raise ChannelError(f"nothing listened on {path} within {wait:g} s")

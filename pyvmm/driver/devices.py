@@ -1,6 +1,8 @@
 """Requests of a few device types, for the guest-less driver: each lays out
 its buffers in the driver's memory as a guest's driver would, sends the
-chain, waits for it and returns what the device wrote.
+chain, waits for it and returns what the device wrote. post() lays out and
+sends a chain without waiting; the request builders (fuse_message,
+vsock_packet) give the bytes of one request.
 
     blk:  blk_read, blk_write, blk_flush, blk_get_id (pyvmm/virtio/blk.py)
     rng:  rng_read
@@ -23,20 +25,39 @@ from pyvmm.virtio.blk import (OUTHDR, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_FLUSH,
 NET_HDR = bytes(12)          # struct virtio_net_hdr_v1, no offloads asked for
 
 
+def post(driver, queue, readable=(), writable=(), kick=True):
+    """One chain made available: a device-readable buffer holding each bytes
+    of readable, then a device-writable one per entry of writable (its
+    size, or bytes it starts out holding). (head, [gpa of each writable])."""
+    buffers, places = [], []
+    for data in readable:
+        gpa = driver.alloc(len(data))
+        driver.write(gpa, data)
+        buffers.append((gpa, len(data), False))
+    for entry in writable:
+        size = entry if isinstance(entry, int) else len(entry)
+        gpa = driver.alloc(size)
+        if not isinstance(entry, int):
+            driver.write(gpa, entry)
+        buffers.append((gpa, size, True))
+        places.append(gpa)
+    return queue.send(buffers, kick=kick), places
+
+
+def blk_post(driver, queue, kind, sector, out=b"", data=None, kick=True):
+    """One virtio-blk request made available: the header (and out), then data
+    (a size or initial bytes) if the device is to write some, then a status
+    byte of 0xff. (head, [data's gpa,] status's gpa)."""
+    return post(driver, queue, [OUTHDR.pack(kind, 0, sector) + out],
+                ([] if data is None else [data]) + [b"\xff"], kick)
+
+
 def _blk(driver, queue, kind, sector, out=b"", in_length=0, timeout=5.0):
     """One virtio-blk request; (status byte, the data the device wrote)."""
-    header = driver.alloc(OUTHDR.size + len(out))
-    driver.write(header, OUTHDR.pack(kind, 0, sector) + out)
-    data = driver.alloc(in_length) if in_length else None
-    status = driver.alloc(1)
-    driver.write(status, b"\xff")
-    buffers = [(header, OUTHDR.size + len(out), False)]
-    if in_length:
-        buffers.append((data, in_length, True))
-    buffers.append((status, 1, True))
-    written = queue.wait(queue.send(buffers), timeout)
-    return (driver.read(status, 1)[0],
-            driver.read(data, max(0, min(written - 1, in_length))) if in_length else b"")
+    head, places = blk_post(driver, queue, kind, sector, out, in_length or None)
+    written = queue.wait(head, timeout)
+    return (driver.read(places[-1], 1)[0],
+            driver.read(places[0], max(0, min(written - 1, in_length))) if in_length else b"")
 
 
 def blk_read(driver, queue, sector, length, timeout=5.0):
@@ -62,16 +83,13 @@ def blk_get_id(driver, queue, timeout=5.0):
 
 def rng_read(driver, queue, length, timeout=5.0):
     """Entropy: the bytes the device wrote into a buffer of length bytes."""
-    buf = driver.alloc(length)
-    written = queue.wait(queue.send([(buf, length, True)]), timeout)
-    return driver.read(buf, written)
+    head, (buf,) = post(driver, queue, writable=[length])
+    return driver.read(buf, queue.wait(head, timeout))
 
 
 def net_send(driver, txq, frame, timeout=5.0):
     """One Ethernet frame on a transmit queue; waits until the device took it."""
-    buf = driver.alloc(len(NET_HDR) + len(frame))
-    driver.write(buf, NET_HDR + frame)
-    txq.wait(txq.send([(buf, len(NET_HDR) + len(frame), False)]), timeout)
+    txq.wait(post(driver, txq, [NET_HDR + frame])[0], timeout)
 
 
 def net_post(driver, rxq, count=8, size=2048):
@@ -95,15 +113,18 @@ def net_receive(driver, rxq, posted, timeout=5.0):
 _fuse_unique = itertools.count(1)
 
 
+def fuse_message(opcode, unique, nodeid, arguments=b""):
+    """A FUSE request's bytes: fuse_in_header, then the opcode's arguments."""
+    return fs.IN_HEADER.pack(fs.IN_HEADER.size + len(arguments), opcode, unique, nodeid,
+                             0, 0, 0, 0, 0) + arguments
+
+
 def _fuse(driver, queue, opcode, nodeid, arguments, reply_size, timeout):
     """One FUSE request; (error, unique matches, the reply after the out header)."""
     unique = next(_fuse_unique)
-    request = fs.IN_HEADER.pack(fs.IN_HEADER.size + len(arguments), opcode, unique, nodeid,
-                                0, 0, 0, 0, 0) + arguments
-    inp, out = driver.alloc(len(request)), driver.alloc(fs.OUT_HEADER.size + reply_size)
-    driver.write(inp, request)
-    written = queue.wait(queue.send([(inp, len(request), False),
-                                     (out, fs.OUT_HEADER.size + reply_size, True)]), timeout)
+    head, (out,) = post(driver, queue, [fuse_message(opcode, unique, nodeid, arguments)],
+                        [fs.OUT_HEADER.size + reply_size])
+    written = queue.wait(head, timeout)
     if written < fs.OUT_HEADER.size:
         raise DriverError(f"queue {queue.index}: a FUSE reply of {written} bytes, shorter "
                           f"than its {fs.OUT_HEADER.size}-byte header")
@@ -130,14 +151,19 @@ def fuse_lookup(driver, queue, name, parent=fs.FUSE_ROOT_ID, timeout=5.0):
                    else None)
 
 
+def vsock_packet(src_cid, dst_cid, src_port, dst_port, op, payload=b"", buf_alloc=1 << 16,
+                 fwd_cnt=0):
+    """A vsock stream packet's bytes: virtio_vsock_hdr, then payload."""
+    return vsock.HDR.pack(src_cid, dst_cid, src_port, dst_port, len(payload),
+                          vsock.VIRTIO_VSOCK_TYPE_STREAM, op, 0, buf_alloc, fwd_cnt) + payload
+
+
 def vsock_send(driver, txq, src_cid, dst_cid, src_port, dst_port, op, payload=b"",
                buf_alloc=1 << 16, fwd_cnt=0, timeout=5.0):
     """One vsock stream packet on the tx queue; waits until the device took it."""
-    packet = vsock.HDR.pack(src_cid, dst_cid, src_port, dst_port, len(payload),
-                            vsock.VIRTIO_VSOCK_TYPE_STREAM, op, 0, buf_alloc, fwd_cnt) + payload
-    buf = driver.alloc(len(packet))
-    driver.write(buf, packet)
-    txq.wait(txq.send([(buf, len(packet), False)]), timeout)
+    packet = vsock_packet(src_cid, dst_cid, src_port, dst_port, op, payload, buf_alloc,
+                          fwd_cnt)
+    txq.wait(post(driver, txq, [packet])[0], timeout)
 
 
 def vsock_post(driver, rxq, count=8, size=4096):
