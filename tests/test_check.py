@@ -67,6 +67,9 @@ def test_json_output_and_one_rule(tmp_path, image):
 # refuses a new memory table while stopped rings point into the old one
 # (BE-30; QEMU keeps its RAM at the same addresses).
 QSD_DEPARTURES = ["BE-21", "BE-30", "BE-37", "BE-47", "BE-50", "BE-52", "BE-54", "BE-55", "BE-64"]
+# Both libvhost-user daemons now and then answer GET_VRING_BASE before the
+# requests they took are done (about 1 run in 10): BE-60 fails only then.
+SOMETIMES = "BE-60"
 
 
 def test_qemu_storage_daemon_on_the_command_line(tmp_path, image):
@@ -83,7 +86,7 @@ def test_qemu_storage_daemon_on_the_command_line(tmp_path, image):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "BE-93   SKIP" in r.stdout and "BE-92   SKIP" in r.stdout   # no STATUS, RESET_DEVICE
     failed = [line.split()[0] for line in r.stdout.splitlines() if " FAIL " in line]
-    assert failed == QSD_DEPARTURES, r.stdout
+    assert [rule for rule in failed if rule != SOMETIMES] == QSD_DEPARTURES, r.stdout
     # It dies of SET_VRING_NUM for queue 1024 (QEMU 7.2's libvhost-user).
     assert "the back-end was killed by SIGSEGV" in r.stdout, r.stdout
 
@@ -549,7 +552,8 @@ def test_virtiofsd_one_front_end_at_a_time(tmp_path):
     results = _program_results(["/usr/lib/qemu/virtiofsd", "-o", f"source={tmp_path}/share",
                                 "-o", "cache=none"], "fs", only=[c.rule for c in CHECKS])
     failed = [rule for rule, r in results.items() if r[0] == "FAIL"]
-    assert failed == ["BE-21", "BE-30", "BE-47", "BE-50", "BE-52", "BE-54", "BE-55"], results
+    assert [rule for rule in failed if rule != SOMETIMES] == [
+        "BE-21", "BE-30", "BE-47", "BE-50", "BE-52", "BE-54", "BE-55"], results
     assert all(results[rule][0] == "PASS" for rule in PROGRAM_RULES + ["BE-51", "BE-58"])
 
 
