@@ -16,6 +16,7 @@ from test_virtio import RecordingVm, r32, w32
 
 from pyvmm.devices.virtio import mmio
 from pyvmm.devices.virtio.device import DeviceError
+from pyvmm.vhost.user.scripted import ScriptedBackend
 from pyvmm.virtio import spec
 from pyvmm.virtio.splitring import DriverRing
 from pyvmm.virtio.vsock import (HDR, VIRTIO_VSOCK_OP_REQUEST, VIRTIO_VSOCK_OP_RESPONSE,
@@ -299,7 +300,6 @@ def test_net_passes_the_back_ends_mtu_on(tmp_path):
     guest's config space, the MAC stays pyvmm's."""
     import threading
 
-    from backends import FakeBackEnd
 
     from pyvmm.vhost.user.channel import Listener
     from pyvmm.vhost.user.messages import FrontendReq, ProtocolFeature as PF
@@ -309,10 +309,10 @@ def test_net_passes_the_back_ends_mtu_on(tmp_path):
     config = bytes.fromhex("0a0b0c0d0e0f") + struct.pack("<HHH", 1, 1, 9000)
 
     def back_end():
-        be = FakeBackEnd(listener.accept("pyvmm"), features=1 << 32 | 1 << 30
+        be = ScriptedBackend(listener.accept("pyvmm"), features=1 << 32
                          | 1 << spec.VIRTIO_NET_F_MTU,
                          protocol=PF.REPLY_ACK.mask | PF.CONFIG.mask, config=config)
-        be.serve_until(FrontendReq.GET_CONFIG)
+        be.serve(FrontendReq.GET_CONFIG)
     thread = threading.Thread(target=back_end)
     thread.start()
     device, _, summary = plan_net_user(VhostUserConfig(path, kind="net"), 0, None)
