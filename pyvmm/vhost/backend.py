@@ -10,8 +10,8 @@ device follows (Documentation and QEMU's hw/virtio/vhost.c):
         set_vring_num(i, num)              its size
         set_vring_base(i, 0)               where the device starts in the avail ring
         set_vring_addr(i, VringAddr(...))  where the rings are (GPAs, checked here)
-        set_vring_kick(i, fd)              eventfd the guest's notifications arrive on
         set_vring_call(i, fd)              eventfd the back-end signals interrupts on
+        set_vring_kick(i, fd)              eventfd the guest's notifications arrive on
     ... device-specific start (tap fd, CID, running) ...
     get_vring_base(i)                      stop a queue, learn where it stopped
 """
@@ -87,14 +87,19 @@ class VhostBackend(ABC):
     def _set_vring_addr(self, index, desc, avail, used, log): ...
 
     def start_vring(self, index, num, addr, kick_fd, call_fd, err_fd=None, base=0):
-        """One queue's whole set-up, in the order the back-ends expect it."""
+        """One queue's whole set-up, in the order the back-ends expect it.
+
+        The kick comes last: it starts the ring (vhost-user BE-46; the kernel
+        polls it at once), and a back-end may complete a request the moment it
+        starts (BE-47), so the call and error eventfds must be in place by
+        then or that interrupt is lost."""
         self.set_vring_num(index, num)
         self.set_vring_base(index, base)
         self.set_vring_addr(index, addr)
-        self.set_vring_kick(index, kick_fd)
         self.set_vring_call(index, call_fd)
         if err_fd is not None:
             self.set_vring_err(index, err_fd)
+        self.set_vring_kick(index, kick_fd)
 
     @abstractmethod
     def set_vring_kick(self, index, fd): ...
