@@ -13,7 +13,7 @@ import logging
 import os
 import struct
 
-from pyvmm.devices.virtio.device import RING_FEATURES, VirtioDevice
+from pyvmm.devices.virtio.device import RING_FEATURES, DeviceError, VirtioDevice
 from pyvmm.errors import PyvmmError
 from pyvmm.virtio import spec
 from pyvmm.virtio.device_ring import DeviceRing
@@ -109,9 +109,13 @@ class VirtioNet(VirtioDevice):
         self._ctrl = None
         self._event_idx = bool(features & spec.bit(spec.VIRTIO_RING_F_EVENT_IDX))
         if features & spec.bit(spec.VIRTIO_NET_F_MQ):
-            q = next(q for q in queues if q.index == 2 * self.queue_pairs)
-            if q.ready:
-                self._ctrl = (DeviceRing(memory, q.size, q.desc, q.avail, q.used), q)
+            ctrl = 2 * self.queue_pairs
+            q = next((q for q in queues if q.index == ctrl and q.ready), None)
+            if q is None:
+                # The driver would ask for queue pairs on a queue nobody serves.
+                raise DeviceError(f"the driver acked VIRTIO_NET_F_MQ, but the control queue "
+                                  f"(queue {ctrl}) is not ready")
+            self._ctrl = (DeviceRing(memory, q.size, q.desc, q.avail, q.used), q)
         super().activate(memory, features, queues)
 
     def reset(self):
