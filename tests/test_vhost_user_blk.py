@@ -22,6 +22,7 @@ from pyvmm.devices.virtio import mmio
 from pyvmm.devices.virtio.device import DeviceError
 from pyvmm.devices.virtio.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VirtioBlk
 from pyvmm.vhost.user.trace import Tracer
+from pyvmm.vhost.user.scripted import ScriptedBackend
 from pyvmm.virtio import spec
 from pyvmm.virtio.splitring import DriverRing
 from pyvmm.sys.eventloop import EventLoop
@@ -166,7 +167,6 @@ def test_server_mode_and_a_config_change_from_the_back_end(tmp_path, memory16):
     import struct
     import threading
 
-    from backends import FakeBackEnd
 
     from pyvmm.vhost.user.channel import Connection
     from pyvmm.vhost.user.messages import FrontendReq, ProtocolFeature as PF
@@ -178,10 +178,10 @@ def test_server_mode_and_a_config_change_from_the_back_end(tmp_path, memory16):
         while not path.exists():
             time.sleep(0.01)
         conn = Connection.connect(path, "pyvmm")
-        fake["be"] = be = FakeBackEnd(conn, features=1 << 32 | 1 << 30,
+        fake["be"] = be = ScriptedBackend(conn, features=1 << 32,
                                       protocol=(PF.REPLY_ACK.mask | PF.CONFIG.mask
                                                 | PF.BACKEND_REQ.mask), config=config)
-        be.serve_until(FrontendReq.GET_CONFIG)
+        be.serve(FrontendReq.GET_CONFIG)
     thread = threading.Thread(target=back_end)
     thread.start()
     device, _, summary = plan_blk(BlkConfig(str(path), server=True), 0, None)
@@ -201,7 +201,7 @@ def test_server_mode_and_a_config_change_from_the_back_end(tmp_path, memory16):
     announcer = threading.Thread(target=announce)
     announcer.start()
     # pyvmm's GET_CONFIG arrives on the main socket while the ack is due.
-    serve = threading.Thread(target=be.serve_until, args=(FrontendReq.GET_CONFIG,))
+    serve = threading.Thread(target=be.serve, args=(FrontendReq.GET_CONFIG,))
     serve.start()
     loop.run_until(lambda: r32(t, mmio.CONFIG_GENERATION) != generation, timeout=10)
     serve.join(10)
@@ -243,7 +243,6 @@ def test_start_and_stop_in_order_with_status_and_reset_device(tmp_path, memory16
     import socket
     import threading
 
-    from backends import FakeBackEnd
 
     from pyvmm.devices.virtio.device import Queue
     from pyvmm.devices.virtio.vhost_user import VhostUserBackend
@@ -251,9 +250,9 @@ def test_start_and_stop_in_order_with_status_and_reset_device(tmp_path, memory16
     from pyvmm.vhost.user.frontend import VhostUserFrontend
     from pyvmm.vhost.user.messages import FrontendReq as R, ProtocolFeature as PF
     ours, theirs = socket.socketpair()
-    fake = FakeBackEnd(Connection(theirs, "pyvmm"), features=1 << 32 | 1 << 30,
+    fake = ScriptedBackend(Connection(theirs, "pyvmm"), features=1 << 32,
                        protocol=PF.REPLY_ACK.mask | PF.STATUS.mask | PF.RESET_DEVICE.mask)
-    server = threading.Thread(target=fake.serve_until, args=(R.RESET_DEVICE,))
+    server = threading.Thread(target=fake.serve, args=(R.RESET_DEVICE,))
     server.start()
     frontend = VhostUserFrontend(Connection(ours, "the back-end"))
     frontend.negotiate()
@@ -267,7 +266,7 @@ def test_start_and_stop_in_order_with_status_and_reset_device(tmp_path, memory16
     order = [m.request.name for m in fake.messages]
     assert order[order.index("SET_OWNER") + 1:] == [
         "SET_FEATURES", "SET_MEM_TABLE", "SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR",
-        "SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR", "SET_VRING_ENABLE", "SET_STATUS",
+        "SET_VRING_CALL", "SET_VRING_ERR", "SET_VRING_KICK", "SET_VRING_ENABLE", "SET_STATUS",
         "SET_VRING_ENABLE", "GET_VRING_BASE", "SET_STATUS", "RESET_DEVICE"]
     statuses = [m.payload.value for m in fake.messages if m.request is R.SET_STATUS]
     assert statuses == [0xF, 0]                 # DRIVER_OK with all before it; then reset

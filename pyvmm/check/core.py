@@ -84,11 +84,15 @@ class Context:
             p.send(R.SET_PROTOCOL_FEATURES, U64(mask & known_protocol_mask()))
         return p
 
-    def driver(self, config_size=0, **options):
+    def driver(self, config_size=0, inflight=False, **options):
         """A guest-less Driver on a fresh connection, negotiated, not started
-        (options: vhost_user()'s memory and protocol)."""
+        (options: vhost_user()'s memory and protocol). INFLIGHT_SHMFD only with
+        inflight: else the driver's start() hands an area over itself, and a
+        back-end then takes its ring positions from the area, not from what a
+        check sent (SET_VRING_BASE)."""
         from pyvmm.driver import vhost_user
-        options.setdefault("protocol", known_protocol_mask())
+        options.setdefault("protocol", known_protocol_mask() if inflight
+                           else known_protocol_mask() & ~PF.INFLIGHT_SHMFD.mask)
         return vhost_user(self.target.connect(), config_size=config_size,
                           timeout=self.timeout, **options)
 

@@ -54,7 +54,7 @@ def set_up(ctx, kick=True, enable=True, base=0, before=None, inflight=False):
     (d.inflight: its mapping). Yields (driver, path, the watched
     DriverQueue, start()), where start() sends what was held back."""
     path = path_of(ctx)
-    with ctx.driver(path.config_size) as d:
+    with ctx.driver(path.config_size, inflight=inflight) as d:
         fe = d.backend.frontend
         fe.set_features(d.backend.features() & DRIVER_FEATURES)
         if inflight:

@@ -63,6 +63,12 @@ class QueueBackend(ABC):
     def watch(self, device, loop):
         """Add what the back-end needs watched to the event loop (a socket, say)."""
 
+    def unfinished(self, index, num, used_idx):
+        """After the back-end went away: the heads of queue index (num entries,
+        used index used_idx) it took and never completed, oldest first; None
+        when it cannot be known (no inflight tracking)."""
+        return None
+
     @abstractmethod
     def close(self):
         """The VM is going away."""
@@ -86,9 +92,12 @@ class VirtioDevice(ABC):
         self.backend = backend
         self.name = name
         # Set by the transport: raise a config interrupt; put the device in
-        # DEVICE_NEEDS_RESET (with a reason, for the one line the user sees).
+        # DEVICE_NEEDS_RESET (with a reason, for the one line the user sees);
+        # the back-end went away, none of its rings runs: the transport may
+        # answer the guest's requests itself (fail_request).
         self.on_config_change = lambda: None
         self.on_failure = lambda reason: None
+        self.on_backend_gone = lambda: None
 
     @property
     def features(self):
@@ -134,6 +143,10 @@ class VirtioDevice(ABC):
 
     def notify(self, index):
         """A queue notification that no back-end took (queues outside vhost_queues())."""
+
+    def unfinished_requests(self, index, num, used_idx):
+        """The back-end is gone: the heads it left in flight on queue index, or None."""
+        return self.backend.unfinished(index, num, used_idx)
 
     def fail_request(self, memory, chain):
         """The back-end is gone: answer one request (a DeviceRing Chain) with an

@@ -34,6 +34,7 @@ import os
 import threading
 
 from pyvmm.devices.virtio.device import DeviceError, Queue
+from pyvmm.errors import PyvmmError
 from pyvmm.virtio import spec
 from pyvmm.virtio.device_ring import DeviceRing
 from pyvmm.virtio.splitring import RingError, check_ring
@@ -120,13 +121,16 @@ class Activation:
 class VirtioMmio:
     """The register file of one device, at base, interrupting on gsi.
 
-    Two locks. _lock guards the registers and is only ever held briefly (the
-    InterruptStatus read, on the data path, takes it). _status_lock
-    serialises Status writes with what they start: activation and reset,
-    which talk to a back-end and may take long. A vCPU that writes Status
-    waits for an activation or reset in progress on another vCPU, so a reset
-    can never overtake an activation and leave a device running that the
-    guest thinks is stopped.
+    Three locks, none held while another thread might need it on the data
+    path. _isr_lock guards only the pending INT_CONFIG bit, so that the
+    InterruptStatus read (one per interrupt) never waits for anything else.
+    _lock guards the registers and is only ever held briefly. _status_lock
+    serialises whatever may talk to a back-end and take long: Status writes
+    with what they start (activation and reset), config space writes and the
+    notifications pyvmm serves itself (a NIC's control queue). A vCPU that
+    writes Status waits for an activation or reset in progress on another
+    vCPU, so a reset can never overtake an activation and leave a device
+    running that the guest thinks is stopped.
     """
 
     def __init__(self, device, vm, memory, base, gsi):
@@ -135,6 +139,7 @@ class VirtioMmio:
         self.memory = memory
         self.base = base
         self.gsi = gsi
+        self._isr_lock = threading.Lock()
         self._lock = threading.Lock()
         self._status_lock = threading.Lock()
         self._fds = []
@@ -152,11 +157,13 @@ class VirtioMmio:
         vm.ioeventfd(self._ack_fd, base + INTERRUPT_ACK, 4)
         self._loop = None
         self._activation = None     # what the running device was started with
-        self._taken_over = {}       # kick fd -> (DeviceRing, Queue) of a failed back-end's queue
+        self._started = False       # DRIVER_OK was acted on since the last reset
+        self._taken_over = {}       # kick fd -> (DeviceRing, Queue, heads) of a gone back-end
         self._reset_state()
         self.config_generation = 0
         device.on_config_change = self.config_changed
         device.on_failure = self.device_failed
+        device.on_backend_gone = self.backend_gone
 
     def _eventfd(self):
         fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -169,7 +176,8 @@ class VirtioMmio:
         self.driver_features_sel = 0
         self.driver_features = 0
         self.queue_sel = 0
-        self.config_pending = False
+        with self._isr_lock:
+            self.config_pending = False
         self.active = False
         for q in self.queues:
             q.size, q.ready, q.desc, q.avail, q.used = 0, False, 0, 0, 0
@@ -191,41 +199,63 @@ class VirtioMmio:
             loop.add_reader(fd, callback, f"{self.device.name}'s error eventfd")
         self.device.watch(loop)
 
-    # --- a back-end that is gone ---------------------------------------------------
+    # --- a back-end that failed, or is gone ------------------------------------
     #
     # The guest's driver does not know: it keeps waiting for the requests it
     # made (Linux's virtio-blk neither resets the device nor times out). So
-    # pyvmm takes the queues over and answers every request with an error, by
-    # the device model's rule (virtio-blk: VIRTIO_BLK_S_IOERR). Which requests
-    # were still outstanding is known exactly only if the back-end completed
-    # them in order: pyvmm starts at the used index (without inflight
-    # tracking nothing better exists; QEMU leaves them waiting instead).
+    # once the back-end is gone (none of its rings can run any more) pyvmm
+    # takes the queues over and answers every request with an error, by the
+    # device model's rule (virtio-blk: VIRTIO_BLK_S_IOERR): first those the
+    # back-end took and never completed, as its inflight area says, then
+    # every one it never took. Without an inflight area, which requests
+    # were outstanding is known exactly only if the back-end completed them
+    # in order: pyvmm starts at the used index (QEMU leaves them waiting).
 
     def device_failed(self, reason):
-        """The back-end failed for good (it went away): DEVICE_NEEDS_RESET, one
-        line, and pyvmm answers the device's requests with errors from now on.
+        """The back-end failed for good: DEVICE_NEEDS_RESET and one line.
         (Called from the event loop.)"""
-        log.warning("%s: %s; the device needs a reset, and its requests fail from now on",
-                    self.device.name, reason)
+        log.warning("%s: %s; the device needs a reset", self.device.name, reason)
+        with self._lock:
+            self._needs_reset()
+
+    def backend_gone(self):
+        """None of the back-end's rings runs any more: pyvmm answers the
+        device's requests with errors from now on. (Called from the event loop.)"""
         with self._status_lock:
             with self._lock:
-                self._needs_reset()
                 if not self.active or self._loop is None:
                     return
+            failing = 0
             for q in self._activation.queues:
                 if q.index not in self.device.vhost_queues() or q.kick_fd in self._taken_over:
                     continue
                 try:
                     used_idx = int.from_bytes(self.memory.read(q.used + 2, 2), "little")
-                    ring = DeviceRing(self.memory, q.size, q.desc, q.avail, q.used, used_idx)
+                    heads = self._unfinished(q, used_idx)
+                    ring = DeviceRing(self.memory, q.size, q.desc, q.avail, q.used,
+                                      used_idx + len(heads))
                 except (RingError, DeviceError) as e:
                     log.warning("%s: queue %d cannot be taken over: %s", self.device.name,
                                 q.index, e)
                     continue
-                self._taken_over[q.kick_fd] = (ring, q)
+                failing += len(heads)
+                self._taken_over[q.kick_fd] = (ring, q, heads)
                 self._loop.add_reader(q.kick_fd, lambda fd=q.kick_fd: self._fail_requests(fd),
                                       f"{self.device.name}'s queue {q.index} (failing)")
                 self._fail_requests(q.kick_fd, locked=True)
+            log.warning("%s: pyvmm answers its requests with errors from now on%s",
+                        self.device.name, f" ({failing} the back-end took and never "
+                                          f"completed first)" if failing else "")
+
+    def _unfinished(self, q, used_idx):
+        """The heads the back-end left in flight on q, oldest first ([] if none or unknown)."""
+        try:
+            heads = self.device.unfinished_requests(q.index, q.size, used_idx)
+        except PyvmmError as e:
+            log.warning("%s: queue %d: its inflight area is unusable (%s); failing from the "
+                        "used index on", self.device.name, q.index, e)
+            return []
+        return list(heads or [])
 
     def _fail_requests(self, kick_fd, locked=False):
         """Answer every request waiting on a taken-over queue with an error."""
@@ -234,14 +264,16 @@ class VirtioMmio:
                 return self._fail_requests(kick_fd, locked=True)
         if kick_fd not in self._taken_over:
             return                       # the guest reset the device meanwhile
-        ring, q = self._taken_over[kick_fd]
+        ring, q, heads = self._taken_over[kick_fd]
         try:
             os.eventfd_read(kick_fd)
         except BlockingIOError:
             pass
         answered = 0
         try:
-            while (chain := ring.pop()) is not None:
+            while heads or (chain := ring.pop()) is not None:
+                if heads:
+                    chain = ring.chain(heads.pop(0))
                 ring.push(chain.head, self.device.fail_request(self.memory, chain))
                 answered += 1
         except RingError as e:
@@ -279,7 +311,8 @@ class VirtioMmio:
     def _config_interrupt(self):
         """(under _lock) A new config generation, and INT_CONFIG for the driver."""
         self.config_generation += 1
-        self.config_pending = True
+        with self._isr_lock:
+            self.config_pending = True
         os.eventfd_write(self._config_irq_fd, 1)
 
     def _needs_reset(self):
@@ -293,6 +326,8 @@ class VirtioMmio:
         return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
 
     def read(self, offset, size):
+        if offset == INTERRUPT_STATUS and size == 4:
+            return self._interrupt_status()      # the data path's read: no _lock
         with self._lock:
             if offset >= CONFIG:
                 data = self.device.config()[offset - CONFIG:offset - CONFIG + size]
@@ -302,14 +337,14 @@ class VirtioMmio:
                 return 0
             return self._read_register(offset)
 
+    def _interrupt_status(self):
+        """INT_VRING always (see the module doc), INT_CONFIG once per config interrupt."""
+        with self._isr_lock:
+            pending, self.config_pending = self.config_pending, False
+        return VIRTIO_MMIO_INT_VRING | (VIRTIO_MMIO_INT_CONFIG if pending else 0)
+
     def _read_register(self, offset):
         q = self._queue()
-        if offset == INTERRUPT_STATUS:   # first: the one read on the data path
-            status = VIRTIO_MMIO_INT_VRING
-            if self.config_pending:
-                status |= VIRTIO_MMIO_INT_CONFIG
-                self.config_pending = False
-            return status
         if offset == MAGIC_VALUE:
             return VIRTIO_MMIO_MAGIC
         if offset == VERSION:
@@ -341,10 +376,17 @@ class VirtioMmio:
         if offset == STATUS and size == 4:
             self._write_status(value & 0xFF)
             return
+        if offset >= CONFIG or (offset == QUEUE_NOTIFY and size == 4):
+            # These may talk to the back-end: never under _lock (see the class doc).
+            with self._status_lock:
+                if offset >= CONFIG:
+                    self.device.write_config(offset - CONFIG, value.to_bytes(size, "little"))
+                elif value < len(self.queues):
+                    # Only queues without a back-end get here: the rest are ioeventfds.
+                    self.device.notify(value)
+            return
         with self._lock:
-            if offset >= CONFIG:
-                self.device.write_config(offset - CONFIG, value.to_bytes(size, "little"))
-            elif size != 4:
+            if size != 4:
                 log.debug("%s: %d-byte write of register %#x ignored", self.device.name, size, offset)
             else:
                 self._write_register(offset, value)
@@ -363,10 +405,6 @@ class VirtioMmio:
                 self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
         elif offset == QUEUE_SEL:
             self.queue_sel = value
-        elif offset == QUEUE_NOTIFY:
-            # Only queues without a back-end get here: the rest are ioeventfds.
-            if value < len(self.queues):
-                self.device.notify(value)
         elif q is None:
             log.debug("%s: queue register %#x for queue %d, which does not exist",
                       self.device.name, offset, self.queue_sel)
@@ -396,14 +434,17 @@ class VirtioMmio:
         """A Status write, and the reset or activation it starts (see the class doc)."""
         with self._status_lock:
             with self._lock:
-                was_active = self.active
                 activation = self._apply_status(value)
             if value == 0:
                 self._release_all()
                 self._activation = None
-                if was_active:
+                if self._started:
+                    # Also after a failed activation: a back-end may have
+                    # started some queues before it failed.
+                    self._started = False
                     self.device.reset()
             elif activation is not None:
+                self._started = True
                 self._activate(activation)
 
     def _apply_status(self, value):

@@ -5,16 +5,33 @@ back-end's config space is read then and cached, and read again only when
 the back-end says it changed (BACKEND_CONFIG_CHANGE_MSG on its request
 channel), from the event loop, never while a vCPU waits.
 
-At DRIVER_OK (start): SET_FEATURES, the memory table, then per queue
-SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK,
-SET_VRING_CALL, SET_VRING_ERR and SET_VRING_ENABLE, a kick for whatever the
-guest queued before the back-end watched, and SET_STATUS(DRIVER_OK) where
-STATUS is negotiated. At reset (stop): SET_VRING_ENABLE(0) and
-GET_VRING_BASE per queue, SET_STATUS(0) and RESET_DEVICE where negotiated.
+At DRIVER_OK (start): SET_FEATURES, the memory table, the inflight area
+where the back-end keeps one (GET_INFLIGHT_FD the first time after a
+reset, SET_INFLIGHT_FD), then per queue SET_VRING_NUM, SET_VRING_BASE,
+SET_VRING_ADDR, SET_VRING_CALL, SET_VRING_ERR, SET_VRING_KICK (which starts
+the ring) and SET_VRING_ENABLE, a kick for whatever the guest queued before
+the back-end watched, and SET_STATUS(DRIVER_OK) where STATUS is negotiated.
+At reset (stop): SET_VRING_ENABLE(0) and GET_VRING_BASE per started queue,
+SET_STATUS(0) and RESET_DEVICE where negotiated; the inflight area goes.
+A start that fails half-way stops what it started before it reports the
+failure, and each of start and stop has one deadline as a whole (the
+back-end's timeout), so that a vCPU never waits on it for longer.
 
-A back-end that goes away (its socket hangs up) or breaks the protocol
-fails this device only: the transport sets DEVICE_NEEDS_RESET and pyvmm
-says so in one line; the VM and its other devices go on.
+A back-end can fail its device in two ways, told apart because they leave
+its rings in different states:
+
+- it goes away (its socket hangs up): nothing of it runs any more, so the
+  transport may take the queues over and answer the guest's requests with
+  errors, starting with those the inflight area says it took and never
+  completed;
+- the connection dies under it (no answer in time, a broken rule): its
+  rings may still run, so the device only gets DEVICE_NEEDS_RESET. pyvmm
+  shuts down its side of the socket; when the back-end then hangs up, the
+  queues are taken over as above.
+
+Either way pyvmm says so in one line and the VM and its other devices go
+on. A failure of the back-end's request channel alone fails nothing: pyvmm
+stops listening to it (config changes go unheard) and says so.
 """
 
 import logging
@@ -22,11 +39,9 @@ import os
 
 from pyvmm.devices.virtio.device import DeviceError, QueueBackend
 from pyvmm.vhost.backend import VringAddr
-from pyvmm.vhost.user.errors import ChannelError, VhostUserError
-from pyvmm.vhost.user.messages import (U64, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES,
+from pyvmm.vhost.user.errors import PeerRefused, VhostUserError
+from pyvmm.vhost.user.messages import (VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES,
                                        BackendReq, ProtocolFeature)
-from pyvmm.vhost.user.rules import Channel
-from pyvmm.vhost.user.session import NEED_DATA, Role, Session
 from pyvmm.virtio import spec
 
 log = logging.getLogger("pyvmm.vhost-user")
@@ -47,27 +62,45 @@ class VhostUserBackend(QueueBackend):
         self._features = (frontend.negotiated.features_offered or 0) & ~PROTOCOL_ONLY_FEATURES
         self._config_size = config_size
         self.config_space = b""
-        self._started = []
-        self.failed = None           # why the back-end is gone, once it is
-        self._backend_session = None
+        self.failed = None           # why the back-end cannot serve the device, once so
+        self.gone = False            # it hung up: none of its rings runs any more
+        self._inflight = None        # (Inflight, fd) the back-end tracks requests in
         # Queues the model keeps disabled at DRIVER_OK (a NIC's pairs past the
         # first, until the driver asks for them: set_enabled()).
         self.disabled_at_start = set()
+        # The event loop's side (watch()): what the device is told, and an
+        # eventfd other threads wake the loop with.
+        self._device = self._loop = None
+        self._wake_fd = None
+        self._config_stale = False
+        self._reported = set()       # "failed", "gone": what the device was told
+        frontend.on_backend_request = self._backend_request
         if config_size:
             self.refresh_config()
 
     def features(self):
         return self._features
 
+    def _started(self):
+        """The queues whose kick went out: the back-end may be running them
+        (the session keeps each ring's state as the messages left it)."""
+        return sorted(r.index for r in self.frontend.negotiated.rings.values() if r.started)
+
     def refresh_config(self):
-        """Read the config space again (GET_CONFIG); keep the last one on failure."""
+        """Read the config space again (GET_CONFIG); keep the last one if refused."""
         if self._config_size and self.frontend.has(PF.CONFIG):
             self.config_space = self.frontend.get_config(self._config_size)
 
     def set_enabled(self, index, enabled):
         """SET_VRING_ENABLE for a started queue (the model's decision)."""
-        if index in self._started and not self.failed:
-            self.frontend.set_vring_enable(index, enabled)
+        if index in self._started() and not self.failed:
+            try:
+                with self.frontend.deadline(self.frontend.conn.timeout):
+                    self.frontend.set_vring_enable(index, enabled)
+            except VhostUserError as e:
+                self._failed_call(e, f"enabling queue {index}" if enabled
+                                  else f"disabling queue {index}")
+                raise
 
     def write_config(self, offset, data):
         """A driver's write into the config space: kept in the cache and sent on
@@ -77,9 +110,10 @@ class VhostUserBackend(QueueBackend):
             return
         self.config_space = self.config_space[:offset] + bytes(data) + self.config_space[end:]
         try:
-            self.frontend.set_config(offset, data)
+            with self.frontend.deadline(self.frontend.conn.timeout):
+                self.frontend.set_config(offset, data)
         except VhostUserError as e:
-            log.warning("%s: writing its config space: %s", self.description, e)
+            self._failed_call(e, "writing its config space")
 
     # --- the data path's control ---------------------------------------------------
 
@@ -88,95 +122,187 @@ class VhostUserBackend(QueueBackend):
             raise DeviceError(f"{self.description} is gone ({self.failed})")
         fe = self.frontend
         try:
-            # Bits the model implements itself (a MAC in config space, say)
-            # are not the back-end's to ack (FE-10).
-            fe.set_features(features & self._features)
-            fe.set_mem_table(memory)
-            for q in queues:
-                fe.start_vring(q.index, q.size, VringAddr(q.desc, q.avail, q.used),
-                               q.kick_fd, q.call_fd, q.err_fd)
-                self._started.append(q.index)
-                if fe.negotiated.protocol_features_on:
-                    fe.set_vring_enable(q.index, q.index not in self.disabled_at_start)
-                # FE-45: requests the guest queued before the back-end watched
-                # its kick fd would otherwise wait for the next kick.
-                os.eventfd_write(q.kick_fd, 1)
-            if fe.has(PF.STATUS):
-                fe.set_status(DRIVER_OK_STATUS)
+            with fe.deadline(fe.conn.timeout):
+                # Bits the model implements itself (a MAC in config space, say)
+                # are not the back-end's to ack (FE-10).
+                fe.set_features(features & self._features)
+                fe.set_mem_table(memory)
+                self._hand_over_inflight(queues)
+                for q in queues:
+                    fe.start_vring(q.index, q.size, VringAddr(q.desc, q.avail, q.used),
+                                   q.kick_fd, q.call_fd, q.err_fd)
+                    if fe.negotiated.protocol_features_on:
+                        fe.set_vring_enable(q.index, q.index not in self.disabled_at_start)
+                    # FE-45: requests the guest queued before the back-end watched
+                    # its kick fd would otherwise wait for the next kick.
+                    os.eventfd_write(q.kick_fd, 1)
+                if fe.has(PF.STATUS):
+                    fe.set_status(DRIVER_OK_STATUS)
         except VhostUserError as e:
-            if isinstance(e, ChannelError):
-                self.failed = str(e)      # gone: the hang-up watch has nothing to add
+            self._failed_call(e)
+            self._reported.add("failed")   # the DeviceError below is the device's one line
+            self.stop()            # what did start must not run on behind the guest's back
             raise DeviceError(f"{self.description}: {e}") from None
+
+    def _hand_over_inflight(self, queues):
+        """INFLIGHT_SHMFD: the area the back-end tracks requests in, made the
+        first time after a reset (GET_INFLIGHT_FD) and handed to it before its
+        rings start (SET_INFLIGHT_FD). pyvmm keeps it: if the back-end goes,
+        it says which requests were taken and never completed."""
+        fe = self.frontend
+        if not fe.has(PF.INFLIGHT_SHMFD) or not queues:
+            return
+        if self._inflight is None:
+            description, fd = fe.get_inflight_fd(max(q.index for q in queues) + 1,
+                                                 max(q.size for q in queues))
+            if fd is None:
+                return             # (an mmap_size of 0: it keeps none after all)
+            self._inflight = (description, fd)
+        fe.set_inflight_fd(*self._inflight)
 
     def stop(self):
         """Stop every started queue; the bases stay in frontend.vring_bases."""
-        started, self._started = self._started, []
-        if self.failed or not started:
-            return
+        started = self._started()
         fe = self.frontend
         try:
-            for index in started:
-                if fe.negotiated.protocol_features_on:
-                    fe.set_vring_enable(index, False)
-                fe.get_vring_base(index)
-            if fe.has(PF.STATUS):
-                fe.set_status(0)
-            if fe.has(PF.RESET_DEVICE):
-                fe.reset_device()         # BE-92: back to its initial state, still ours
+            if started and not fe.dead:
+                with fe.deadline(fe.conn.timeout):
+                    for index in started:
+                        self._stop_queue(index)
+                    if fe.has(PF.STATUS):
+                        fe.set_status(0)
+                    if fe.has(PF.RESET_DEVICE):
+                        fe.reset_device()         # BE-92: back to its initial state, still ours
         except VhostUserError as e:
-            log.warning("%s: stopping the queues: %s", self.description, e)
+            self._failed_call(e, "stopping its rings")
+        if fe.dead and self._started() and not self.gone:
+            log.warning("%s: its rings %s may still run: the connection to it is dead (%s)",
+                        self.description, ", ".join(map(str, self._started())), fe.dead)
+        self._drop_inflight()
+
+    def _stop_queue(self, index):
+        """Disable, then stop (GET_VRING_BASE) one queue; a refused disable does
+        not keep it from being stopped."""
+        fe = self.frontend
+        if fe.negotiated.protocol_features_on:
+            try:
+                fe.set_vring_enable(index, False)
+            except PeerRefused as e:
+                log.warning("%s: %s", self.description, e)
+        fe.get_vring_base(index)
+
+    def _drop_inflight(self):
+        """A reset device starts afresh: its old area would resubmit stale requests."""
+        if self._inflight is not None:
+            os.close(self._inflight[1])
+            self._inflight = None
+
+    def unfinished(self, index, num, used_idx):
+        """Once the back-end is gone: the heads of queue index it took and never
+        completed, oldest first, read from the inflight area (what a successor
+        would resubmit); None without an area that tracked this queue."""
+        from pyvmm.vhost.user.backend.inflight import InflightArea
+        if self._inflight is None:
+            return None
+        description, fd = self._inflight
+        area = InflightArea(os.dup(fd), description)
+        try:
+            queue = area.queue(index)
+            if queue is None or num > queue.queue_size:
+                return None
+            return queue.start(num, used_idx)
+        finally:
+            area.close()
 
     def close(self):
+        self._drop_inflight()
+        if self._wake_fd is not None:
+            os.close(self._wake_fd)        # (the VM's loop is going away with it)
+            self._wake_fd = None
         self.frontend.close()
+
+    # --- failures ----------------------------------------------------------------------
+
+    def _failed_call(self, error, what=None):
+        """A request failed (doing what, if said): a refusal leaves the connection
+        as it was, and is one line here; anything else left the connection dead,
+        and the device needs a reset (the event loop tells it, in one line)."""
+        if self.frontend.dead is None:
+            if what is not None:
+                log.warning("%s: %s: %s", self.description, what, error)
+        elif self.failed is None:
+            self.failed = f"{what}: {self.frontend.dead}" if what else self.frontend.dead
+            self._wake()
+
+    def _hung_up(self):
+        """(event loop) The back-end closed its connection."""
+        self._loop.remove(self.frontend.conn.fileno())
+        self.frontend.die("the back-end closed its connection")
+        self.gone = True
+        if self.failed is None:
+            self.failed = "the back-end closed its connection"
+        self._report()
+
+    def _report(self):
+        """(event loop) Tell the device what it has not been told yet: the
+        back-end failed (DEVICE_NEEDS_RESET, one line); it is gone (its queues
+        may be taken over)."""
+        device = self._device
+        if self.failed is not None and "failed" not in self._reported:
+            self._reported.add("failed")
+            device.on_failure(f"{self.description}: {self.failed}")
+        if self.gone and "gone" not in self._reported:
+            self._reported.add("gone")
+            device.on_backend_gone()
 
     # --- watching the back-end from the event loop ------------------------------------
 
     def watch(self, device, loop):
-        """Notice the back-end hanging up, and serve its request channel."""
-        conn = self.frontend.conn
-
-        def hung_up():
-            loop.remove(conn.fileno())
-            self._fail(device, "the back-end closed its connection")
-        loop.add_hangup_watch(conn.fileno(), hung_up, f"{device.name}'s vhost-user socket")
-
-        channel = self.frontend.backend_channel
+        """Notice the back-end hanging up, serve its request channel, and do
+        in the loop what other threads ask for (a config refresh, a failure)."""
+        self._device, self._loop = device, loop
+        fe = self.frontend
+        loop.add_hangup_watch(fe.conn.fileno(), self._hung_up,
+                              f"{device.name}'s vhost-user socket")
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        loop.add_reader(self._wake_fd, self._on_wake, f"{device.name}'s vhost-user events")
+        channel = fe.backend_channel
         if channel is not None:
-            self._backend_session = Session(Role.FRONTEND, Channel.BACKEND,
-                                            main=self.frontend.session)
-
             def request():
-                try:
-                    self._serve_backend_request(device, channel)
-                except VhostUserError as e:
-                    loop.remove(channel.fileno())
-                    self._fail(device, f"its request channel: {e}")
+                fe.serve_backend_channel()
+                if fe.backend_broken is not None:
+                    loop.remove(channel.fileno())    # (closed with the front-end)
             loop.add_reader(channel.fileno(), request, f"{device.name}'s back-end channel")
+        if self.failed is not None:
+            self._wake()
 
-    def _fail(self, device, reason):
-        if self.failed is None:
-            self.failed = reason
-            device.on_failure(f"{self.description}: {reason}")
+    def _wake(self):
+        if self._wake_fd is not None:
+            os.eventfd_write(self._wake_fd, 1)
 
-    def _serve_backend_request(self, device, channel):
-        """One request from the back-end: config changes become a config interrupt."""
-        session = self._backend_session
-        data, fds = channel.receive("a back-end request")
-        session.receive(data, fds)
-        message = session.next_message()
-        if message is NEED_DATA:
-            return
-        for fd in message.fds:       # no request pyvmm serves takes an fd
-            os.close(fd)
-        status = 0
+    def _on_wake(self):
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+        if self._config_stale and self.failed is None:
+            self._config_stale = False
+            try:
+                self.refresh_config()
+                self._device.on_config_change()
+                log.debug("%s: the back-end changed the config space", self._device.name)
+            except VhostUserError as e:
+                self._failed_call(e, "reading its new config space")
+        self._report()
+
+    def _backend_request(self, message):
+        """A request on the back-end channel (in whichever thread read it, maybe
+        one waiting for a reply on the main socket: nothing here may wait for
+        the back-end); its ack status."""
         if message.request is BackendReq.CONFIG_CHANGE_MSG:
-            self.refresh_config()
-            device.on_config_change()
-            log.debug("%s: the back-end changed the config space", device.name)
-        else:
-            log.warning("%s: the back-end sent %s, which pyvmm does not serve", device.name,
-                        message.request.spec_name)
-            status = 1
-        if session.awaiting is message:
-            data, fds = session.send(session.reply_to(message, U64(status)))
-            channel.send(data, fds)
+            self._config_stale = True
+            self._wake()
+            return 0
+        log.warning("%s: the back-end sent %s, which pyvmm does not serve", self.description,
+                    message.request.spec_name)
+        return 1

@@ -16,7 +16,7 @@ import socket
 import stat
 import time
 
-from pyvmm.vhost.user.errors import ChannelError, ChannelTimeout, Disconnected
+from pyvmm.vhost.user.errors import ChannelError, ChannelTimeout, Disconnected, Truncated
 from pyvmm.vhost.user.messages import HEADER, HEADER_SIZE, MAX_FDS, MAX_PAYLOAD_SIZE
 from pyvmm.vhost.user.wire import close_fds
 
@@ -84,29 +84,32 @@ class Connection:
     def receive(self, waiting_for=None, timeout=None):
         """One frame's bytes and fds. waiting_for names what we expect, for
         the timeout's message (e.g. "the reply to GET_FEATURES")."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         fds = []
         try:
-            header = self._read(HEADER_SIZE, deadline, fds, waiting_for, first=True)
+            header = self._read(HEADER_SIZE, deadline, fds, waiting_for, first=True, limit=limit)
             _, _, size = HEADER.unpack(header)
             # A size beyond the limit is refused by the frame reader; do not
             # wait for bytes that will never be read.
-            body = self._read(min(size, MAX_PAYLOAD_SIZE), deadline, None, waiting_for)
+            body = self._read(min(size, MAX_PAYLOAD_SIZE), deadline, None, waiting_for,
+                              limit=limit)
         except BaseException:
             close_fds(fds)
             raise
         return header + body, tuple(fds)
 
-    def _read(self, length, deadline, fds, waiting_for, first=False):
+    def _read(self, length, deadline, fds, waiting_for, first=False, limit=None):
         """Exactly length bytes; fds (a list) collects SCM_RIGHTS fds, or None
-        where fds are not allowed (they would belong to no header)."""
+        where fds are not allowed (they would belong to no header); limit: the
+        seconds allowed, for the timeout's message."""
         data = bytearray()
         while len(data) < length:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ChannelTimeout(f"{self.name} did not send "
                                      f"{waiting_for or 'the rest of a message'} within "
-                                     f"{self.timeout:g} s")
+                                     f"{self.timeout if limit is None else limit:.3g} s")
             self.sock.settimeout(left)
             try:
                 chunk, ancillary, flags, _ = self.sock.recvmsg(
@@ -131,8 +134,8 @@ class Connection:
                     raise Disconnected(f"{self.name} closed the connection"
                                        + (f" instead of sending {waiting_for}"
                                           if waiting_for else ""))
-                raise Disconnected(f"{self.name} closed the connection in the middle of a "
-                                   f"message ({len(data)} of {length} bytes)")
+                raise Truncated(f"{self.name} closed the connection in the middle of a "
+                                f"message ({len(data)} of {length} bytes)")
             data += chunk
         return bytes(data)
 

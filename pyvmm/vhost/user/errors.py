@@ -43,5 +43,13 @@ class Disconnected(ChannelError):
     """The peer closed the connection (perhaps in the middle of a message)."""
 
 
+class Truncated(Disconnected):
+    """The peer closed the connection in the middle of a message."""
+
+
 class ChannelTimeout(ChannelError):
     """The peer did not answer within the read timeout."""
+
+
+class ConnectionDead(ChannelError):
+    """An earlier failure left the connection unusable; nothing was sent."""

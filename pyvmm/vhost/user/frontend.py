@@ -11,20 +11,38 @@ Each call sends one request and, when one is due, waits for its reply
 (one request at a time, under a lock). With REPLY_ACK negotiated, pyvmm
 asks for an ack on every request that has no reply of its own, so that a
 back-end's refusal shows up at the request that caused it; a non-zero ack
-raises PeerRefused.
+raises PeerRefused, and the connection goes on.
+
+Anything else that goes wrong on the socket (the back-end hung up, did not
+answer in time, broke a rule) leaves the connection dead: a reply that
+comes late would answer the wrong request, so no request is sent on it
+again (`dead` says why, and every later call raises ConnectionDead at
+once). pyvmm shuts down its sending side, so that the back-end reads EOF
+and stops its rings; the socket stays open until close(), so that the
+back-end's own hang-up can still be seen.
+
+While it waits for a reply, the front-end also serves the back-end's
+request channel: a back-end may send a request there and wait for its ack
+before it answers (QEMU serves it the same way), and would otherwise wait
+for pyvmm while pyvmm waits for it.
 """
 
+import contextlib
 import logging
+import os
+import select
 import socket
 import threading
+import time
 
 from pyvmm.vhost.backend import VhostBackend
 from pyvmm.vhost.user.channel import DEFAULT_TIMEOUT, Connection
-from pyvmm.vhost.user.errors import PeerRefused, VhostUserError
+from pyvmm.vhost.user.errors import (ChannelTimeout, ConnectionDead, Disconnected, PeerRefused,
+                                     Truncated, VhostUserError)
 from pyvmm.vhost.user.messages import (
     U64, VHOST_USER_F_PROTOCOL_FEATURES, DeviceConfig, Empty, FrontendReq, Inflight,
     MemoryRegion, MemTable, ProtocolFeature, SingleMemRegion, VringAddress, VringFd, VringState)
-from pyvmm.vhost.user.rules import Reply
+from pyvmm.vhost.user.rules import Channel, Reply
 from pyvmm.vhost.user.session import NEED_DATA, Role, Session
 
 log = logging.getLogger("pyvmm.vhost-user")
@@ -35,7 +53,8 @@ R = FrontendReq
 # What pyvmm implements, and so the most it acks (never a bit it does not: FE-10).
 SUPPORTED_PROTOCOL_FEATURES = (PF.MQ.mask | PF.REPLY_ACK.mask | PF.BACKEND_REQ.mask
                                | PF.CONFIG.mask | PF.RESET_DEVICE.mask
-                               | PF.CONFIGURE_MEM_SLOTS.mask | PF.STATUS.mask)
+                               | PF.CONFIGURE_MEM_SLOTS.mask | PF.STATUS.mask
+                               | PF.INFLIGHT_SHMFD.mask)
 
 
 class VhostUserFrontend(VhostBackend):
@@ -50,6 +69,15 @@ class VhostUserFrontend(VhostBackend):
         self.vring_bases = {}        # index -> where GET_VRING_BASE said the ring stopped
         self.backend_channel = None  # our end of SET_BACKEND_REQ_FD's socketpair
         self._regions_sent = []      # MemoryRegions the back-end has (ADD_MEM_REG mode)
+        self.dead = None             # why no request can be sent any more, once so
+        self._deadline = None        # monotonic time by which a sequence must be done
+        # The back-end channel: its session, the lock that lets one thread read
+        # it at a time, and what answers its requests (message -> ack status,
+        # never a round trip on the main socket: one may be under way).
+        self._backend_session = None
+        self._backend_lock = threading.Lock()
+        self.on_backend_request = lambda message: 1
+        self.backend_broken = None   # why the back-end channel was given up, once it was
 
     @classmethod
     def connect(cls, path, name=None, timeout=DEFAULT_TIMEOUT, tracer=None):
@@ -64,26 +92,70 @@ class VhostUserFrontend(VhostBackend):
 
     def close(self):
         self.conn.close()
-        if self.backend_channel is not None:
-            self.backend_channel.close()
-            self.backend_channel = None
+        self.close_backend_channel()
         self.session.close()
+
+    def close_backend_channel(self):
+        with self._backend_lock:
+            if self.backend_channel is not None:
+                self.backend_channel.close()
+                self.backend_channel = None
+            if self._backend_session is not None:
+                self._backend_session.close()
+
+    @contextlib.contextmanager
+    def deadline(self, seconds):
+        """Every call inside must be answered within seconds of now, together
+        (a vCPU waits for a whole activation or reset, not per message)."""
+        outer, self._deadline = self._deadline, time.monotonic() + seconds
+        if outer is not None:
+            self._deadline = min(outer, self._deadline)
+        try:
+            yield
+        finally:
+            self._deadline = outer
+
+    def _left(self):
+        """Seconds the next read may wait: the connection's timeout, or less
+        inside a deadline()."""
+        if self._deadline is None:
+            return self.conn.timeout
+        return max(0.0, min(self.conn.timeout, self._deadline - time.monotonic()))
+
+    def die(self, error):
+        """The connection cannot be used any more: say so on every later call,
+        and let the back-end read EOF (it stops its rings when it does)."""
+        if self.dead is None:
+            self.dead = str(error)
+            with contextlib.suppress(OSError):
+                self.conn.sock.shutdown(socket.SHUT_WR)
 
     # --- one request, and its reply -------------------------------------------------
 
     def call(self, request, payload=None, fds=()):
         """Send request; return its reply Message (None when none is due).
-        A non-zero ack raises PeerRefused."""
+        A non-zero ack raises PeerRefused; any other failure leaves the
+        connection dead (ConnectionDead from then on)."""
         with self._lock:
-            rule = self.session.channel.rules[request]
-            need_reply = rule.reply is Reply.ACK and self.has(PF.REPLY_ACK)
-            message = self.session.request(request, payload, fds, need_reply)
-            data, fds = self.session.send(message)
-            self._trace("->", message)
-            self.conn.send(data, fds)
-            if self.session.awaiting is not message:
-                return None
-            reply = self._read_reply(f"the reply to {request.spec_name}")
+            if self.dead is not None:
+                raise ConnectionDead(f"{request.spec_name} not sent: the connection to "
+                                     f"{self.conn.name} is dead ({self.dead})")
+            try:
+                rule = self.session.channel.rules[request]
+                need_reply = rule.reply is Reply.ACK and self.has(PF.REPLY_ACK)
+                message = self.session.request(request, payload, fds, need_reply)
+                data, fds = self.session.send(message)
+                self._trace("->", message)
+                if self._deadline is not None and self._left() <= 0:
+                    raise ChannelTimeout(f"{self.conn.name} took too long over a sequence of "
+                                         f"requests; {request.spec_name} was next")
+                self.conn.send(data, fds)
+                if self.session.awaiting is not message:
+                    return None
+                reply = self._read_reply(f"the reply to {request.spec_name}")
+            except VhostUserError as e:
+                self.die(e)
+                raise
             self._trace("<-", reply)
         if rule.reply is Reply.ACK and reply.payload.value != 0:
             raise PeerRefused(f"the back-end refused {request.spec_name} "
@@ -91,12 +163,64 @@ class VhostUserFrontend(VhostBackend):
         return reply
 
     def _read_reply(self, what):
+        """The reply on the main socket, serving the back-end channel meanwhile."""
+        budget = self._left()
+        deadline = time.monotonic() + budget
         while True:
-            data, fds = self.conn.receive(what)
+            left = max(0.0, deadline - time.monotonic())
+            channel = self.backend_channel
+            if channel is not None and self.backend_broken is None:
+                ready = select.select([self.conn.sock, channel.sock], [], [], left)[0]
+                if not ready:
+                    raise ChannelTimeout(f"{self.conn.name} did not send {what} within "
+                                         f"{budget:g} s")
+                if channel.sock in ready:
+                    self.serve_backend_channel()
+                    if self.conn.sock not in ready:
+                        continue
+            data, fds = self.conn.receive(what, timeout=max(left, 0.001))
             self.session.receive(data, fds)
             reply = self.session.next_message()
             if reply is not NEED_DATA:
                 return reply
+
+    # --- the back-end's request channel -------------------------------------------------
+
+    def serve_backend_channel(self):
+        """Read and answer one request from the back-end channel, if one is there
+        (from any thread: the event loop's, or one waiting for a reply). A
+        channel that breaks (hangs up, breaks a rule) is given up, in one line:
+        `backend_broken` says why, and the main connection goes on."""
+        with self._backend_lock:
+            channel = self.backend_channel
+            if channel is None or self.backend_broken is not None \
+                    or not select.select([channel.sock], [], [], 0)[0]:
+                return          # nothing there (another thread took it)
+            if self._backend_session is None:
+                self._backend_session = Session(Role.FRONTEND, Channel.BACKEND,
+                                                main=self.session)
+            session = self._backend_session
+            try:
+                data, fds = channel.receive("the rest of a back-end request", timeout=1.0)
+                session.receive(data, fds)
+                message = session.next_message()
+                if message is NEED_DATA:
+                    return
+                self._trace("<=", message)
+                for fd in message.fds:       # no request pyvmm serves takes an fd
+                    os.close(fd)
+                status = self.on_backend_request(message)
+                if session.awaiting is message:
+                    reply = session.reply_to(message, U64(status))
+                    self._trace("=>", reply)
+                    channel.send(*session.send(reply))
+            except VhostUserError as e:
+                self.backend_broken = str(e)
+                # A clean hang-up comes with the back-end's going: said elsewhere.
+                clean = isinstance(e, Disconnected) and not isinstance(e, Truncated)
+                (log.debug if clean else log.warning)(
+                    "%s: its back-end channel: %s; pyvmm no longer listens to it "
+                    "(the device goes on)", self.conn.name, e)
 
     def _trace(self, direction, message):
         if self.tracer is not None:
