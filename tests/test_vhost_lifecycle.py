@@ -17,7 +17,7 @@ from test_vhost_user_devices import start_driver
 
 from pyvmm.devices.virtio import mmio
 from pyvmm.devices.virtio.blk import VirtioBlk
-from pyvmm.devices.virtio.device import Queue
+from pyvmm.devices.virtio.device import DeviceError, Queue
 from pyvmm.devices.virtio.generic import VirtioGeneric
 from pyvmm.devices.virtio.net import VirtioNet
 from pyvmm.devices.virtio.vhost_user import VhostUserBackend
@@ -26,7 +26,7 @@ from pyvmm.vhost.user.backend.inflight import InflightArea
 from pyvmm.vhost.user.channel import Connection
 from pyvmm.vhost.user.errors import ConnectionDead
 from pyvmm.vhost.user.frontend import VhostUserFrontend
-from pyvmm.vhost.user.messages import DeviceConfig, FrontendReq as R, ProtocolFeature as PF
+from pyvmm.vhost.user.messages import U64, DeviceConfig, FrontendReq as R, ProtocolFeature as PF
 from pyvmm.vhost.user.scripted import REFUSE, STALL, ScriptedBackend
 from pyvmm.vhost.user.wire import encode
 from pyvmm.virtio import spec
@@ -384,3 +384,67 @@ def test_the_inflight_area_is_new_after_each_reset(rigs, memory16):
     start_driver(t, memory16, [0])
     got = [r for r in rig.be.requests if r in (R.GET_INFLIGHT_FD, R.SET_INFLIGHT_FD)]
     assert got == [R.GET_INFLIGHT_FD, R.SET_INFLIGHT_FD] * 2
+
+
+# --- item 7: bounds on what a back-end's numbers make pyvmm do ---------------------------------
+
+def test_a_back_end_s_huge_queue_count_is_capped(rigs, tmp_path):
+    """--device without queues= takes the back-end's count (GET_QUEUE_NUM), but
+    never more than MAX_QUEUES: 1000 queues would be 3000 eventfds."""
+    from pyvmm.devices.virtio.device import MAX_QUEUES
+    from pyvmm.vhost.user.channel import Listener
+    from pyvmm.vmm.virtio_devices import VhostUserConfig, plan_generic
+    path = str(tmp_path / "be.sock")
+    listener = Listener(path)
+    served = []
+
+    def back_end():
+        be = ScriptedBackend(listener.accept("pyvmm"), protocol=PF.MQ.mask, queues=1000)
+        served.append(be)
+        be.serve()
+    thread = threading.Thread(target=back_end, daemon=True)
+    thread.start()
+    device, _, summary = plan_generic(VhostUserConfig(path, kind="device", virtio_id=2), 0,
+                                      None)
+    try:
+        assert device.num_queues == MAX_QUEUES == 64
+        assert "64 queues (of the back-end's 1000: pyvmm gives a device at most 64)" in summary
+    finally:
+        device.close()
+        listener.close()
+        thread.join(5)
+
+
+def test_a_queue_index_past_8_bits_is_never_sent(rigs):
+    """SET_VRING_KICK/CALL/ERR carry the index in bits 0-7 (FE-48): queue 256
+    would be sent as queue 0 with the NOFD bit set."""
+    from pyvmm.vhost.user.errors import LocalProtocolError
+    rig = rigs(protocol=PF.MQ.mask, queues=512)
+    with pytest.raises(LocalProtocolError, match="queue 256: the message has 8 bits .*FE-48"):
+        rig.fe.set_vring_call(256, None)
+
+
+def test_zero_memory_slots_is_the_back_end_s_error(rigs):
+    """GET_MAX_MEM_SLOTS answering 0 fails the negotiation, naming the rule
+    the back-end broke; pyvmm never blames itself (FE-37) later on."""
+    from pyvmm.vhost.user.errors import RemoteProtocolError
+    with pytest.raises(RemoteProtocolError, match="GET_MAX_MEM_SLOTS answered 0 memory slots.*"
+                                                  r"\(BE-35\)"):
+        rigs(protocol=PF.CONFIGURE_MEM_SLOTS.mask,
+             on={R.GET_MAX_MEM_SLOTS: lambda m: encode(R.GET_MAX_MEM_SLOTS, 0x5, U64(0).pack())})
+
+
+def test_fewer_memory_slots_than_guest_ram_regions_is_a_device_error(rigs):
+    """Guest RAM above the MMIO hole is two regions; a back-end with one slot
+    gets a clear refusal at start, not an ADD_MEM_REG past its slots (FE-37)."""
+    from pyvmm.memory.guest_memory import MemoryRegion
+
+    class TwoRegions:                     # what GuestMemory looks like past 3.25 GiB
+        regions = [MemoryRegion(0, 4096, 0, 0x1000), MemoryRegion(1 << 32, 4096, 4096, 0x2000)]
+        fd = -1
+    rig = rigs(protocol=PF.CONFIGURE_MEM_SLOTS.mask | PF.REPLY_ACK.mask, max_mem_slots=1)
+    backend = VhostUserBackend(rig.fe, "a scripted back-end")
+    with pytest.raises(DeviceError, match="guest RAM is 2 regions, and the back-end takes 1 "
+                                          r"\(its GET_MAX_MEM_SLOTS\)"):
+        backend.start(TwoRegions(), 1 << 32, [])
+    assert R.ADD_MEM_REG not in rig.be.requests

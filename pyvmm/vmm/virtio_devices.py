@@ -330,18 +330,22 @@ def plan_generic(cfg, index, tracer):
     size = cfg.config_size
     if size is None:
         size = known_config_size(cfg.virtio_id)
+    from pyvmm.devices.virtio.device import MAX_QUEUES
     backend = open_vhost_user(cfg, name, tracer, config_size=size)
     with _owned(backend):
         most = backend.frontend.max_queues
-        queues = cfg.queues or most or 1
+        queues = cfg.queues or min(most or 1, MAX_QUEUES)
         if most and queues > most:
             raise DeviceError(f"--device socket={cfg.socket}: queues={queues}, but the back-end "
                               f"serves at most {most}")
         device = VirtioGeneric(backend, cfg.virtio_id, queues, cfg.queue_size, name)
     config = f", {len(backend.config_space)} bytes of config space" if backend.config_space \
         else ""
+    capped = f" (of the back-end's {most}: pyvmm gives a device at most {MAX_QUEUES})" \
+        if not cfg.queues and most and most > MAX_QUEUES else ""
     return device, [], (f"virtio device id {cfg.virtio_id}, {queues} "
-                        f"queue{'s' if queues > 1 else ''}{config}, via vhost-user {cfg.socket}")
+                        f"queue{'s' if queues > 1 else ''}{capped}{config}, "
+                        f"via vhost-user {cfg.socket}")
 
 
 def plan_devices(nets, vsock, blks=(), tracer=None, rngs=(), generic=(), fss=()):

@@ -9,7 +9,7 @@ the config changed).
 
 import struct
 
-from pyvmm.devices.virtio.device import RING_FEATURES, VirtioDevice
+from pyvmm.devices.virtio.device import MAX_QUEUES, RING_FEATURES, VirtioDevice
 from pyvmm.virtio import spec
 from pyvmm.virtio.blk import (  # noqa: F401  (names the model's users import from here)
     BLK_FEATURE_NAMES, BLK_SIZE_OFFSET, CAPACITY, NUM_QUEUES_OFFSET, SECTOR,
@@ -38,7 +38,7 @@ class VirtioBlk(VirtioDevice):
         self.num_queues = 1
         if offered & spec.bit(VIRTIO_BLK_F_MQ):
             asked = struct.unpack_from("<H", self._raw_config(), NUM_QUEUES_OFFSET)[0]
-            self.num_queues = max(1, min(asked, max_queues))
+            self.num_queues = max(1, min(asked, max_queues, MAX_QUEUES))
 
     def _raw_config(self):
         return self.backend.config_space.ljust(VIRTIO_BLK_CONFIG_SIZE, b"\0")

@@ -19,6 +19,11 @@ from dataclasses import dataclass
 from pyvmm.errors import PyvmmError
 from pyvmm.virtio import spec
 
+# The most queues pyvmm gives one device, whatever a back-end offers: each
+# costs eventfds and a KVM ioeventfd, and vhost-user names a queue in 8 bits
+# (SET_VRING_KICK/CALL/ERR), so a back-end's count is no bound by itself.
+MAX_QUEUES = 64
+
 # Ring layout features pyvmm's virtio-mmio transport passes on (split rings).
 RING_FEATURES = spec.bits(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_RING_F_INDIRECT_DESC,
                           spec.VIRTIO_RING_F_EVENT_IDX)

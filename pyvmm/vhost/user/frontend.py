@@ -40,8 +40,9 @@ from pyvmm.vhost.user.channel import DEFAULT_TIMEOUT, Connection
 from pyvmm.vhost.user.errors import (ChannelTimeout, ConnectionDead, Disconnected, PeerRefused,
                                      Truncated, VhostUserError)
 from pyvmm.vhost.user.messages import (
-    U64, VHOST_USER_F_PROTOCOL_FEATURES, DeviceConfig, Empty, FrontendReq, Inflight,
-    MemoryRegion, MemTable, ProtocolFeature, SingleMemRegion, VringAddress, VringFd, VringState)
+    MAX_MEM_TABLE_REGIONS, U64, VHOST_USER_F_PROTOCOL_FEATURES, DeviceConfig, Empty, FrontendReq,
+    Inflight, MemoryRegion, MemTable, ProtocolFeature, SingleMemRegion, VringAddress, VringFd,
+    VringState)
 from pyvmm.vhost.user.rules import Channel, Reply
 from pyvmm.vhost.user.session import NEED_DATA, Role, Session
 
@@ -281,6 +282,13 @@ class VhostUserFrontend(VhostBackend):
         self.memory = memory
         regions = [MemoryRegion(r.guest_phys_addr, r.size, r.host_addr, r.memfd_offset)
                    for r in memory.regions]
+        if self.has(PF.CONFIGURE_MEM_SLOTS):
+            slots, why = self.negotiated.max_mem_slots, "its GET_MAX_MEM_SLOTS"
+        else:
+            slots, why = MAX_MEM_TABLE_REGIONS, "SET_MEM_TABLE's limit"
+        if slots is not None and len(regions) > slots:
+            raise VhostUserError(f"guest RAM is {len(regions)} regions, and the back-end "
+                                 f"takes {slots} ({why})")
         if self.has(PF.CONFIGURE_MEM_SLOTS):
             for old in [r for r in self._regions_sent if r not in regions]:
                 self.call(R.REM_MEM_REG, SingleMemRegion(old))

@@ -33,7 +33,7 @@ from pyvmm.vhost.user import rules
 from pyvmm.vhost.user.errors import LocalProtocolError, RemoteProtocolError
 from pyvmm.vhost.user.messages import (
     U64, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_REPLY_MASK,
-    VHOST_USER_VERSION, VHOST_VRING_F_LOG, DeviceConfig, Empty, FrontendReq, Message,
+    VHOST_USER_VERSION, VHOST_USER_VRING_IDX_MASK, VHOST_VRING_F_LOG, DeviceConfig, Empty, FrontendReq, Message,
     PayloadError, ProtocolFeature)
 from pyvmm.vhost.user.rules import Channel, Fds, Reply, Side
 from pyvmm.vhost.user.wire import NEED_DATA, FrameReader, close_fds, encode
@@ -437,8 +437,17 @@ class Session:
             raise error(f"GET_VRING_BASE for queue {msg.payload.index} with num "
                         f"{msg.payload.num}, not 0", "FE-46")
 
+    def _vring_fd_ring(self, msg, error):
+        """The ring of a SET_VRING_KICK/CALL/ERR, whose u64 has 8 bits for the
+        index (a larger one would run into the NOFD bit)."""
+        index = msg.payload.index
+        if index > VHOST_USER_VRING_IDX_MASK:
+            raise error(f"{msg.request.name} for queue {index}: the message has 8 bits for "
+                        f"the queue index", "FE-48")
+        return self._ring(index, msg.request.name, error)
+
     def _request_set_vring_kick(self, msg, error):
-        ring = self._ring(msg.payload.index, "SET_VRING_KICK", error)
+        ring = self._vring_fd_ring(msg, error)
         if ring.num is None or ring.addr is None:
             raise error(f"SET_VRING_KICK for queue {ring.index} before its size and address",
                         "FE-50")
@@ -448,10 +457,10 @@ class Session:
             ring.enabled = True   # BE-53
 
     def _request_set_vring_call(self, msg, error):
-        self._ring(msg.payload.index, "SET_VRING_CALL", error)
+        self._vring_fd_ring(msg, error)
 
     def _request_set_vring_err(self, msg, error):
-        self._ring(msg.payload.index, "SET_VRING_ERR", error)
+        self._vring_fd_ring(msg, error)
 
     def _request_set_vring_enable(self, msg, error):
         ring = self._ring(msg.payload.index, "SET_VRING_ENABLE", error)
@@ -489,6 +498,9 @@ class Session:
         self.negotiated.max_queues = msg.payload.value
 
     def _reply_get_max_mem_slots(self, request, msg, error):
+        if msg.payload.value < 1:
+            raise error("GET_MAX_MEM_SLOTS answered 0 memory slots: no memory could be "
+                        "given to it", "BE-35")
         self.negotiated.max_mem_slots = msg.payload.value
 
     def _reply_get_vring_base(self, request, msg, error):
