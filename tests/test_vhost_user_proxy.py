@@ -90,3 +90,93 @@ def test_the_command_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         "pyvmm: error: --output /nonexistent/dir/trace.log: No such file or directory"]
+
+
+def raw_back_end(path):
+    """A listening socket standing in for a back-end (the test reads and writes it)."""
+    import socket
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(4)
+    server.settimeout(10)
+    return server
+
+
+def serving(listen, connect):
+    """The proxy in a thread, serving one front-end after another; its lines."""
+    lines = []
+    thread = threading.Thread(target=proxy.serve, args=(listen, connect, lines.append),
+                              daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not os.path.exists(listen):
+        assert time.monotonic() < deadline, "the proxy did not listen"
+        time.sleep(0.01)
+    return thread, lines
+
+
+def connect(path):
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    return s
+
+
+def test_frames_of_any_size_are_forwarded_unchanged(tmp_path):
+    """A 10000-byte payload (over the 4 KiB any defined message needs) goes
+    through whole, and so does the frame after it: the proxy is flagged the
+    oversized frame, it does not cut it."""
+    from pyvmm.vhost.user.messages import U64, FrontendReq as R
+    from pyvmm.vhost.user.wire import encode
+    listen, backend_path = str(tmp_path / "trace.sock"), str(tmp_path / "be.sock")
+    server = raw_back_end(backend_path)
+    thread, lines = serving(listen, backend_path)
+    big = encode(R.SET_CONFIG, 0x1, os.urandom(10000))
+    after = encode(R.SET_FEATURES, 0x1, U64(1 << 32).pack())
+    front = connect(listen)
+    back, _ = server.accept()
+    back.settimeout(10)
+    front.sendall(big + after)
+    got = b""
+    while len(got) < len(big + after):
+        chunk = back.recv(65536)
+        assert chunk, "the proxy hung up"
+        got += chunk
+    assert got == big + after
+    assert any("!! RULE BROKEN by the front-end" in line and "10000 bytes" in line
+               for line in lines), lines
+    front.close()
+    back.close()
+    server.close()
+
+
+def test_the_next_front_end_is_served_after_the_back_end_hangs_up(tmp_path):
+    """The back-end stops reading (its side of the socket shut): forwarding the
+    front-end's next frame fails. The proxy ends that pair with a line and
+    serves the next front-end, as its help says."""
+    import socket
+
+    from pyvmm.vhost.user.messages import FrontendReq as R
+    from pyvmm.vhost.user.wire import encode
+    listen, backend_path = str(tmp_path / "trace.sock"), str(tmp_path / "be.sock")
+    server = raw_back_end(backend_path)
+    thread, lines = serving(listen, backend_path)
+    first = connect(listen)
+    back, _ = server.accept()
+    back.settimeout(10)
+    first.sendall(encode(R.GET_FEATURES, 0x1))
+    assert back.recv(12) == encode(R.GET_FEATURES, 0x1)
+    back.shutdown(socket.SHUT_RD)                  # the back-end takes nothing more
+    first.sendall(encode(R.SET_OWNER, 0x1))
+    assert first.recv(1) == b""                     # the proxy closed that front-end
+    back.close()
+    second = connect(listen)                        # and serves the next one
+    back2, _ = server.accept()
+    back2.settimeout(10)
+    second.sendall(encode(R.GET_FEATURES, 0x1))
+    assert back2.recv(12) == encode(R.GET_FEATURES, 0x1)
+    assert thread.is_alive()
+    assert any(line.startswith("-- forwarding to the back-end") for line in lines), lines
+    for s in (second, back2, server):
+        s.close()

@@ -99,6 +99,12 @@ class Connection:
             raise
         return header + body, tuple(fds)
 
+    def read(self, length, timeout=None):
+        """Exactly length more bytes of a message (what receive() left of one
+        larger than MAX_PAYLOAD_SIZE: a proxy forwards it all)."""
+        limit = self.timeout if timeout is None else timeout
+        return self._read(length, time.monotonic() + limit, None, None, limit=limit)
+
     def _read(self, length, deadline, fds, waiting_for, first=False, limit=None):
         """Exactly length bytes; fds (a list) collects SCM_RIGHTS fds, or None
         where fds are not allowed (they would belong to no header); limit: the

@@ -8,7 +8,13 @@ Session(OBSERVER) reads both directions with the protocol's rules: each
 message becomes one line (as `pyvmm run --trace vhost-user` prints them),
 and the first rule either side breaks becomes a line naming the side and
 the rule. After that the session cannot follow the conversation any more;
-the proxy goes on forwarding without decoding.
+the proxy goes on forwarding without decoding. Frames are forwarded whole
+whatever their size, a payload larger than any message needs (which the
+session flags) included.
+
+When either side hangs up, or a frame cannot be read from one side or
+written to the other, the proxy closes both connections with one line and
+waits for the next front-end.
 
 The back-end's request channel (the socket SET_BACKEND_REQ_FD passes) is
 forwarded as an fd like any other, so its messages go directly from one
@@ -18,14 +24,18 @@ side to the other and are not traced.
 import os
 import select
 
-from pyvmm.vhost.user.channel import Connection, Listener
+from pyvmm.vhost.user.channel import DEFAULT_TIMEOUT, Connection, Listener
 from pyvmm.vhost.user.errors import Disconnected, VhostUserError
+from pyvmm.vhost.user.messages import HEADER, HEADER_SIZE
 from pyvmm.vhost.user.rules import Side
 from pyvmm.vhost.user.session import NEED_DATA, Role, Session
 from pyvmm.vhost.user.trace import describe
 
-# No deadline on the sides: a quiet guest leaves the front-end quiet for hours.
+# No deadline on the sides between frames (a quiet guest leaves the front-end
+# quiet for hours); once a frame has begun, the rest must follow promptly.
 PATIENT = 24 * 3600.0
+FRAME_TIMEOUT = DEFAULT_TIMEOUT
+CHUNK = 1 << 16           # how much of an oversized payload is forwarded at a time
 
 
 class Proxy:
@@ -45,20 +55,34 @@ class Proxy:
             ready, _, _ = select.select(list(by_fd), [], [])
             for fd in ready:
                 side = by_fd[fd]
-                source = self.sides[side]
-                other = self.sides[Side.BACKEND if side is Side.FRONTEND else Side.FRONTEND]
-                try:
-                    data, fds = source.receive(timeout=PATIENT)
-                except Disconnected:
-                    return f"the {side.value} closed its connection"
-                try:
-                    self._observe(side, data, fds)
-                    other.send(data, fds)
-                except OSError as e:
-                    return f"forwarding to the {other.name}: {e.strerror or e}"
-                finally:
-                    for f in fds:
-                        os.close(f)
+                why = self._forward(side)
+                if why is not None:
+                    return why
+
+    def _forward(self, side):
+        """One frame from side to the other, whole; None, or why to stop."""
+        source = self.sides[side]
+        to = Side.BACKEND if side is Side.FRONTEND else Side.FRONTEND
+        try:
+            data, fds = source.receive(timeout=FRAME_TIMEOUT)
+        except Disconnected:
+            return f"the {side.value} closed its connection"
+        except VhostUserError as e:
+            return f"reading from the {side.value}: {e}"
+        try:
+            self._observe(side, data, fds)
+            self.sides[to].send(data, fds)
+            left = HEADER.unpack_from(data)[2] - (len(data) - HEADER_SIZE)
+            while left > 0:                    # a payload receive() did not take whole
+                chunk = source.read(min(left, CHUNK), timeout=FRAME_TIMEOUT)
+                self.sides[to].send(chunk)
+                left -= len(chunk)
+        except VhostUserError as e:
+            return f"forwarding to the {to.value}: {e}"
+        finally:
+            for f in fds:
+                os.close(f)
+        return None
 
     def _observe(self, side, data, fds):
         if self.broken:
