@@ -638,3 +638,16 @@ def test_no_check_trips_over_a_bare_offer(check, tmp_path):
         pass
     finally:
         ctx.target.release()
+
+
+@pytest.mark.parametrize("argv", [
+    [sys.executable, "-m", "pyvmm", "backend", "rng"],          # --fd: a listening socket
+    [sys.executable, os.path.join(os.path.dirname(__file__), "broken_program.py"),
+     "connected-fd"],                                           # --fd: a connected one
+], ids=["listening", "connected"])
+def test_fd_may_be_listening_or_connected(argv):
+    """BE-112: the spec does not say which kind of socket --fd is, and
+    vhost-user-gpu takes a connected one: a program that serves either kind
+    passes (one that serves neither fails: broken_program.py BE-112)."""
+    results = _program_results(argv, only=["BE-112"])
+    assert results["BE-112"][0] == "PASS", results

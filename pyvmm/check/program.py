@@ -19,6 +19,7 @@ from pyvmm.check.core import Failed, Skipped, check
 from pyvmm.check.probe import Probe
 from pyvmm.check.target import connect_when_listening
 from pyvmm.sys.process import stop
+from pyvmm.vhost.user.channel import Connection
 from pyvmm.vhost.user.errors import ChannelError
 from pyvmm.vhost.user.messages import FrontendReq as R
 
@@ -75,6 +76,11 @@ def answered(path, proc, timeout):
         conn = connect_when_listening(path, proc, timeout)
     except ChannelError as e:
         raise Failed(str(e)) from None
+    return features_answered(conn, proc)
+
+
+def features_answered(conn, proc):
+    """A Probe on conn (a Connection to proc) that got GET_FEATURES answered."""
     p = Probe(conn)
     try:
         reply = p.ask(R.GET_FEATURES)
@@ -84,6 +90,7 @@ def answered(path, proc, timeout):
         raise Failed(f"{e}" + (f" (the program exited with status {gone})"
                                if gone is not None else "")) from None
     if reply.request != R.GET_FEATURES:
+        p.close()
         raise Failed(f"sent GET_FEATURES; got {reply}")
     return p
 
@@ -186,19 +193,45 @@ def socket_path(ctx):
         answered(f"{d}/be.sock", proc, ctx.timeout).close()
 
 
-@check("BE-112", "MUST", "--fd=N serves the listening socket it inherits as fd N")
+@check("BE-112", "MUST", "--fd=N serves the socket it inherits as fd N (listening or connected)")
 def inherited_fd(ctx):
+    """The spec does not say which kind of socket fd N is: pyvmm's back-ends
+    take a listening one, vhost-user-gpu a connected one. Either passes."""
+    failures = []
+    for kind, attempt in (("a listening socket", _listening_fd),
+                          ("a connected socket (a socketpair end)", _connected_fd)):
+        try:
+            attempt(ctx)
+            return
+        except Failed as e:
+            failures.append(f"with {kind}: {e}")
+    raise Failed("; ".join(failures))
+
+
+def _listening_fd(ctx):
     with socket_dir() as d:
         path = f"{d}/be.sock"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(1)
         fd = listener.fileno()                 # the same number in the child (pass_fds)
-        try:
-            with launched(ctx, [f"--fd={fd}"], pass_fds=(fd,)) as proc:
-                answered(path, proc, ctx.timeout).close()
-        finally:
+        with launched(ctx, [f"--fd={fd}"], pass_fds=(fd,)) as proc:
+            # The child's copy only: if it dies, the socket goes and a connection
+            # is refused, instead of waiting in our own listener's queue.
             listener.close()
+            answered(path, proc, ctx.timeout).close()
+
+
+def _connected_fd(ctx):
+    ours, theirs = socket.socketpair()
+    fd = theirs.fileno()
+    try:
+        with launched(ctx, [f"--fd={fd}"], pass_fds=(fd,)) as proc:
+            theirs.close()                     # the child's copy only: EOF if it dies
+            features_answered(Connection(ours, "the back-end", ctx.timeout), proc).close()
+    finally:
+        theirs.close()
+        ours.close()
 
 
 @check("BE-113", "SHOULD**", "--socket-path and --fd together are refused")
