@@ -651,3 +651,65 @@ def test_fd_may_be_listening_or_connected(argv):
     passes (one that serves neither fails: broken_program.py BE-112)."""
     results = _program_results(argv, only=["BE-112"])
     assert results["BE-112"][0] == "PASS", results
+
+
+# --- a back-end that dies for good (a socket: nobody starts it again) --------------------------
+
+def _died_once(out, rule):
+    """out says once that the back-end died at rule; each rule after it is
+    SKIPped (not run) rather than FAILed for want of a socket."""
+    lines = out.splitlines()
+    assert out.count("died") == 1 and f"died at {rule}" in out, out
+    after = [line for line in lines if line.startswith("BE-")]
+    after = after[[line.split()[0] for line in after].index(rule) + 1:]
+    assert after and all(line.split()[1] == "SKIP" and line.endswith(": not run")
+                         for line in after), out
+    return after
+
+
+def test_qemu_storage_daemon_dying_under_socket_is_said_once(tmp_path, image):
+    """qemu-storage-daemon 7.2 dies of SIGSEGV at BE-21 (SET_VRING_NUM for queue
+    1024). Under --socket nobody starts it again: one line says so, the rest
+    are skipped; MUST rules went unchecked, so the exit status is 1."""
+    from backends import storage_daemon
+    with storage_daemon(str(tmp_path), image) as sock:
+        r = subprocess.run([sys.executable, "-m", "pyvmm", "check", "--socket", sock,
+                            "--device", "blk"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    after = _died_once(r.stdout, "BE-21")
+    assert r.stdout.count("nothing listens") == 1, r.stdout     # in BE-21's line
+    assert r.stdout.splitlines()[-1].endswith(f" {r.stdout.count(' SKIP ')} skipped"), r.stdout
+
+
+class DiesAtQueue1024(Daemon):
+    """Breaks BE-6 (a MUST*: it acks SET_OWNER unasked), and dies as
+    qemu-storage-daemon does on SET_VRING_NUM for queue 1024: its socket goes."""
+    listener = None
+
+    def dispatch(self, msg):
+        if msg.request is R.SET_VRING_NUM and msg.payload.index >= 1024:
+            self.listener.close()
+            self.close()
+            return None
+        return _ack_set_owner_always(self, msg)
+
+
+def test_a_must_failure_before_the_back_end_dies_still_fails_the_run(tmp_path, image, capsys):
+    from pyvmm.cli import main
+    path = str(tmp_path / "dies.sock")
+    listener = DiesAtQueue1024.listener = Listener(path)
+
+    def serve():
+        try:
+            serve_forever(listener, Blk(str(image)), DiesAtQueue1024)
+        except (ChannelError, OSError):
+            pass                          # its listener closed: it died
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        status = main(["check", "--socket", path, "--device", "blk", "--timeout", "2"])
+    finally:
+        listener.close()
+    out = capsys.readouterr().out
+    assert status == 1, out
+    assert "BE-6    FAIL  MUST*" in out, out
+    _died_once(out, "BE-21")

@@ -20,6 +20,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -53,12 +54,27 @@ class Target:
         self.release()
 
     def gone(self):
-        """Why the back-end is no longer there (say, after a crash), or None."""
+        """Why the back-end is no longer there (say, after a crash), or None:
+        its socket file went, or nothing listens on it any more. (A full
+        backlog, or a slow accept, is somebody listening.)"""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                              | socket.SOCK_CLOEXEC)
         try:
-            Connection.connect(self.path, "the back-end", self.timeout).close()
-        except ChannelError as e:
-            return f"is gone ({e})"
+            probe.connect(self.path)
+        except FileNotFoundError:
+            return f"is gone: no socket at {self.path} any more"
+        except ConnectionRefusedError:
+            return f"is gone: nothing listens on {self.path} any more"
+        except OSError:
+            pass                          # EAGAIN: its backlog is full, so it listens
+        finally:
+            probe.close()
         return None
+
+    def dead(self):
+        """Why no later check can reach the back-end, or None: it is gone and
+        nobody starts it again."""
+        return self.gone()
 
 
 class SocketTarget(Target):
@@ -185,6 +201,9 @@ class CommandTarget(Target):
                 return None
             return f"was killed by {signal.Signals(-status).name}" if status < 0 else None
         return super().gone()
+
+    def dead(self):
+        return None                   # started again by the next check
 
     def stop(self):
         if self.proc is not None:
