@@ -713,3 +713,13 @@ def test_a_must_failure_before_the_back_end_dies_still_fails_the_run(tmp_path, i
     assert status == 1, out
     assert "BE-6    FAIL  MUST*" in out, out
     _died_once(out, "BE-21")
+
+
+def test_mq_is_not_asked_of_a_back_end_without_bit_30(tmp_path):
+    """BE-16: MQ is a protocol feature, and a back-end without bit 30
+    (VHOST_USER_F_PROTOCOL_FEATURES) has none to offer: SKIP, not FAIL."""
+    from pyvmm.check.rules import Offer, Skipped
+    ctx = Context(SocketTarget(str(tmp_path / "none.sock"), timeout=1), Offer(1 << 32), None,
+                  timeout=1)
+    with pytest.raises(Skipped, match="bit 30"):
+        next(c for c in CHECKS if c.rule == "BE-16").run(ctx)
