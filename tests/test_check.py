@@ -723,3 +723,29 @@ def test_mq_is_not_asked_of_a_back_end_without_bit_30(tmp_path):
                   timeout=1)
     with pytest.raises(Skipped, match="bit 30"):
         next(c for c in CHECKS if c.rule == "BE-16").run(ctx)
+
+
+class NoProtocolFeatures(Daemon):
+    """A back-end of before bit 30: no protocol features, so no REPLY_ACK
+    either; nothing but a reply tells the front-end a message was taken."""
+
+    @property
+    def offered_features(self):
+        return Daemon.offered_features.fget(self) & ~(1 << 30)
+
+
+def test_a_back_end_without_bit_30_fails_only_what_it_lacks(tmp_path, image):
+    """Without bit 30, what needs it is SKIPped (BE-16 too) and the ring
+    checks wait for the back-end to have taken each message (a GET_FEATURES
+    reply) before they kick: only BE-80 fails, QEMU's need of bit 30 for blk."""
+    path = str(tmp_path / "old.sock")
+    listener = Listener(path)
+    threading.Thread(target=serve_forever, args=(listener, Blk(str(image)), NoProtocolFeatures),
+                     daemon=True).start()
+    try:
+        lines = []
+        run_checks(path, "blk", lines.append, timeout=2)
+    finally:
+        listener.close()
+    assert [line.split()[0] for line in lines if " FAIL " in line] == ["BE-80"], \
+        "\n".join(lines)

@@ -17,7 +17,7 @@ import time
 
 from pyvmm.check.core import Failed, Skipped, check
 from pyvmm.check.probe import Probe
-from pyvmm.check.target import connect_when_listening
+from pyvmm.check.target import connect_when_listening, listening_inode
 from pyvmm.sys.process import stop
 from pyvmm.vhost.user.channel import Connection
 from pyvmm.vhost.user.errors import ChannelError
@@ -138,16 +138,6 @@ def fails_early(ctx):
         raise Failed("with --socket-path in a directory that does not exist: exit status 0")
 
 
-def _listening_inode(path):
-    """The inode of the socket listening on path, from /proc/net/unix."""
-    with open("/proc/net/unix") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == path and fields[3] == "00010000":  # __SO_ACCEPTCON
-                return fields[6]
-    return None
-
-
 @check("BE-109", "MUST", "the program does not daemonize itself")
 def no_daemon(ctx):
     with socket_dir() as d, launched(ctx, [f"--socket-path={d}/be.sock"]) as proc:
@@ -155,7 +145,7 @@ def no_daemon(ctx):
         if proc.poll() is not None:
             raise Failed(f"the process started exited (status {proc.returncode}) while "
                          f"something else serves the socket")
-        inode = _listening_inode(f"{d}/be.sock")
+        inode = listening_inode(f"{d}/be.sock")
         fds = glob.glob(f"/proc/{proc.pid}/fd/*")
         if inode and not any(_link(fd) == f"socket:[{inode}]" for fd in fds):
             raise Failed(f"process {proc.pid} does not hold the listening socket: another "

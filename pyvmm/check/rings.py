@@ -39,6 +39,7 @@ def running(ctx, path=None, event_idx=True, **driver):
         if not event_idx:
             features &= ~spec.bit(spec.VIRTIO_RING_F_EVENT_IDX)
         d.start(features=features, queues=path.queues)
+        taken(d.backend.frontend)
         path.begin(d)
         yield d, path, d.queues[path.queue]
 
@@ -103,6 +104,14 @@ def inflight_area(fe, num_queues, queue_size):
     finally:
         os.close(fd)
     return area
+
+
+def taken(fe):
+    """Without REPLY_ACK nothing says the back-end has taken what was sent, and
+    a kick (on its eventfd) may overtake it: a GET_FEATURES reply says so,
+    messages being handled in order."""
+    if not fe.has(PF.REPLY_ACK):
+        fe.get_features()
 
 
 def driver_ok(fe):
@@ -173,6 +182,7 @@ def _not_served_after(ctx, stop, what):
     with running(ctx) as (d, path, q):
         path.request(d)
         stop(d.backend.frontend, path.queue)
+        taken(d.backend.frontend)
         used = q.ring.used_idx()
         path.post(d)
         kick(q)
@@ -284,6 +294,7 @@ def enable_disable(ctx):
         path.request(d)
         fe = d.backend.frontend
         fe.set_vring_enable(path.queue, False)
+        taken(fe)
         head, done = _no_side_effects(d, path, q, "a request on a disabled ring was executed "
                                                   "(its result reached the guest's buffers)")
         fe.set_vring_enable(path.queue, True)
@@ -440,6 +451,7 @@ def new_call_fd(ctx):
         old, q.call = q.call, new_eventfd()
         try:
             d.backend.frontend.set_vring_call(path.queue, q.call)
+            taken(d.backend.frontend)
             drain(old)
             head = path.post(d)
             kick(q)
