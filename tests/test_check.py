@@ -2,6 +2,7 @@
 and every check is shown to fail against a back-end built on pyvmm's
 library but broken in exactly the way that check looks for. No KVM."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -89,6 +90,24 @@ def test_qemu_storage_daemon_on_the_command_line(tmp_path, image):
     assert [rule for rule in failed if rule != SOMETIMES] == QSD_DEPARTURES, r.stdout
     # It dies of SET_VRING_NUM for queue 1024 (QEMU 7.2's libvhost-user).
     assert "the back-end was killed by SIGSEGV" in r.stdout, r.stdout
+
+
+@contextlib.contextmanager
+def served(path, device, daemon_class=Daemon):
+    """device served on path by daemon_class, in a thread, until the block ends
+    (the listener closes: one that already did is a back-end that died)."""
+    listener = Listener(path)
+
+    def serve():
+        try:
+            serve_forever(listener, device, daemon_class)
+        except (ChannelError, OSError):
+            pass
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener
+    finally:
+        listener.close()
 
 
 # --- back-ends broken on purpose ---------------------------------------------------------------
@@ -466,15 +485,7 @@ def test_each_check_fails_on_a_back_end_broken_its_way(tmp_path, image, rule):
         Blk(str(image)), broken)
     offered = device.features
     path = str(tmp_path / "broken.sock")
-    listener = Listener(path)
-
-    def serve():
-        try:
-            serve_forever(listener, device, daemon_class)
-        except (ChannelError, OSError):
-            pass                          # the listener closed at the end of the test
-    threading.Thread(target=serve, daemon=True).start()
-    try:
+    with served(path, device, daemon_class):
         check = next(c for c in CHECKS if c.rule == rule)
         if rule in ("BE-10", "BE-11"):    # discovery itself would trip over it
             from pyvmm.check.rules import Offer
@@ -495,8 +506,6 @@ def test_each_check_fails_on_a_back_end_broken_its_way(tmp_path, image, rule):
                 check.run(ctx)
         finally:
             ctx.target.release()
-    finally:
-        listener.close()
 
 
 def test_dpdk_testpmd_passes_what_applies(tmp_path):
@@ -511,6 +520,20 @@ def test_dpdk_testpmd_passes_what_applies(tmp_path):
     failed = [line.split()[0] for line in lines if " FAIL " in line]
     assert failed == ["BE-21"] and not must_failed, "\n".join(lines)
     assert "BE-51   PASS" in "\n".join(lines) and "BE-75   SKIP" in "\n".join(lines)
+
+
+def test_dpdk_testpmd_that_does_not_echo_is_not_observed(tmp_path):
+    """dpdk-testpmd in rxonly mode takes TX and answers nothing: the
+    side-effect rules could not observe (SKIP), where icmpecho passes them."""
+    from backends import dpdk_testpmd
+    with dpdk_testpmd(str(tmp_path), mode="rxonly") as (sock, _):
+        results = []
+        run_checks(sock, "net", lambda line: None, only={"BE-51", *SIDE_EFFECT_RULES},
+                   results=results)
+    assert [(r["rule"], r["result"]) for r in results] == [("BE-50", "SKIP"), ("BE-51", "PASS"),
+                                                           ("BE-52", "SKIP"), ("BE-54", "SKIP"),
+                                                           ("BE-55", "SKIP")], results
+    assert all("could not observe" in r["detail"] for r in results if r["result"] == "SKIP")
 
 
 # --- the program conventions (a command instead of a socket) -------------------------------------
@@ -696,19 +719,9 @@ class DiesAtQueue1024(Daemon):
 
 def test_a_must_failure_before_the_back_end_dies_still_fails_the_run(tmp_path, image, capsys):
     from pyvmm.cli import main
-    path = str(tmp_path / "dies.sock")
-    listener = DiesAtQueue1024.listener = Listener(path)
-
-    def serve():
-        try:
-            serve_forever(listener, Blk(str(image)), DiesAtQueue1024)
-        except (ChannelError, OSError):
-            pass                          # its listener closed: it died
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        status = main(["check", "--socket", path, "--device", "blk", "--timeout", "2"])
-    finally:
-        listener.close()
+    with served(str(tmp_path / "dies.sock"), Blk(str(image)), DiesAtQueue1024) as listener:
+        DiesAtQueue1024.listener = listener
+        status = main(["check", "--socket", listener.path, "--device", "blk", "--timeout", "2"])
     out = capsys.readouterr().out
     assert status == 1, out
     assert "BE-6    FAIL  MUST*" in out, out
@@ -738,14 +751,75 @@ def test_a_back_end_without_bit_30_fails_only_what_it_lacks(tmp_path, image):
     """Without bit 30, what needs it is SKIPped (BE-16 too) and the ring
     checks wait for the back-end to have taken each message (a GET_FEATURES
     reply) before they kick: only BE-80 fails, QEMU's need of bit 30 for blk."""
-    path = str(tmp_path / "old.sock")
-    listener = Listener(path)
-    threading.Thread(target=serve_forever, args=(listener, Blk(str(image)), NoProtocolFeatures),
-                     daemon=True).start()
-    try:
-        lines = []
-        run_checks(path, "blk", lines.append, timeout=2)
-    finally:
-        listener.close()
+    lines = []
+    with served(str(tmp_path / "old.sock"), Blk(str(image)), NoProtocolFeatures) as listener:
+        run_checks(listener.path, "blk", lines.append, timeout=2)
     assert [line.split()[0] for line in lines if " FAIL " in line] == ["BE-80"], \
         "\n".join(lines)
+
+
+# --- net: a side effect shows only as an answer on RX --------------------------------------------
+
+class NetSink:
+    """A vhost-user-net back-end whose wire goes nowhere: TX is taken and
+    dropped, nothing ever comes back on RX (echo=True: each frame comes back
+    on RX, as dpdk-testpmd's icmpecho answers)."""
+
+    def __new__(cls, echo=False):
+        from pyvmm.vhost.user.backend.device import BackendDevice
+        from pyvmm.virtio import spec
+
+        class Net(BackendDevice):
+            device_id = spec.VIRTIO_ID_NET
+            name = "net"
+            num_queues = 2
+            frames = []
+
+            def handle_queue(self, index, ring, memory):
+                if index == 1:                                     # TX
+                    while (chain := ring.pop()) is not None:
+                        if echo:
+                            self.frames.append(b"".join(memory.read(b.addr, b.length)
+                                                        for b in chain.buffers))
+                        ring.push(chain.head, 0)
+                    if self.frames:
+                        self.daemon.wake(0)
+                    return
+                while self.frames and (chain := ring.pop()) is not None:     # RX
+                    frame, buf = self.frames.pop(0), chain.buffers[0]
+                    memory.write(buf.addr, frame[:buf.length])
+                    ring.push(chain.head, min(len(frame), buf.length))
+
+            def reset(self):
+                self.frames.clear()
+        return Net()
+
+
+SIDE_EFFECT_RULES = ["BE-50", "BE-52", "BE-54", "BE-55"]
+
+
+def _net_results(tmp_path, device, daemon_class=Daemon):
+    results = []
+    with served(str(tmp_path / f"{daemon_class.__name__}.sock"), device, daemon_class) as l:
+        run_checks(l.path, "net", lambda line: None, timeout=2,
+                   only={"BE-51", *SIDE_EFFECT_RULES}, results=results)
+    return {r["rule"]: (r["result"], r["detail"]) for r in results}
+
+
+def test_net_side_effects_unseen_are_not_passed(tmp_path):
+    """BE-50/52/54/55 on net: a back-end that does not echo shows no side
+    effect whatever it does, so those rules say they could not observe."""
+    results = _net_results(tmp_path, NetSink())
+    assert results.pop("BE-51")[0] == "PASS"
+    assert all(result == "SKIP" and "could not observe" in detail
+               for result, detail in results.values()), results
+
+
+def test_net_side_effects_seen_on_an_echoing_back_end(tmp_path):
+    """The same rules on a back-end that echoes: they pass, and fail on one
+    that executes TX on a disabled ring (BE-55)."""
+    results = _net_results(tmp_path, NetSink(echo=True))
+    assert all(result == "PASS" for result, _ in results.values()), results
+    results = _net_results(tmp_path, NetSink(echo=True), overriding(
+        _set_vring_enable=_ignore_disable))          # a class named Broken
+    assert results["BE-55"][0] == "FAIL", results
