@@ -89,3 +89,18 @@ def test_a_program_that_is_not_there_is_one_line(pytester):
     result.stdout.fnmatch_lines(["*no-such-vhost-user-program: no such program*"] * 2)
     for noise in ("Traceback", "FileNotFoundError", "During handling"):
         assert noise not in result.stdout.str(), result.stdout.str()
+
+
+def test_the_readme_plugin_example_runs_as_written(pytester, top, monkeypatch):
+    """The README's first plugin test, copied out as it stands: its imports
+    are all there and its command line runs (`pyvmm` of this checkout)."""
+    import os
+    import re
+    readme = (top / "README.md").read_text()
+    intro = readme.index("a pytest plugin (`pyvmm/pytest_plugin.py`)")
+    example = re.search(r"```python\n(.*?)```", readme[intro:], re.S).group(1)
+    pytester.makepyfile(example)
+    bin_dir = os.path.dirname(sys.executable)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    result = pytester.runpytest_subprocess()
+    assert result.ret == 0, result.stdout.str()
