@@ -522,6 +522,29 @@ def test_dpdk_testpmd_passes_what_applies(tmp_path):
     assert "BE-51   PASS" in "\n".join(lines) and "BE-75   SKIP" in "\n".join(lines)
 
 
+def test_the_readme_testpmd_line_is_the_one_the_tests_run(tmp_path, monkeypatch, top):
+    """The README's dpdk-testpmd command line has the options the tests found
+    it needs (--no-mlockall, --total-num-mbufs=8192), less what differs per
+    run (the socket, the queues, --file-prefix)."""
+    import re
+
+    import backends
+    started = []
+
+    def popen(argv, **kwargs):
+        started.append(argv)
+        raise RuntimeError("recorded, not started")
+    monkeypatch.setattr(backends.subprocess, "Popen", popen)
+    with pytest.raises(RuntimeError), backends.dpdk_testpmd(str(tmp_path)):
+        pass
+    per_run = ("--file-prefix=", "--rxq=", "--txq=")
+    tests = [a for a in started[0] if not a.startswith(per_run)]
+    tests[tests.index("--vdev") + 1] = "VDEV"
+    readme = re.search(r"`(dpdk-testpmd [^`]*)`", (top / "README.md").read_text()).group(1).split()
+    readme[readme.index("--vdev") + 1] = "VDEV"
+    assert readme == tests
+
+
 def test_dpdk_testpmd_that_does_not_echo_is_not_observed(tmp_path):
     """dpdk-testpmd in rxonly mode takes TX and answers nothing: the
     side-effect rules could not observe (SKIP), where icmpecho passes them."""
