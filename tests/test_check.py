@@ -846,3 +846,17 @@ def test_net_side_effects_seen_on_an_echoing_back_end(tmp_path):
     results = _net_results(tmp_path, NetSink(echo=True), overriding(
         _set_vring_enable=_ignore_disable))          # a class named Broken
     assert results["BE-55"][0] == "FAIL", results
+
+
+def test_side_effects_of_a_back_end_that_never_completes(tmp_path, image):
+    """A back-end that takes requests and never completes them (Silent): BE-51
+    fails, and the side-effect rules, with nothing to observe, say so (once
+    learned, not waited for at each rule)."""
+    results = []
+    with served(str(tmp_path / "silent.sock"), Silent(str(image))) as listener:
+        run_checks(listener.path, "blk", lambda line: None, timeout=1,
+                   only={"BE-51", *SIDE_EFFECT_RULES}, results=results)
+    results = {r["rule"]: (r["result"], r["detail"]) for r in results}
+    assert results.pop("BE-51")[0] == "FAIL", results
+    assert all(result == "SKIP" and "could not observe" in detail and "see BE-51" in detail
+               for result, detail in results.values()), results
