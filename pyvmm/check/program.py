@@ -205,11 +205,14 @@ def _listening_fd(ctx):
         listener.bind(path)
         listener.listen(1)
         fd = listener.fileno()                 # the same number in the child (pass_fds)
-        with launched(ctx, [f"--fd={fd}"], pass_fds=(fd,)) as proc:
-            # The child's copy only: if it dies, the socket goes and a connection
-            # is refused, instead of waiting in our own listener's queue.
+        try:
+            with launched(ctx, [f"--fd={fd}"], pass_fds=(fd,)) as proc:
+                # The child's copy only: if it dies, the socket goes and a
+                # connection is refused, instead of waiting in our own queue.
+                listener.close()
+                answered(path, proc, ctx.timeout).close()
+        finally:
             listener.close()
-            answered(path, proc, ctx.timeout).close()
 
 
 def _connected_fd(ctx):

@@ -44,7 +44,7 @@ def run_checks(target, device=None, write=print, timeout=5.0, only=None, results
         write(f"{c.rule:<7} {result}  {c.level:<9} {c.what}" + (f": {shown}" if shown else ""))
         if result == "FAIL" and not died_at and (why := target.dead()):
             died_at = c.rule
-            write(f"!! the back-end died at {c.rule}" + ("" if why in detail else f": it {why}")
+            write(f"!! the back-end died at {c.rule}" + ("" if why in detail else f" (it {why})")
                   + f"; the {len(chosen) - n - 1} checks after it are not run")
     write(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
     return counts["PASS"], counts["FAIL"], counts["SKIP"], must_failed
