@@ -16,14 +16,22 @@ pyvmm_guest(option, socket,   boots pyvmm's tiny guest with the back-end as
     guest_cmd)                --OPTION vhost-user,socket=PATH, runs guest_cmd;
                               (exit status, output). Needs a KVM that can
                               boot Linux (scripts/testbed where there is none)
-vhost_user_check(command,     `pyvmm check` on a back-end program (started
-    device)                   by the checker, with --socket-path, as often
-                              as needed): {rule: (PASS|FAIL|SKIP, detail)}
+vhost_user_check(command or   `pyvmm check` on a back-end: a program the
+    socket path, device)      checker starts (again whenever it exits) with
+                              --socket-path, or as given if "{socket}" is in
+                              its arguments; or the socket of one already
+                              running (vhost_user_backend's, say):
+                              {rule: (PASS|FAIL|SKIP, detail)}
+
+A program that cannot be started or reached fails the test in one line.
 """
 
+import itertools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -34,24 +42,43 @@ START_TIMEOUT = 30
 
 
 @pytest.fixture
-def vhost_user_backend(tmp_path_factory):
+def vhost_user_socket():
+    """path(name="backend.sock"): a fresh socket path, in a directory of its
+    own, removed after the test. Not under tmp_path: a Unix socket's path
+    must fit in 108 bytes, and pytest's tmp_path of a long test name does not."""
+    directory = tempfile.mkdtemp(prefix="vhost-user-")
+    numbers = itertools.count()
+
+    def path(name="backend.sock"):
+        own = os.path.join(directory, str(next(numbers)))
+        os.mkdir(own)
+        return os.path.join(own, name)
+    yield path
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def vhost_user_backend(vhost_user_socket):
     """start(command): run a back-end program ("{socket}" in its arguments
     becomes a fresh socket path) until the test ends; the socket path."""
     started = []
 
     def start(command, socket_name="backend.sock", timeout=START_TIMEOUT):
-        sock = str(tmp_path_factory.mktemp("vhost-user") / socket_name)
-        argv = [arg.replace("{socket}", sock) for arg in command]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        sock = vhost_user_socket(socket_name)
+        argv = with_socket(command, sock)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+        except OSError as e:
+            fail(cannot_start(argv, e))
         started.append(proc)
         deadline = time.monotonic() + timeout
         while not os.path.exists(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 out = proc.communicate()[0]
-                pytest.fail(f"{argv[0]} did not listen on {sock} within {timeout} s "
-                            f"(exit status {proc.returncode}):\n{out[-2000:]}", pytrace=False)
+                fail(f"{argv[0]} did not listen on {sock} within {timeout} s "
+                     f"(exit status {proc.returncode}):\n{out[-2000:]}")
             time.sleep(0.02)
         return sock
 
@@ -93,24 +120,58 @@ def pyvmm_guest(vhost_user_backend):
 
 
 @pytest.fixture
-def vhost_user_check():
-    """check(command, device=None, rules=None): the conformance checks of
-    `pyvmm check -- COMMAND` (the program conventions included);
-    {rule: (result, detail)}. must_failures(results) lists the MUST rules
-    that failed."""
+def vhost_user_check(vhost_user_socket):
+    """check(command or socket path, device=None, rules=None): the conformance
+    checks of `pyvmm check` ({rule: (result, detail)}). A command is started
+    by the checker, again whenever it exits: with --socket-path=PATH added
+    (and the program conventions checked), or as given where "{socket}" is
+    in it (qemu-storage-daemon's addr.path=, say). A path (str) is the
+    socket of a back-end that is already running. must_failures(results)
+    lists the MUST rules that failed."""
     from pyvmm.check.run import run_checks
-    from pyvmm.check.target import CommandTarget
+    from pyvmm.check.target import CommandTarget, SocketTarget
+    from pyvmm.errors import PyvmmError
 
-    def check(command, device=None, rules=None, timeout=5.0):
-        target = CommandTarget(command, timeout=timeout)
+    def check(backend, device=None, rules=None, timeout=5.0):
+        if isinstance(backend, str):
+            target = SocketTarget(backend, timeout)
+        elif any("{socket}" in arg for arg in backend):
+            sock = vhost_user_socket()
+            target = CommandTarget(with_socket(backend, sock), sock, timeout=timeout)
+        else:
+            target = CommandTarget(backend, timeout=timeout)
         results = []
         try:
             run_checks(target, device, lambda line: None, timeout=timeout,
                        only=set(rules) if rules else None, results=results)
+        except FileNotFoundError as e:
+            fail(cannot_start(backend, e))
+        except (PyvmmError, OSError) as e:
+            fail(f"pyvmm check: {target}: {e}")
         finally:
             target.close()
         return {r["rule"]: (r["result"], r["detail"]) for r in results}
     return check
+
+
+def with_socket(command, sock):
+    """command with "{socket}" in its arguments replaced by sock."""
+    return [arg.replace("{socket}", sock) for arg in command]
+
+
+def fail(message):
+    """Fail the test with message alone: no traceback, nor the exception it
+    came from."""
+    failure = pytest.fail.Exception(message, pytrace=False)
+    failure.__suppress_context__ = True
+    raise failure
+
+
+def cannot_start(argv, e):
+    """One line for a program that could not be started."""
+    if isinstance(e, FileNotFoundError):
+        return f"{argv[0]}: no such program (not on PATH, or no such file)"
+    return f"{argv[0]}: cannot start it: {e.strerror or e}"
 
 
 def must_failures(results):

@@ -2,17 +2,39 @@
 as first argument), for the checks of section M to fail on:
 
     python3 tests/broken_program.py BE-110 --socket-path=PATH
+
+or, with `connected-fd` instead of a rule, not broken but taking --fd=N as
+vhost-user-gpu does: a connected socket, not a listening one (the spec
+does not say which, BE-112).
 """
 
 import json
 import os
 import signal
+import socket
 import sys
 
 from pyvmm.cli import main
 
 
+def serve_connected_fd(fd):
+    """The front-end already connected at fd: serve it until it goes."""
+    from pyvmm.vhost.user.backend.daemon import serve_connection
+    from pyvmm.vhost.user.backend.rng import Rng
+    from pyvmm.vhost.user.channel import Connection
+    sock = socket.socket(fileno=fd)
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        print(f"--fd={fd} is a listening socket; this program wants a connected one",
+              file=sys.stderr)
+        return 1
+    serve_connection(Rng(), Connection(sock, "the front-end"))
+    return 0
+
+
 def run(rule, args):
+    fd = [a[len("--fd="):] for a in args if a.startswith("--fd=")]
+    if rule == "connected-fd" and fd and not any(a.startswith("--socket-path") for a in args):
+        return serve_connected_fd(int(fd[0]))
     if rule == "BE-108":                     # whatever goes wrong, exit status 0
         main(["backend", "rng", *args])
         return 0

@@ -2,6 +2,7 @@
 and every check is shown to fail against a back-end built on pyvmm's
 library but broken in exactly the way that check looks for. No KVM."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -89,6 +90,24 @@ def test_qemu_storage_daemon_on_the_command_line(tmp_path, image):
     assert [rule for rule in failed if rule != SOMETIMES] == QSD_DEPARTURES, r.stdout
     # It dies of SET_VRING_NUM for queue 1024 (QEMU 7.2's libvhost-user).
     assert "the back-end was killed by SIGSEGV" in r.stdout, r.stdout
+
+
+@contextlib.contextmanager
+def served(path, device, daemon_class=Daemon):
+    """device served on path by daemon_class, in a thread, until the block ends
+    (the listener closes: one that already did is a back-end that died)."""
+    listener = Listener(path)
+
+    def serve():
+        try:
+            serve_forever(listener, device, daemon_class)
+        except (ChannelError, OSError):
+            pass
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener
+    finally:
+        listener.close()
 
 
 # --- back-ends broken on purpose ---------------------------------------------------------------
@@ -466,15 +485,7 @@ def test_each_check_fails_on_a_back_end_broken_its_way(tmp_path, image, rule):
         Blk(str(image)), broken)
     offered = device.features
     path = str(tmp_path / "broken.sock")
-    listener = Listener(path)
-
-    def serve():
-        try:
-            serve_forever(listener, device, daemon_class)
-        except (ChannelError, OSError):
-            pass                          # the listener closed at the end of the test
-    threading.Thread(target=serve, daemon=True).start()
-    try:
+    with served(path, device, daemon_class):
         check = next(c for c in CHECKS if c.rule == rule)
         if rule in ("BE-10", "BE-11"):    # discovery itself would trip over it
             from pyvmm.check.rules import Offer
@@ -495,8 +506,6 @@ def test_each_check_fails_on_a_back_end_broken_its_way(tmp_path, image, rule):
                 check.run(ctx)
         finally:
             ctx.target.release()
-    finally:
-        listener.close()
 
 
 def test_dpdk_testpmd_passes_what_applies(tmp_path):
@@ -511,6 +520,43 @@ def test_dpdk_testpmd_passes_what_applies(tmp_path):
     failed = [line.split()[0] for line in lines if " FAIL " in line]
     assert failed == ["BE-21"] and not must_failed, "\n".join(lines)
     assert "BE-51   PASS" in "\n".join(lines) and "BE-75   SKIP" in "\n".join(lines)
+
+
+def test_the_readme_testpmd_line_is_the_one_the_tests_run(tmp_path, monkeypatch, top):
+    """The README's dpdk-testpmd command line has the options the tests found
+    it needs (--no-mlockall, --total-num-mbufs=8192), less what differs per
+    run (the socket, the queues, --file-prefix)."""
+    import re
+
+    import backends
+    started = []
+
+    def popen(argv, **kwargs):
+        started.append(argv)
+        raise RuntimeError("recorded, not started")
+    monkeypatch.setattr(backends.subprocess, "Popen", popen)
+    with pytest.raises(RuntimeError), backends.dpdk_testpmd(str(tmp_path)):
+        pass
+    per_run = ("--file-prefix=", "--rxq=", "--txq=")
+    tests = [a for a in started[0] if not a.startswith(per_run)]
+    tests[tests.index("--vdev") + 1] = "VDEV"
+    readme = re.search(r"`(dpdk-testpmd [^`]*)`", (top / "README.md").read_text()).group(1).split()
+    readme[readme.index("--vdev") + 1] = "VDEV"
+    assert readme == tests
+
+
+def test_dpdk_testpmd_that_does_not_echo_is_not_observed(tmp_path):
+    """dpdk-testpmd in rxonly mode takes TX and answers nothing: the
+    side-effect rules could not observe (SKIP), where icmpecho passes them."""
+    from backends import dpdk_testpmd
+    with dpdk_testpmd(str(tmp_path), mode="rxonly") as (sock, _):
+        results = []
+        run_checks(sock, "net", lambda line: None, only={"BE-51", *SIDE_EFFECT_RULES},
+                   results=results)
+    assert [(r["rule"], r["result"]) for r in results] == [("BE-50", "SKIP"), ("BE-51", "PASS"),
+                                                           ("BE-52", "SKIP"), ("BE-54", "SKIP"),
+                                                           ("BE-55", "SKIP")], results
+    assert all("could not observe" in r["detail"] for r in results if r["result"] == "SKIP")
 
 
 # --- the program conventions (a command instead of a socket) -------------------------------------
@@ -638,3 +684,179 @@ def test_no_check_trips_over_a_bare_offer(check, tmp_path):
         pass
     finally:
         ctx.target.release()
+
+
+@pytest.mark.parametrize("argv", [
+    [sys.executable, "-m", "pyvmm", "backend", "rng"],          # --fd: a listening socket
+    [sys.executable, os.path.join(os.path.dirname(__file__), "broken_program.py"),
+     "connected-fd"],                                           # --fd: a connected one
+], ids=["listening", "connected"])
+def test_fd_may_be_listening_or_connected(argv):
+    """BE-112: the spec does not say which kind of socket --fd is, and
+    vhost-user-gpu takes a connected one: a program that serves either kind
+    passes (one that serves neither fails: broken_program.py BE-112)."""
+    results = _program_results(argv, only=["BE-112"])
+    assert results["BE-112"][0] == "PASS", results
+
+
+# --- a back-end that dies for good (a socket: nobody starts it again) --------------------------
+
+def _died_once(out, rule):
+    """out says once that the back-end died at rule; each rule after it is
+    SKIPped (not run) rather than FAILed for want of a socket."""
+    lines = out.splitlines()
+    assert out.count("died") == 1 and f"died at {rule}" in out, out
+    after = [line for line in lines if line.startswith("BE-")]
+    after = after[[line.split()[0] for line in after].index(rule) + 1:]
+    assert after and all(line.split()[1] == "SKIP" and line.endswith(": not run")
+                         for line in after), out
+    return after
+
+
+def test_qemu_storage_daemon_dying_under_socket_is_said_once(tmp_path, image):
+    """qemu-storage-daemon 7.2 dies of SIGSEGV at BE-21 (SET_VRING_NUM for queue
+    1024). Under --socket nobody starts it again: one line says so, the rest
+    are skipped; MUST rules went unchecked, so the exit status is 1."""
+    from backends import storage_daemon
+    with storage_daemon(str(tmp_path), image) as sock:
+        r = subprocess.run([sys.executable, "-m", "pyvmm", "check", "--socket", sock,
+                            "--device", "blk"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    after = _died_once(r.stdout, "BE-21")
+    assert r.stdout.count("nothing listens") == 1, r.stdout     # in BE-21's line
+    assert r.stdout.splitlines()[-1].endswith(f" {r.stdout.count(' SKIP ')} skipped"), r.stdout
+
+
+class DiesAtQueue1024(Daemon):
+    """Breaks BE-6 (a MUST*: it acks SET_OWNER unasked), and dies as
+    qemu-storage-daemon does on SET_VRING_NUM for queue 1024: its socket goes."""
+    listener = None
+
+    def dispatch(self, msg):
+        if msg.request is R.SET_VRING_NUM and msg.payload.index >= 1024:
+            self.listener.close()
+            self.close()
+            return None
+        return _ack_set_owner_always(self, msg)
+
+
+def test_a_must_failure_before_the_back_end_dies_still_fails_the_run(tmp_path, image, capsys):
+    from pyvmm.cli import main
+    with served(str(tmp_path / "dies.sock"), Blk(str(image)), DiesAtQueue1024) as listener:
+        DiesAtQueue1024.listener = listener
+        status = main(["check", "--socket", listener.path, "--device", "blk", "--timeout", "2"])
+    out = capsys.readouterr().out
+    assert status == 1, out
+    assert "BE-6    FAIL  MUST*" in out, out
+    _died_once(out, "BE-21")
+
+
+def test_mq_is_not_asked_of_a_back_end_without_bit_30(tmp_path):
+    """BE-16: MQ is a protocol feature, and a back-end without bit 30
+    (VHOST_USER_F_PROTOCOL_FEATURES) has none to offer: SKIP, not FAIL."""
+    from pyvmm.check.rules import Offer, Skipped
+    ctx = Context(SocketTarget(str(tmp_path / "none.sock"), timeout=1), Offer(1 << 32), None,
+                  timeout=1)
+    with pytest.raises(Skipped, match="bit 30"):
+        next(c for c in CHECKS if c.rule == "BE-16").run(ctx)
+
+
+class NoProtocolFeatures(Daemon):
+    """A back-end of before bit 30: no protocol features, so no REPLY_ACK
+    either; nothing but a reply tells the front-end a message was taken."""
+
+    @property
+    def offered_features(self):
+        return Daemon.offered_features.fget(self) & ~(1 << 30)
+
+
+def test_a_back_end_without_bit_30_fails_only_what_it_lacks(tmp_path, image):
+    """Without bit 30, what needs it is SKIPped (BE-16 too) and the ring
+    checks wait for the back-end to have taken each message (a GET_FEATURES
+    reply) before they kick: only BE-80 fails, QEMU's need of bit 30 for blk."""
+    lines = []
+    with served(str(tmp_path / "old.sock"), Blk(str(image)), NoProtocolFeatures) as listener:
+        run_checks(listener.path, "blk", lines.append, timeout=2)
+    assert [line.split()[0] for line in lines if " FAIL " in line] == ["BE-80"], \
+        "\n".join(lines)
+
+
+# --- net: a side effect shows only as an answer on RX --------------------------------------------
+
+class NetSink:
+    """A vhost-user-net back-end whose wire goes nowhere: TX is taken and
+    dropped, nothing ever comes back on RX (echo=True: each frame comes back
+    on RX, as dpdk-testpmd's icmpecho answers)."""
+
+    def __new__(cls, echo=False):
+        from pyvmm.vhost.user.backend.device import BackendDevice
+        from pyvmm.virtio import spec
+
+        class Net(BackendDevice):
+            device_id = spec.VIRTIO_ID_NET
+            name = "net"
+            num_queues = 2
+            frames = []
+
+            def handle_queue(self, index, ring, memory):
+                if index == 1:                                     # TX
+                    while (chain := ring.pop()) is not None:
+                        if echo:
+                            self.frames.append(b"".join(memory.read(b.addr, b.length)
+                                                        for b in chain.buffers))
+                        ring.push(chain.head, 0)
+                    if self.frames:
+                        self.daemon.wake(0)
+                    return
+                while self.frames and (chain := ring.pop()) is not None:     # RX
+                    frame, buf = self.frames.pop(0), chain.buffers[0]
+                    memory.write(buf.addr, frame[:buf.length])
+                    ring.push(chain.head, min(len(frame), buf.length))
+
+            def reset(self):
+                self.frames.clear()
+        return Net()
+
+
+SIDE_EFFECT_RULES = ["BE-50", "BE-52", "BE-54", "BE-55"]
+
+
+def _net_results(tmp_path, device, daemon_class=Daemon):
+    results = []
+    with served(str(tmp_path / f"{daemon_class.__name__}.sock"), device, daemon_class) as l:
+        run_checks(l.path, "net", lambda line: None, timeout=2,
+                   only={"BE-51", *SIDE_EFFECT_RULES}, results=results)
+    return {r["rule"]: (r["result"], r["detail"]) for r in results}
+
+
+def test_net_side_effects_unseen_are_not_passed(tmp_path):
+    """BE-50/52/54/55 on net: a back-end that does not echo shows no side
+    effect whatever it does, so those rules say they could not observe."""
+    results = _net_results(tmp_path, NetSink())
+    assert results.pop("BE-51")[0] == "PASS"
+    assert all(result == "SKIP" and "could not observe" in detail
+               for result, detail in results.values()), results
+
+
+def test_net_side_effects_seen_on_an_echoing_back_end(tmp_path):
+    """The same rules on a back-end that echoes: they pass, and fail on one
+    that executes TX on a disabled ring (BE-55)."""
+    results = _net_results(tmp_path, NetSink(echo=True))
+    assert all(result == "PASS" for result, _ in results.values()), results
+    results = _net_results(tmp_path, NetSink(echo=True), overriding(
+        _set_vring_enable=_ignore_disable))          # a class named Broken
+    assert results["BE-55"][0] == "FAIL", results
+
+
+def test_side_effects_of_a_back_end_that_never_completes(tmp_path, image):
+    """A back-end that takes requests and never completes them (Silent): BE-51
+    fails, and the side-effect rules, with nothing to observe, say so (once
+    learned, not waited for at each rule)."""
+    results = []
+    with served(str(tmp_path / "silent.sock"), Silent(str(image))) as listener:
+        run_checks(listener.path, "blk", lambda line: None, timeout=1,
+                   only={"BE-51", *SIDE_EFFECT_RULES}, results=results)
+    results = {r["rule"]: (r["result"], r["detail"]) for r in results}
+    assert results.pop("BE-51")[0] == "FAIL", results
+    assert all(result == "SKIP" and "could not observe" in detail and "see BE-51" in detail
+               for result, detail in results.values()), results

@@ -33,3 +33,21 @@ def test_requests_and_replies_read_without_the_spec():
         "-> GET_CONFIG offset=0 size=8 flags=0")
     assert line("->", BackendReq.CONFIG_CHANGE_MSG, Empty(), 0x9) == (
         "-> BACKEND_CONFIG_CHANGE_MSG [NEED_REPLY]")
+
+
+def test_the_readme_says_what_each_trace_names(top):
+    """The README's `--trace vhost-user` line for blk is what the trace prints
+    (blk's own bits by name, "..." for some left out); what it says of
+    `pyvmm trace` is what the proxy prints: it does not know the device (it
+    calls describe() with no names), so blk's FLUSH is bit9 there."""
+    import re
+    readme = (top / "README.md").read_text()
+    shown = re.search(r"virtio-blk0 <- reply to GET_FEATURES: features=(0x[0-9a-f]+) \((.*)\)",
+                      readme)
+    printed = line("<-", R.GET_FEATURES, U64(int(shown.group(1), 16)), 0x5)
+    names = printed[printed.index("(") + 1:-1].split("|")
+    head, tail = shown.group(2).split("|...|")
+    assert names[:len(head.split("|"))] == head.split("|") and names[-1] == tail, printed
+    proxied = describe("<-", Message(R.GET_FEATURES, 0x5, U64(1 << 32 | 1 << 9)))
+    assert proxied == "<- reply to GET_FEATURES: features=0x100000200 (bit9|VERSION_1)"
+    assert "blk's FLUSH is `bit9`" in " ".join(readme.split()), "the README does not say so"

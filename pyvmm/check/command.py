@@ -13,7 +13,8 @@ back. Then a summary.
 
 Where the back-end is:
   --socket PATH            it listens on PATH (and accepts one connection
-                           after another)
+                           after another; if it dies, the rules after the
+                           one it died at are skipped)
   --socket PATH --listen   pyvmm check listens on PATH and the back-end
                            connects (again after each check)
   -- COMMAND ...           pyvmm check starts the program itself, adds
@@ -35,8 +36,8 @@ examples:
   pyvmm check --device rng -- pyvmm backend rng
   pyvmm check --socket /tmp/net.sock --listen --device net
 
-exit status: 1 if a MUST rule failed (or the back-end could not be reached),
-else 0"""
+exit status: 1 if a MUST rule failed, or could not be checked (the back-end
+could not be reached, or died before it), else 0"""
 
 
 def add_parser(sub, formatter_class):

@@ -69,6 +69,7 @@ class Context:
 
     def __init__(self, target, offer, device=None, timeout=5.0):
         self.target, self.offer, self.device, self.timeout = target, offer, device, timeout
+        self.learned = {}       # what one check found out that later ones reuse
 
     def probe(self):
         return Probe(self.target.connect())

@@ -97,6 +97,7 @@ def protocol_consistent(ctx):
 
 @check("BE-16", "SHOULD", "MQ is offered, even for a fixed number of queues")
 def mq_offered(ctx):
+    ctx.needs_protocol_features()             # MQ is one of them
     if not ctx.offer.has(PF.MQ):
         raise Failed(f"protocol features {ctx.offer.protocol:#x} lack MQ (bit 0)")
 

@@ -12,7 +12,7 @@ import os
 
 from pyvmm.check.core import Failed, check, expect, known_protocol_mask
 from pyvmm.check.probe import NEED_REPLY
-from pyvmm.check.rings import running
+from pyvmm.check.rings import running, taken
 from pyvmm.driver.memory import ScatteredMemory
 from pyvmm.vhost.user.errors import Disconnected
 from pyvmm.vhost.user.messages import (FrontendReq as R, MemoryRegion, ProtocolFeature as PF,
@@ -128,6 +128,7 @@ def table_grows(ctx):
         path.request(d)
         memory.regions.append(held_back)
         d.backend.frontend.set_mem_table(memory)     # a new table, or ADD_MEM_REG
+        taken(d.backend.frontend)
         d.seek(held_back.guest_phys_addr)
         path.request(d)
 

@@ -17,8 +17,9 @@ import time
 
 from pyvmm.check.core import Failed, Skipped, check
 from pyvmm.check.probe import Probe
-from pyvmm.check.target import connect_when_listening
+from pyvmm.check.target import connect_when_listening, listening_inode
 from pyvmm.sys.process import stop
+from pyvmm.vhost.user.channel import Connection
 from pyvmm.vhost.user.errors import ChannelError
 from pyvmm.vhost.user.messages import FrontendReq as R
 
@@ -75,6 +76,11 @@ def answered(path, proc, timeout):
         conn = connect_when_listening(path, proc, timeout)
     except ChannelError as e:
         raise Failed(str(e)) from None
+    return features_answered(conn, proc)
+
+
+def features_answered(conn, proc):
+    """A Probe on conn (a Connection to proc) that got GET_FEATURES answered."""
     p = Probe(conn)
     try:
         reply = p.ask(R.GET_FEATURES)
@@ -84,6 +90,7 @@ def answered(path, proc, timeout):
         raise Failed(f"{e}" + (f" (the program exited with status {gone})"
                                if gone is not None else "")) from None
     if reply.request != R.GET_FEATURES:
+        p.close()
         raise Failed(f"sent GET_FEATURES; got {reply}")
     return p
 
@@ -131,16 +138,6 @@ def fails_early(ctx):
         raise Failed("with --socket-path in a directory that does not exist: exit status 0")
 
 
-def _listening_inode(path):
-    """The inode of the socket listening on path, from /proc/net/unix."""
-    with open("/proc/net/unix") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == path and fields[3] == "00010000":  # __SO_ACCEPTCON
-                return fields[6]
-    return None
-
-
 @check("BE-109", "MUST", "the program does not daemonize itself")
 def no_daemon(ctx):
     with socket_dir() as d, launched(ctx, [f"--socket-path={d}/be.sock"]) as proc:
@@ -148,7 +145,7 @@ def no_daemon(ctx):
         if proc.poll() is not None:
             raise Failed(f"the process started exited (status {proc.returncode}) while "
                          f"something else serves the socket")
-        inode = _listening_inode(f"{d}/be.sock")
+        inode = listening_inode(f"{d}/be.sock")
         fds = glob.glob(f"/proc/{proc.pid}/fd/*")
         if inode and not any(_link(fd) == f"socket:[{inode}]" for fd in fds):
             raise Failed(f"process {proc.pid} does not hold the listening socket: another "
@@ -186,8 +183,22 @@ def socket_path(ctx):
         answered(f"{d}/be.sock", proc, ctx.timeout).close()
 
 
-@check("BE-112", "MUST", "--fd=N serves the listening socket it inherits as fd N")
+@check("BE-112", "MUST", "--fd=N serves the socket it inherits as fd N (listening or connected)")
 def inherited_fd(ctx):
+    """The spec does not say which kind of socket fd N is: pyvmm's back-ends
+    take a listening one, vhost-user-gpu a connected one. Either passes."""
+    failures = []
+    for kind, attempt in (("a listening socket", _listening_fd),
+                          ("a connected socket (a socketpair end)", _connected_fd)):
+        try:
+            attempt(ctx)
+            return
+        except Failed as e:
+            failures.append(f"with {kind}: {e}")
+    raise Failed("; ".join(failures))
+
+
+def _listening_fd(ctx):
     with socket_dir() as d:
         path = f"{d}/be.sock"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -196,9 +207,24 @@ def inherited_fd(ctx):
         fd = listener.fileno()                 # the same number in the child (pass_fds)
         try:
             with launched(ctx, [f"--fd={fd}"], pass_fds=(fd,)) as proc:
+                # The child's copy only: if it dies, the socket goes and a
+                # connection is refused, instead of waiting in our own queue.
+                listener.close()
                 answered(path, proc, ctx.timeout).close()
         finally:
             listener.close()
+
+
+def _connected_fd(ctx):
+    ours, theirs = socket.socketpair()
+    fd = theirs.fileno()
+    try:
+        with launched(ctx, [f"--fd={fd}"], pass_fds=(fd,)) as proc:
+            theirs.close()                     # the child's copy only: EOF if it dies
+            features_answered(Connection(ours, "the back-end", ctx.timeout), proc).close()
+    finally:
+        theirs.close()
+        ours.close()
 
 
 @check("BE-113", "SHOULD**", "--socket-path and --fd together are refused")

@@ -20,6 +20,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -53,12 +54,30 @@ class Target:
         self.release()
 
     def gone(self):
-        """Why the back-end is no longer there (say, after a crash), or None."""
+        """Why the back-end is no longer there (say, after a crash), or None:
+        its socket file went, or nothing listens on it any more. /proc first:
+        a probing connection is one more that a back-end serving one
+        front-end at a time must take before the next check's."""
+        if not os.path.lexists(self.path):
+            return f"is gone: no socket at {self.path} any more"
+        if listening_inode(self.path) or listening_inode(os.path.abspath(self.path)):
+            return None
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                              | socket.SOCK_CLOEXEC)
         try:
-            Connection.connect(self.path, "the back-end", self.timeout).close()
-        except ChannelError as e:
-            return f"is gone ({e})"
+            probe.connect(self.path)
+        except ConnectionRefusedError:
+            return f"is gone: nothing listens on {self.path} any more"
+        except OSError:
+            pass                          # EAGAIN: its backlog is full, so it listens
+        finally:
+            probe.close()
         return None
+
+    def dead(self):
+        """Why no later check can reach the back-end, or None: it is gone and
+        nobody starts it again."""
+        return self.gone()
 
 
 class SocketTarget(Target):
@@ -186,6 +205,9 @@ class CommandTarget(Target):
             return f"was killed by {signal.Signals(-status).name}" if status < 0 else None
         return super().gone()
 
+    def dead(self):
+        return None                   # started again by the next check
+
     def stop(self):
         if self.proc is not None:
             stop(self.proc)
@@ -197,6 +219,21 @@ class CommandTarget(Target):
         if self.listener is not None:
             self.listener.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def listening_inode(path):
+    """The inode of the socket listening on path, from /proc/net/unix (None:
+    none, or no /proc to say)."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == path and fields[3] == "00010000":  # __SO_ACCEPTCON
+            return fields[6]
+    return None
 
 
 def connect_when_listening(path, proc, timeout, output=lambda: ""):
