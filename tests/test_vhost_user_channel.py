@@ -130,3 +130,32 @@ def test_listener_never_removes_a_file_that_is_not_a_socket(tmp_path):
     with pytest.raises(ChannelError, match="cannot listen on"):
         Listener(path)
     assert path.read_text() == "data"
+
+
+def test_connect_waits_while_the_listener_s_backlog_is_full(tmp_path):
+    """A Unix socket with a timeout answers EAGAIN at once when the listener's
+    backlog is full (a back-end busy with an earlier front-end): connect()
+    waits for room within its timeout, as a blocking connect would."""
+    import threading
+    path = str(tmp_path / "busy.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(0)
+    queued = []
+    while True:                                   # fill the backlog
+        s = socket.socket(socket.AF_UNIX)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            break
+        queued.append(s)
+    accepted = []
+    threading.Timer(0.3, lambda: accepted.append(server.accept()[0])).start()
+    conn = Connection.connect(path, "the busy back-end", timeout=5)
+    conn.close()
+    assert accepted
+    for s in queued + accepted:
+        s.close()
+    server.close()

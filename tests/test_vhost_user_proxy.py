@@ -102,11 +102,12 @@ def raw_back_end(path):
     return server
 
 
-def serving(listen, connect):
-    """The proxy in a thread, serving one front-end after another; its lines."""
+def serving(listen, connect, **options):
+    """The proxy in a thread, serving one front-end after another (options:
+    serve()'s); its lines."""
     lines = []
     thread = threading.Thread(target=proxy.serve, args=(listen, connect, lines.append),
-                              daemon=True)
+                              kwargs=options, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not os.path.exists(listen):
@@ -180,3 +181,25 @@ def test_the_next_front_end_is_served_after_the_back_end_hangs_up(tmp_path):
     assert any(line.startswith("-- forwarding to the back-end") for line in lines), lines
     for s in (second, back2, server):
         s.close()
+
+
+def test_trace_names_the_feature_bits_of_the_device_it_is_told(tmp_path):
+    """`pyvmm trace --device blk`: blk's own bits by name (FLUSH, not bit9)."""
+    from pyvmm.vhost.user.messages import U64, FrontendReq as R
+    from pyvmm.vhost.user.wire import encode
+    from pyvmm.virtio.blk import BLK_FEATURE_NAMES
+    listen, backend_path = str(tmp_path / "trace.sock"), str(tmp_path / "be.sock")
+    server = raw_back_end(backend_path)
+    thread, lines = serving(listen, backend_path, once=True, device_names=BLK_FEATURE_NAMES)
+    front = connect(listen)
+    back, _ = server.accept()
+    back.settimeout(10)
+    front.sendall(encode(R.GET_FEATURES, 0x1))
+    assert back.recv(12) == encode(R.GET_FEATURES, 0x1)
+    back.sendall(encode(R.GET_FEATURES, 0x5, U64(1 << 32 | 1 << 9).pack()))
+    assert len(front.recv(20)) == 20
+    front.close()
+    thread.join(10)
+    assert "<- reply to GET_FEATURES: features=0x100000200 (FLUSH|VERSION_1)" in lines, lines
+    back.close()
+    server.close()

@@ -42,7 +42,7 @@ class Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(timeout)
-            sock.connect(str(path))
+            _connect(sock, str(path), timeout)
         except FileNotFoundError:
             sock.close()
             raise ChannelError(f"no socket at {path}: is the back-end running?") from None
@@ -144,6 +144,19 @@ class Connection:
                                 f"message ({len(data)} of {length} bytes)")
             data += chunk
         return bytes(data)
+
+
+def _connect(sock, path, timeout):
+    """connect(), waiting up to timeout while the listener's backlog is full
+    (a Unix socket with a timeout answers EAGAIN at once, not EINPROGRESS)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return sock.connect(path)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the backlog of {path} stayed full") from None
+            time.sleep(0.01)
 
 
 def _fds_of(ancillary):

@@ -41,9 +41,11 @@ CHUNK = 1 << 16           # how much of an oversized payload is forwarded at a t
 class Proxy:
     """One front-end and one back-end, joined; write(line) gets the trace."""
 
-    def __init__(self, front, back, write):
+    def __init__(self, front, back, write, device_names=None):
+        """device_names: {bit: name} of the device's own feature bits, if known."""
         self.sides = {Side.FRONTEND: front, Side.BACKEND: back}
         self.write = write
+        self.device_names = device_names
         self.session = Session(Role.OBSERVER)
         self.broken = []             # the rule broken, as its line (at most one)
         self.messages = 0
@@ -92,7 +94,8 @@ class Proxy:
             self.session.receive(data, copies, sender=side)
             while (msg := self.session.next_message(sender=side)) is not NEED_DATA:
                 self.messages += 1
-                self.write(describe("->" if side is Side.FRONTEND else "<-", msg))
+                self.write(describe("->" if side is Side.FRONTEND else "<-", msg,
+                                    self.device_names))
                 for f in msg.fds:
                     os.close(f)
         except VhostUserError as e:
@@ -106,7 +109,7 @@ class Proxy:
         self.session.close()
 
 
-def serve(listen, connect, write, once=False):
+def serve(listen, connect, write, once=False, device_names=None):
     """Listen on `listen`; for each front-end, connect to the back-end at
     `connect` and trace until one side goes (the first only, with once).
     Returns the number of rules broken."""
@@ -126,7 +129,7 @@ def serve(listen, connect, write, once=False):
                 continue
             back.timeout = PATIENT
             write(f"-- a front-end connected; tracing it to {connect}")
-            proxy = Proxy(front, back, write)
+            proxy = Proxy(front, back, write, device_names)
             try:
                 why = proxy.run()
             finally:

@@ -1,6 +1,8 @@
 """`pyvmm trace`: its options and how it runs (the proxy is proxy.py, imported
 only when the command runs, so that `pyvmm run` does not pay for it)."""
 
+DEVICE_NAMES = ("blk",)      # devices whose feature bits pyvmm can name
+
 DESCRIPTION = """\
 Trace a vhost-user conversation: listen on --listen for a front-end (give
 QEMU or pyvmm that path as the back-end's socket), connect to the real
@@ -26,6 +28,9 @@ def add_parser(sub, formatter_class):
     p.add_argument("--once", action="store_true",
                    help="end when the first front-end goes (default: serve the next one)")
     p.add_argument("--output", metavar="FILE", help="write the trace to FILE, not stdout")
+    p.add_argument("--device", choices=sorted(DEVICE_NAMES),
+                   help="name the device's own feature bits (vhost-user does not say which "
+                        "device a back-end is, so they come by number otherwise)")
     return p
 
 
@@ -33,6 +38,7 @@ def run(args):
     import signal
     import sys
 
+    from pyvmm.virtio import blk
     from pyvmm.vhost.user.errors import ChannelError
     from pyvmm.vhost.user.proxy import serve
     out = sys.stdout
@@ -51,7 +57,8 @@ def run(args):
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, terminate)
     try:
-        broken = serve(args.listen, args.connect, write, once=args.once)
+        names = {"blk": blk.BLK_FEATURE_NAMES}.get(args.device)
+        broken = serve(args.listen, args.connect, write, once=args.once, device_names=names)
     except ChannelError as e:
         print(f"pyvmm: error: {e}", file=sys.stderr)
         return 1
