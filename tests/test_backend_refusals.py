@@ -1,0 +1,311 @@
+"""pyvmm's back-end programs against a front-end that sends what it should
+not (issue 19, items 9-18): raw frames on a raw socket (tests/hostile.py),
+the program in its own process. A request the back-end cannot carry out
+is refused in one line and the connection goes on; nothing leaks, spins,
+blocks or dies. No KVM."""
+
+import fcntl
+import os
+import socket
+import time
+
+import pytest
+from hostile import (ADD_MEM_REG, GET_FEATURES, GET_INFLIGHT_FD, INFLIGHT, SET_BACKEND_REQ_FD,
+                     SET_INFLIGHT_FD, SET_MEM_TABLE, SET_VRING_ADDR, SET_VRING_CALL,
+                     SET_VRING_ERR, SET_VRING_KICK, SET_VRING_NUM, Backend, Guest, eventfd,
+                     mem_table, memfd, region, single, state, u64, wait_readable)
+
+SET_LOG_FD = 7
+
+
+@pytest.fixture
+def rng(tmp_path):
+    with Backend(tmp_path, "rng") as backend:
+        yield backend
+
+
+def refusals(backend):
+    """The lines of its log that say a request was refused."""
+    return [line for line in backend.log().splitlines() if " refused: " in line]
+
+
+def assert_clean(backend):
+    """Alive, answering, and one line per complaint: no traceback."""
+    assert backend.alive(), backend.log()
+    assert backend.answers(), backend.log()
+    assert "Traceback" not in backend.log(), backend.log()
+
+
+# --- item 12: kick, call and error fds that are not eventfds ----------------------------------
+
+def not_eventfds(tmp_path):
+    """(what, fd) for each kind of fd that is not an eventfd; the caller closes them."""
+    read_end, write_end = os.pipe()
+    os.close(write_end)                                   # a pipe at EOF: readable forever
+    ours, theirs = socket.socketpair()
+    ours.close()                                          # a socket whose peer has gone
+    path = tmp_path / "file"
+    path.write_bytes(b"x" * 8)
+    return [("a pipe at EOF", read_end), ("a socket at EOF", theirs.detach()),
+            ("a regular file", os.open(path, os.O_RDWR)),
+            ("/dev/null", os.open("/dev/null", os.O_RDWR))]
+
+
+@pytest.mark.parametrize("request_", [SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR])
+def test_a_ring_fd_that_is_not_an_eventfd_is_refused(rng, tmp_path, request_):
+    """A pipe or socket at EOF as the kick fd made the back-end spin at 100 % CPU
+    (and log a line each time round); a regular file could not be watched, and
+    the request was never answered. Each is refused now: a non-zero ack, one
+    line, and the connection goes on."""
+    guest = Guest()
+    with rng.connect() as fe:
+        fe.handshake()
+        assert fe.ack(SET_MEM_TABLE, guest.table(), fds=(guest.fd,)) == 0
+        for request, payload in ((SET_VRING_NUM, state(0, guest.num)),
+                                 (SET_VRING_ADDR, guest.vring_addr())):
+            assert fe.ack(request, payload) == 0
+        for what, fd in not_eventfds(tmp_path):
+            try:
+                assert fe.ack(request_, u64(0), fds=(fd,)) != 0, what
+            finally:
+                os.close(fd)
+        cpu = rng.cpu_seconds()
+        time.sleep(0.5)
+        assert rng.cpu_seconds() - cpu < 0.2                # no busy loop
+        assert fe.u64(GET_FEATURES)                         # still served
+    guest.close()
+    assert_clean(rng)
+    assert len(refusals(rng)) == 4, rng.log()
+
+
+def test_the_same_complaint_again_and_again_is_a_few_lines(rng):
+    """A request it does not serve, 300 times: a few lines, and a count of the
+    ones left out, not 300 lines."""
+    with rng.connect() as fe:
+        fe.handshake()
+        for _ in range(300):
+            fd = eventfd()
+            try:
+                assert fe.ack(SET_LOG_FD, fds=(fd,)) != 0
+            finally:
+                os.close(fd)
+    assert_clean(rng)
+    lines = [line for line in rng.log().splitlines() if "SET_LOG_FD" in line]
+    assert 1 <= len(lines) <= 10, rng.log()
+
+
+# --- item 13: fds leaked on refusals ---------------------------------------------------------
+
+def test_a_memory_table_it_cannot_map_leaks_no_fds(rng):
+    """SET_MEM_TABLE whose first region cannot be mapped (a pipe for a memfd)
+    leaked the fds of the regions after it, two here, on every message; it is
+    refused now, with every fd closed."""
+    baseline = rng.fds()
+    for _ in range(5):
+        read_end, write_end = os.pipe()
+        good = [memfd(1 << 20), memfd(1 << 20)]
+        table = mem_table(region(0, 1 << 20, 0x10000000), region(1 << 20, 1 << 20, 0x20000000),
+                          region(2 << 20, 1 << 20, 0x30000000))
+        try:
+            with rng.connect() as fe:
+                fe.handshake()
+                assert fe.ack(SET_MEM_TABLE, table, fds=(read_end, *good)) != 0
+                assert fe.u64(GET_FEATURES)
+        finally:
+            for fd in (read_end, write_end, *good):
+                os.close(fd)
+    assert rng.settled_fds(baseline) == baseline
+    assert_clean(rng)
+
+
+def test_a_back_end_channel_that_is_not_a_socket_is_refused(rng):
+    """SET_BACKEND_REQ_FD with a pipe was never answered (the front-end waits for
+    its ack for ever) and leaked the fd; it is refused now."""
+    baseline = rng.fds()
+    with rng.connect() as fe:
+        fe.handshake()
+        read_end, write_end = os.pipe()
+        try:
+            assert fe.ack(SET_BACKEND_REQ_FD, fds=(read_end,)) != 0
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        assert fe.u64(GET_FEATURES)
+    assert rng.settled_fds(baseline) == baseline
+    assert_clean(rng)
+
+
+# --- item 14: memory slots ----------------------------------------------------------------------
+
+def test_the_memory_slots_are_enforced_without_being_asked(rng):
+    """BE-37: GET_MAX_MEM_SLOTS answers 32, and the 33rd ADD_MEM_REG is refused,
+    whether or not the front-end asked (it took 20,000 regions before)."""
+    fd = memfd(33 * 4096)
+    try:
+        with rng.connect() as fe:
+            fe.handshake()
+            for i in range(32):
+                assert fe.ack(ADD_MEM_REG, single(region(i << 20, 4096, 0x10000000 + (i << 20),
+                                                         i * 4096)), fds=(fd,)) == 0
+            assert fe.ack(ADD_MEM_REG, single(region(32 << 20, 4096, 0x30000000, 32 * 4096)),
+                          fds=(fd,)) != 0
+            assert fe.u64(GET_FEATURES)
+    finally:
+        os.close(fd)
+    assert_clean(rng)
+    assert any("memory slots" in line for line in refusals(rng)), rng.log()
+
+
+# --- item 10: memory the front-end could shrink -------------------------------------------------
+
+def test_memory_that_can_be_sealed_is_sealed_against_shrinking(rng):
+    """A front-end that shrank a memfd after handing it over killed the back-end
+    with SIGBUS at its next access (exit -7, not a word). A memfd that allows
+    sealing gets F_SEAL_SHRINK from the back-end: the shrink fails, and the
+    back-end goes on serving."""
+    guest = Guest(seals=0)                                # sealable, not sealed
+    kick, call = eventfd(), eventfd()
+    try:
+        with rng.connect() as fe:
+            fe.handshake()
+            guest.start(fe, kick=kick, call=call)
+            assert fcntl.fcntl(guest.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+            with pytest.raises(PermissionError):
+                os.ftruncate(guest.fd, 0)
+            guest.write_desc(0, Guest.BUF, 64, 2)         # one writable buffer
+            guest.make_available(0)
+            os.eventfd_write(kick, 1)
+            assert wait_readable(call), rng.log()
+            assert guest.used_idx() == 1
+    finally:
+        for fd in (kick, call):
+            os.close(fd)
+        guest.close()
+    assert_clean(rng)
+
+
+@pytest.mark.parametrize("what", ["a memfd that cannot be sealed", "a file on tmpfs",
+                                  "a file shorter than the region"])
+def test_memory_that_could_shrink_is_refused(rng, tmp_path, what):
+    """Memory the back-end cannot make safe is refused, in one line that says
+    how to fix it; so is a file that does not cover the region (its first
+    access past the end would be the SIGBUS)."""
+    if what == "a memfd that cannot be sealed":
+        fd = memfd(1 << 20, sealing=False)
+    elif what == "a file on tmpfs":
+        path = "/dev/shm/pyvmm-test-" + tmp_path.name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.unlink(path)
+        os.ftruncate(fd, 1 << 20)
+    else:
+        fd = memfd(1 << 19)
+    try:
+        with rng.connect() as fe:
+            fe.handshake()
+            assert fe.ack(SET_MEM_TABLE, mem_table(region(0, 1 << 20, 0x10000000)),
+                          fds=(fd,)) != 0
+            assert fe.u64(GET_FEATURES)
+        assert os.fstat(fd).st_size == (1 << 19 if what.endswith("region") else 1 << 20)
+    finally:
+        os.close(fd)
+    assert_clean(rng)
+    [line] = refusals(rng)
+    if what == "a file shorter than the region":
+        assert "bytes up to 1048576 would be mapped" in line
+    else:
+        assert "SIGBUS" in line and "--allow-unsealed-memory" in line, line
+
+
+def test_unsealed_memory_is_taken_from_a_trusted_front_end(tmp_path):
+    """--allow-unsealed-memory: for a front-end whose memory cannot be sealed
+    (QEMU's memory-backend-file on hugetlbfs, say), at its own risk."""
+    with Backend(tmp_path, "rng", "--allow-unsealed-memory") as rng:
+        fd = memfd(1 << 20, sealing=False)
+        try:
+            with rng.connect() as fe:
+                fe.handshake()
+                assert fe.ack(SET_MEM_TABLE, mem_table(region(0, 1 << 20, 0x10000000)),
+                              fds=(fd,)) == 0
+        finally:
+            os.close(fd)
+        assert_clean(rng)
+    import subprocess
+    import sys
+    helped = subprocess.run([sys.executable, "-m", "pyvmm", "backend", "blk", "--help"],
+                            capture_output=True, text=True, timeout=30).stdout
+    assert "--allow-unsealed-memory" in helped and "SIGBUS" in helped
+
+
+def test_the_inflight_area_is_sealed_both_ways(tmp_path):
+    """The area GET_INFLIGHT_FD makes cannot shrink or grow; one handed back
+    (SET_INFLIGHT_FD) that could shrink is refused."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    with Backend(tmp_path, "blk", "--image", str(image)) as blk:
+        with blk.connect() as fe:
+            fe.handshake()
+            answer, fds = fe.ask(GET_INFLIGHT_FD, INFLIGHT.pack(0, 0, 1, 64))
+            [area] = fds
+            try:
+                size = INFLIGHT.unpack(answer)[0]
+                seals = fcntl.fcntl(area, fcntl.F_GET_SEALS)
+                assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+                assert fe.ack(SET_INFLIGHT_FD, INFLIGHT.pack(size, 0, 1, 64), fds=(area,)) == 0
+            finally:
+                os.close(area)
+            loose = memfd(size, sealing=False)
+            try:
+                assert fe.ack(SET_INFLIGHT_FD, INFLIGHT.pack(size, 0, 1, 64), fds=(loose,)) != 0
+            finally:
+                os.close(loose)
+        assert_clean(blk)
+
+
+# --- item 11: a call eventfd that cannot take more -------------------------------------------------
+
+def test_a_saturated_call_eventfd_does_not_block_the_back_end(rng):
+    """A call eventfd whose counter is full (0xfffffffffffffffe), blocking as
+    the front-end made it: the back-end's write blocked for ever, and so did
+    every later front-end. It signals without waiting now (a full counter has
+    an interrupt pending anyway)."""
+    guest = Guest()
+    kick = eventfd()
+    call = os.eventfd(0)                                  # blocking ...
+    os.eventfd_write(call, 0xFFFF_FFFF_FFFF_FFFE)         # ... and full
+    try:
+        with rng.connect(timeout=3) as fe:
+            fe.handshake()
+            guest.start(fe, kick=kick, call=call)
+            guest.write_desc(0, Guest.BUF, 64, 2)
+            guest.make_available(0)
+            os.eventfd_write(kick, 1)
+            assert guest.wait_used(1)
+            assert fe.u64(GET_FEATURES)                   # it answers: not stuck in write()
+    finally:
+        for fd in (kick, call):
+            os.close(fd)
+        guest.close()
+    assert_clean(rng)
+
+
+def test_the_rate_limit_counts_what_it_leaves_out():
+    """Per kind of line (format and request name), a burst, then silence
+    counted, and the count on the next line that passes."""
+    import logging
+
+    from pyvmm.vhost.user.backend.logs import RateLimit
+    now = [0.0]
+    limit = RateLimit(burst=3, period=10, clock=lambda: now[0])
+
+    def line(*args):
+        record = logging.LogRecord("pyvmm.backend", logging.WARNING, __file__, 1,
+                                   "%s refused: %s", args, None)
+        return record.getMessage() if limit.filter(record) else None
+
+    passed = [line("SET_VRING_KICK", f"because {i}") for i in range(100)]
+    assert passed[:3] == [f"SET_VRING_KICK refused: because {i}" for i in range(3)]
+    assert passed[3:] == [None] * 97
+    assert line("SET_MEM_TABLE", "another kind") is not None
+    now[0] = 10.0
+    assert line("SET_VRING_KICK", "again") == \
+        "SET_VRING_KICK refused: again (97 more like this left out)"
