@@ -11,8 +11,9 @@ import time
 
 import pytest
 from hostile import (ADD_MEM_REG, GET_FEATURES, GET_INFLIGHT_FD, INFLIGHT, SET_BACKEND_REQ_FD,
-                     SET_INFLIGHT_FD, SET_MEM_TABLE, SET_VRING_ADDR, SET_VRING_CALL,
-                     SET_VRING_ERR, SET_VRING_KICK, SET_VRING_NUM, Backend, Guest, eventfd,
+                     GET_VRING_BASE, SET_INFLIGHT_FD, SET_MEM_TABLE, SET_VRING_ADDR,
+                     SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ERR, SET_VRING_KICK,
+                     SET_VRING_NUM, Backend, Guest, eventfd,
                      mem_table, memfd, region, single, state, u64, wait_readable)
 
 SET_LOG_FD = 7
@@ -309,3 +310,55 @@ def test_the_rate_limit_counts_what_it_leaves_out():
     now[0] = 10.0
     assert line("SET_VRING_KICK", "again") == \
         "SET_VRING_KICK refused: again (97 more like this left out)"
+
+
+# --- item 9: a second SET_VRING_KICK ------------------------------------------------------------
+
+def test_a_second_kick_fd_keeps_the_rings_place(rng):
+    """A second SET_VRING_KICK on a started ring rebuilt it at the old base and
+    served every completed request again (a blk write ran twice). The ring
+    keeps its place now: the new fd replaces the old, nothing is replayed."""
+    guest = Guest()
+    kick, call = eventfd(), eventfd()
+    new_kick = eventfd()
+    try:
+        with rng.connect() as fe:
+            fe.handshake()
+            guest.start(fe, kick=kick, call=call)
+            for head in (0, 1):
+                guest.write_desc(head, Guest.BUF + 64 * head, 64, 2)
+                guest.make_available(head)
+            os.eventfd_write(kick, 1)
+            assert guest.wait_used(2)
+            assert fe.ack(SET_VRING_KICK, u64(0), fds=(new_kick,)) == 0
+            assert not guest.wait_used(3, timeout=0.3) and guest.used_idx() == 2   # no replay
+            guest.write_desc(2, Guest.BUF + 128, 64, 2)
+            guest.make_available(2)
+            os.eventfd_write(new_kick, 1)
+            assert guest.wait_used(3)
+            answer, _ = fe.ask(GET_VRING_BASE, state(0, 0))
+            assert answer == state(0, 3)
+    finally:
+        for fd in (kick, call, new_kick):
+            os.close(fd)
+        guest.close()
+    assert_clean(rng)
+
+
+@pytest.mark.parametrize("request_", [SET_VRING_NUM, SET_VRING_BASE])
+def test_size_and_base_do_not_change_under_a_running_ring(rng, request_):
+    """As vhost's VHOST_SET_VRING_NUM/BASE (EBUSY): refused while the ring runs,
+    taken once GET_VRING_BASE has stopped it."""
+    guest = Guest()
+    kick = eventfd()
+    try:
+        with rng.connect() as fe:
+            fe.handshake()
+            guest.start(fe, kick=kick)
+            assert fe.ack(request_, state(0, 4)) != 0
+            fe.ask(GET_VRING_BASE, state(0, 0))
+            assert fe.ack(request_, state(0, 4)) == 0
+    finally:
+        os.close(kick)
+        guest.close()
+    assert_clean(rng)

@@ -319,8 +319,16 @@ class Daemon:
             raise Refused(f"queue {index}: the device has {len(self.rings)}", "FE-16")
         return self.rings[index]
 
+    def _stopped_ring(self, index, what):
+        """Ring index, which must be stopped: its size and base do not change
+        under a running ring (vhost's VHOST_SET_VRING_NUM/BASE: EBUSY)."""
+        ring = self._ring(index)
+        if ring.started:
+            raise Refused(f"queue {index}: {what} while it runs (GET_VRING_BASE stops it)")
+        return ring
+
     def _set_vring_num(self, msg):
-        ring = self._ring(msg.payload.index)
+        ring = self._stopped_ring(msg.payload.index, "a new size")
         try:
             check_queue_size(msg.payload.num, self.device.max_queue_size)
         except RingError as e:
@@ -328,13 +336,14 @@ class Daemon:
         ring.num = msg.payload.num
 
     def _set_vring_base(self, msg):
-        self._ring(msg.payload.index).base = msg.payload.num
+        self._stopped_ring(msg.payload.index, "a new base").base = msg.payload.num
 
     def _set_vring_addr(self, msg):
         self._ring(msg.payload.index).addr = msg.payload
 
     def _device_ring(self, ring):
-        """A DeviceRing at ring's addresses, from its base."""
+        """A DeviceRing at ring's addresses, from its base (Vring.start keeps
+        the place of a ring already started)."""
         if ring.num is None or ring.addr is None:
             raise Refused(f"queue {ring.index}: no size or address yet", "FE-50")
         a, m = ring.addr, self.memory
@@ -355,7 +364,8 @@ class Daemon:
         setattr(ring, attribute, fd)
 
     def _set_vring_kick(self, msg):
-        """BE-46: the kick fd starts the ring."""
+        """BE-46: the kick fd starts the ring; a started ring takes the new fd
+        (and addresses) where it is."""
         ring = self._ring(msg.payload.index)
         device_ring = self._device_ring(ring)
         self._replace_fd(ring, "kick", self._eventfd(msg, "kick"))
