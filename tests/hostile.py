@@ -340,3 +340,12 @@ class Backend:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def peak_rss_kib(pid):
+    """VmHWM: the most resident memory the process has had."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
