@@ -265,12 +265,21 @@ def fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def rss_kib(pid):
+def _status_kib(pid, field):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def rss_kib(pid):
+    return _status_kib(pid, "VmRSS")
+
+
+def peak_rss_kib(pid):
+    """VmHWM: the most resident memory the process has had."""
+    return _status_kib(pid, "VmHWM")
 
 
 class Backend:
@@ -340,12 +349,3 @@ class Backend:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def peak_rss_kib(pid):
-    """VmHWM: the most resident memory the process has had."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0

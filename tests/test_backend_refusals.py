@@ -4,6 +4,7 @@ the program in its own process. A request the back-end cannot carry out
 is refused in one line and the connection goes on; nothing leaks, spins,
 blocks or dies. No KVM."""
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -371,17 +372,24 @@ def test_size_and_base_do_not_change_under_a_running_ring(rng, request_):
 VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT = 1, 2, 4
 
 
-def one_request(rng, guest, post):
-    """Start queue 0, post() the descriptors of head 0, kick; (call, err) fds,
-    for the caller to look at and close."""
+@contextlib.contextmanager
+def one_request(rng, size, post):
+    """Guest memory of size bytes, queue 0 started, post(guest) writing the
+    descriptors of head 0, a kick; yields (guest, call, err) and cleans up."""
+    guest = Guest(size=size)
     kick, call, err = eventfd(), eventfd(), eventfd()
-    fe = rng.connect()
-    fe.handshake()
-    guest.start(fe, kick=kick, call=call, err=err)
-    post(guest)
-    guest.make_available(0)
-    os.eventfd_write(kick, 1)
-    return fe, (kick, call, err)
+    try:
+        with rng.connect() as fe:
+            fe.handshake()
+            guest.start(fe, kick=kick, call=call, err=err)
+            post(guest)
+            guest.make_available(0)
+            os.eventfd_write(kick, 1)
+            yield guest, call, err
+    finally:
+        for fd in (kick, call, err):
+            os.close(fd)
+        guest.close()
 
 
 def test_an_indirect_table_is_read_a_descriptor_at_a_time(rng):
@@ -389,77 +397,46 @@ def test_an_indirect_table_is_read_a_descriptor_at_a_time(rng):
     back-end's memory per request (the table was copied whole). A table of
     more than 65536 descriptors is a broken ring now (as vhost says), and
     none is ever copied whole."""
-    guest = Guest(size=256 << 20)
     before = peak_rss_kib(rng.pid)
-    fe, fds = one_request(rng, guest, lambda g: g.write_desc(
-        0, Guest.BUF, (255 << 20), VIRTQ_DESC_F_INDIRECT))
-    try:
-        assert wait_readable(fds[2]), "no ring error reported"
+    with one_request(rng, 256 << 20, lambda g: g.write_desc(
+            0, Guest.BUF, 255 << 20, VIRTQ_DESC_F_INDIRECT)) as (guest, call, err):
+        assert wait_readable(err), "no ring error reported"
         assert guest.used_idx() == 0
         assert peak_rss_kib(rng.pid) - before < 32 << 10
-    finally:
-        fe.close()
-        for fd in fds:
-            os.close(fd)
-        guest.close()
     assert_clean(rng)
 
 
 def test_an_indirect_table_still_works(rng):
-    guest = Guest()
-
     def post(g):
         table = Guest.BUF + 0x1000
         g.write_desc(0, Guest.BUF, 64, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1, table=table)
         g.write_desc(1, Guest.BUF + 64, 64, VIRTQ_DESC_F_WRITE, table=table)
         g.write_desc(0, table, 32, VIRTQ_DESC_F_INDIRECT)
-    fe, fds = one_request(rng, guest, post)
-    try:
-        assert wait_readable(fds[1])
+    with one_request(rng, 1 << 20, post) as (guest, call, err):
+        assert wait_readable(call)
         assert guest.used_idx() == 1
-    finally:
-        fe.close()
-        for fd in fds:
-            os.close(fd)
-        guest.close()
 
 
 def test_a_chain_longer_than_4_gib_is_a_broken_ring(rng):
     """A chain whose writable bytes pass 2^32 - 1 (two 2 GiB buffers) was never
     completed nor reported (rng made 4 GiB of random bytes); its length does
     not fit the used ring's u32, so it is a broken ring, reported at once."""
-    guest = Guest(size=2 << 30)
-
     def post(g):
         g.write_desc(0, 0, 1 << 31, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1)
         g.write_desc(1, 0, 1 << 31, VIRTQ_DESC_F_WRITE)
-    fe, fds = one_request(rng, guest, post)
-    try:
-        assert wait_readable(fds[2], timeout=3), "no ring error reported"
+    with one_request(rng, 2 << 30, post) as (guest, call, err):
+        assert wait_readable(err, timeout=3), "no ring error reported"
         assert guest.used_idx() == 0
         assert peak_rss_kib(rng.pid) < 256 << 10
-    finally:
-        fe.close()
-        for fd in fds:
-            os.close(fd)
-        guest.close()
     assert_clean(rng)
 
 
 def test_rng_fills_at_most_64_kib_a_request(rng):
     """virtio-rng may fill less than the buffer: a 1 GiB buffer gets 64 KiB, not
     a gigabyte of random bytes made in one piece."""
-    guest = Guest(size=1 << 30)
-    fe, fds = one_request(rng, guest, lambda g: g.write_desc(0, Guest.BUF, (1 << 30) - Guest.BUF,
-                                                             VIRTQ_DESC_F_WRITE))
-    try:
-        assert wait_readable(fds[1], timeout=3)
-        used = guest.used + 4
-        assert struct.unpack_from("<II", guest.map, used) == (0, 64 << 10)
+    with one_request(rng, 1 << 30, lambda g: g.write_desc(
+            0, Guest.BUF, (1 << 30) - Guest.BUF, VIRTQ_DESC_F_WRITE)) as (guest, call, err):
+        assert wait_readable(call, timeout=3)
+        assert struct.unpack_from("<II", guest.map, guest.used + 4) == (0, 64 << 10)
         assert peak_rss_kib(rng.pid) < 256 << 10
-    finally:
-        fe.close()
-        for fd in fds:
-            os.close(fd)
-        guest.close()
     assert_clean(rng)
