@@ -7,12 +7,13 @@ blocks or dies. No KVM."""
 import contextlib
 import fcntl
 import os
+import signal
 import socket
 import struct
 import time
 
 import pytest
-from hostile import (ADD_MEM_REG, GET_FEATURES, GET_INFLIGHT_FD, INFLIGHT, SET_BACKEND_REQ_FD,
+from hostile import (ADD_MEM_REG, GET_CONFIG, GET_FEATURES, GET_INFLIGHT_FD, INFLIGHT, SET_BACKEND_REQ_FD,
                      GET_VRING_BASE, SET_INFLIGHT_FD, SET_MEM_TABLE, SET_VRING_ADDR,
                      SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ERR, SET_VRING_KICK,
                      SET_VRING_NUM, Backend, Guest, eventfd,
@@ -440,3 +441,59 @@ def test_rng_fills_at_most_64_kib_a_request(rng):
         assert struct.unpack_from("<II", guest.map, guest.used + 4) == (0, 64 << 10)
         assert peak_rss_kib(rng.pid) < 256 << 10
     assert_clean(rng)
+
+
+# --- item 17: SIGHUP ------------------------------------------------------------------------
+
+def blk_with_channel(tmp_path, sndbuf=None):
+    """A blk back-end, a connection with CONFIG and a back-end channel (its
+    SO_SNDBUF at the back-end's end set to sndbuf); (the Backend, the
+    front-end, our end of the channel, the image)."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    blk = Backend(tmp_path, "blk", "--image", str(image))
+    fe = blk.connect()
+    fe.handshake()
+    ours, theirs = socket.socketpair()
+    if sndbuf is not None:
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    assert fe.ack(SET_BACKEND_REQ_FD, fds=(theirs.fileno(),)) == 0
+    theirs.close()
+    return blk, fe, ours, image
+
+
+def test_sighup_with_a_channel_gone_is_one_line(tmp_path):
+    """kill -HUP (the image grew) with a back-end channel whose peer had gone
+    ended the back-end with a traceback: the message was sent from inside the
+    signal handler. The handler only asks now; the loop does the work, and a
+    channel that is gone is one line."""
+    blk, fe, ours, image = blk_with_channel(tmp_path)
+    with blk:
+        ours.close()
+        image.write_bytes(bytes(2 << 20))
+        os.kill(blk.pid, signal.SIGHUP)
+        capacity, _ = fe.ask(GET_CONFIG, struct.pack("=III", 0, 8, 0) + bytes(8))
+        deadline = time.monotonic() + 5
+        while capacity[12:] != struct.pack("<Q", 4096) and time.monotonic() < deadline:
+            capacity, _ = fe.ask(GET_CONFIG, struct.pack("=III", 0, 8, 0) + bytes(8))
+        assert capacity[12:] == struct.pack("<Q", 4096)      # 2 MiB in sectors
+        fe.close()
+        assert_clean(blk)
+
+
+def test_many_sighups_are_no_recursion(tmp_path):
+    """Thousands of SIGHUPs while the front-end does not read its back-end
+    channel: a handler blocked in the send was interrupted by the next, and so
+    on, until RecursionError. The handler only asks now; the loop sends, and
+    a channel that takes nothing for a second is given up, in one line."""
+    blk, fe, ours, image = blk_with_channel(tmp_path, sndbuf=1)
+    with blk:
+        for _ in range(3000):
+            os.kill(blk.pid, signal.SIGHUP)
+        time.sleep(1.5)
+        assert fe.u64(GET_FEATURES)
+        ours.settimeout(5)
+        assert struct.unpack("=III", ours.recv(12))[0] == 2   # BACKEND_CONFIG_CHANGE_MSG
+        fe.close()
+        ours.close()
+        assert_clean(blk)

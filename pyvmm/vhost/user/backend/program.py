@@ -191,8 +191,9 @@ def run(args, parser):
     def terminate(signum, frame):
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, terminate)
-    if hasattr(device, "resize"):         # blk: the image grew (or shrank)
-        signal.signal(signal.SIGHUP, lambda signum, frame: device.resize())
+    if hasattr(device, "request_resize"):     # blk: the image grew (or shrank)
+        # Only asks: the work (and the message to the front-end) is the loop's.
+        signal.signal(signal.SIGHUP, lambda signum, frame: device.request_resize())
     logging.getLogger("pyvmm.backend").setLevel(logging.INFO)
     options = {"allow_unsealed_memory": args.allow_unsealed_memory}
     if args.connect is not None:
