@@ -13,12 +13,12 @@ import struct
 import time
 
 import pytest
-from hostile import (ADD_MEM_REG, GET_CONFIG, GET_FEATURES, GET_INFLIGHT_FD, INFLIGHT, SET_BACKEND_REQ_FD,
-                     GET_VRING_BASE, SET_INFLIGHT_FD, SET_MEM_TABLE, SET_VRING_ADDR,
-                     SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ERR, SET_VRING_KICK,
-                     SET_VRING_NUM, Backend, Guest, eventfd,
-                     mem_table, memfd, peak_rss_kib, region, single, state, u64,
-                     wait_readable)
+from hostile import (
+    ADD_MEM_REG, GET_CONFIG, GET_FEATURES, GET_INFLIGHT_FD, GET_MAX_MEM_SLOTS, GET_QUEUE_NUM,
+    GET_VRING_BASE, INFLIGHT, SET_BACKEND_REQ_FD, SET_FEATURES, SET_INFLIGHT_FD, SET_MEM_TABLE,
+    SET_OWNER, SET_STATUS, SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ERR,
+    SET_VRING_KICK, SET_VRING_NUM, VERSION_1, Backend, Guest, eventfd, mem_table, memfd,
+    peak_rss_kib, region, single, state, u64, wait_readable)
 
 SET_LOG_FD = 7
 

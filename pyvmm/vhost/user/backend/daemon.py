@@ -436,39 +436,46 @@ class Daemon:
         self._process(ring)
 
     def _process(self, ring):
-        """Let the device work on ring; asked again from inside a device's
-        handle_queue (vsock's tx waking its rx), the ring runs right after the
-        current one rather than inside it."""
+        """Let the device work on ring, then interrupt the driver. Asked again
+        from inside a device's handle_queue (vsock's tx waking its rx), the
+        ring runs right after the current one rather than inside it; and the
+        interrupts come once all have run, so that the driver finds what one
+        ring's requests made another do (vsock's replies) when it hears of
+        either."""
         if ring not in self._pending:
             self._pending.append(ring)
         if self._processing:
             return
         self._processing = True
+        used_before = {}                  # ring -> its used index before this round
         try:
             while self._pending:
-                self._run(self._pending.pop(0))
+                self._run(self._pending.pop(0), used_before)
         finally:
             self._processing = False
             self._pending.clear()
+        for r, before in used_before.items():
+            self._interrupt(r, before)
 
-    def _run(self, ring):
-        """Let the device work on a started, enabled, unbroken ring; interrupt the driver."""
+    def _run(self, ring, used_before):
+        """Let the device work on a started, enabled, unbroken ring."""
         dr = ring.device_ring
         if dr is None or not ring.enabled or ring.broken:
             return
         try:
-            used_before = dr.used_idx()
-        except RingError as e:
-            return self._broken(ring, str(e))
-        try:
+            used_before.setdefault(ring, dr.used_idx())
             self.device.handle_queue(ring.index, ring, self.memory)
         except RingError as e:
             self._broken(ring, str(e))
         except Exception as e:  # noqa: BLE001 - whatever the guest made a device do
             self._broken(ring, f"the device failed: {type(e).__name__}: {e}")
+
+    def _interrupt(self, ring, used_before):
+        """Signal the call eventfd if the driver wants to hear of what was used."""
         event_idx = self.features & spec.bit(spec.VIRTIO_RING_F_EVENT_IDX)
         try:
-            if ring.call is not None and dr.should_notify(used_before, event_idx):
+            if ring.call is not None and ring.device_ring is not None and \
+                    ring.device_ring.should_notify(used_before, event_idx):
                 _signal(ring.call)
         except RingError:
             pass                  # no longer in memory: no used entries to tell of
