@@ -497,3 +497,37 @@ def test_many_sighups_are_no_recursion(tmp_path):
         fe.close()
         ours.close()
         assert_clean(blk)
+
+
+# --- item 18: the order (BE-90) -----------------------------------------------------------------
+
+def test_before_set_owner_only_the_handshake_is_served(tmp_path):
+    """BE-90: SET_OWNER starts the session. Before it, a back-end takes what
+    QEMU sends before it (features, protocol features, queue count, memory
+    slots, the back-end channel); anything else was accepted and is refused
+    now, and accepted once SET_OWNER has come."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    guest = Guest()
+    before_owner = [(SET_MEM_TABLE, guest.table(), (guest.fd,)),
+                    (SET_VRING_NUM, state(0, 8), ()), (SET_STATUS, u64(1), ()),
+                    (SET_FEATURES, u64(VERSION_1), ())]
+    with Backend(tmp_path, "blk", "--image", str(image)) as blk:
+        with blk.connect() as fe:
+            features = fe.handshake(owner=False)
+            assert fe.u64(GET_QUEUE_NUM) == 1 and fe.u64(GET_MAX_MEM_SLOTS) == 32
+            ours, theirs = socket.socketpair()
+            assert fe.ack(SET_BACKEND_REQ_FD, fds=(theirs.fileno(),)) == 0
+            theirs.close()
+            ours.close()
+            for request, payload, fds in before_owner:
+                assert fe.ack(request, payload, fds) != 0, request
+            assert fe.ask(GET_CONFIG, struct.pack("=III", 0, 8, 0) + bytes(8))[0] == b""
+            assert fe.ack(SET_OWNER) == 0
+            for request, payload, fds in before_owner:
+                assert fe.ack(request, payload, fds) == 0, request
+            assert len(fe.ask(GET_CONFIG, struct.pack("=III", 0, 8, 0) + bytes(8))[0]) == 20
+            assert features & VERSION_1
+        assert_clean(blk)
+        assert len([line for line in refusals(blk) if "(BE-90)" in line]) == 5, blk.log()
+    guest.close()

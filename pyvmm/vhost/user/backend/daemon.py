@@ -65,6 +65,11 @@ ERROR_FORMS = {R.GET_CONFIG: Empty(),                     # BE-76
 # these ends the connection.
 NO_ERROR_FORM = {R.GET_VRING_BASE, R.GET_VRING_BASE_SKIP_DRAIN, R.GET_STATUS,
                  R.POSTCOPY_ADVISE}
+# BE-90: SET_OWNER starts the session ("issued when a new connection is
+# established"). Before it, what QEMU sends before it (the conformance
+# notes, 4.1 A1-A6): the handshake that decides whether to go on.
+BEFORE_OWNER = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.SET_PROTOCOL_FEATURES,
+                R.GET_QUEUE_NUM, R.GET_MAX_MEM_SLOTS, R.SET_BACKEND_REQ_FD, R.SET_OWNER}
 # How long a message to the front-end on the back-end channel may wait for
 # room: a front-end that does not read that channel must not stall this one.
 BACKEND_CHANNEL_TIMEOUT = 1.0
@@ -85,6 +90,7 @@ class Daemon:
         self._negotiated_before = None    # the session's record before that request
         self._pending = []                # rings to run (_process), in order
         self._processing = False
+        self.owner = False                # SET_OWNER came (BE-90)
         self.inflight_area = None
         self.features = 0
         self.status = 0
@@ -165,6 +171,8 @@ class Daemon:
             close_fds(fds)
 
     def _apply(self, msg):
+        if not self.owner and msg.request not in BEFORE_OWNER:
+            raise Refused("it comes before SET_OWNER", "BE-90")
         handler = getattr(self, f"_{msg.request.name.lower()}", None)
         if handler is None:
             raise Refused("not served")
@@ -216,7 +224,7 @@ class Daemon:
                           f"offered", "FE-10")
 
     def _set_owner(self, msg):
-        pass
+        self.owner = True               # a second one breaks FE-69: the session refuses it
 
     def _reset_owner(self, msg):
         self._reset_device(msg)
