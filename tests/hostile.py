@@ -332,7 +332,7 @@ class Backend:
         """Its fd count once it reaches expected (a closed connection takes a moment)."""
         deadline = time.monotonic() + timeout
         while (count := self.fds()) != expected and time.monotonic() < deadline:
-            time.sleep(0.02)
+            time.sleep(0.002)
         return count
 
     def cpu_seconds(self):

@@ -266,7 +266,7 @@ def test_the_inflight_area_is_sealed_both_ways(tmp_path):
         assert_clean(blk)
 
 
-# --- item 11: a call eventfd that cannot take more -------------------------------------------------
+# --- item 11: a call eventfd that cannot take more ------------------------------------------------
 
 def test_a_saturated_call_eventfd_does_not_block_the_back_end(rng):
     """A call eventfd whose counter is full (0xfffffffffffffffe), blocking as
@@ -368,7 +368,7 @@ def test_size_and_base_do_not_change_under_a_running_ring(rng, request_):
     assert_clean(rng)
 
 
-# --- item 16: amplification -------------------------------------------------------------------------
+# --- item 16: amplification -----------------------------------------------------------------------
 
 VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT = 1, 2, 4
 
