@@ -119,6 +119,7 @@ class DeviceRing:
     def _walk(self, head):
         """The buffers of the chain at head, through an indirect table if any."""
         table, size, index = self.desc, self.num, head
+        indirect = False
         buffers = []
         total = {False: 0, True: 0}       # readable, writable bytes
         for _ in range(self.num + 1):
@@ -126,9 +127,10 @@ class DeviceRing:
                 raise RingError(f"descriptor {index} is outside a table of {size}")
             addr, length, flags, nxt = DESC.unpack(self.memory.read(table + 16 * index, 16))
             if flags & VIRTQ_DESC_F_INDIRECT:
-                if table != self.desc or buffers:
+                if indirect or buffers:
                     raise RingError("an indirect descriptor inside a chain or an indirect table")
                 table, size, index = self._indirect(addr, length), length // 16, 0
+                indirect = True
                 continue
             if not self.memory.contains(addr, length):
                 raise RingError(f"buffer at {addr:#x}+{length:#x} is not inside guest RAM")
