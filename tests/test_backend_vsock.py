@@ -27,12 +27,12 @@ SHUTDOWN_BOTH = VIRTIO_VSOCK_SHUTDOWN_RCV | VIRTIO_VSOCK_SHUTDOWN_SEND
 class Guest:
     """The guest's vsock driver, enough of it: rx buffers posted, packets sent on tx."""
 
-    def __init__(self, rig, buf_alloc=1 << 20):
+    def __init__(self, rig, buf_alloc=1 << 20, rx_buffers=32):
         self.rig, self.memory = rig, rig.memory
         self.buf_alloc = buf_alloc
         self.fwd_cnt = 0
         self.rx_addr = {}                    # rx head -> buffer address
-        for i in range(32):
+        for i in range(rx_buffers):
             self.post_rx(RX_BUFS + i * 0x2000)
         self.tx_slot = 0
 
@@ -274,3 +274,113 @@ def test_malformed_packets_are_dropped_and_the_device_goes_on(vsock):
     assert guest.receive(timeout=0.2) == []
     guest.send(VIRTIO_VSOCK_OP_REQUEST, 1030, 5004)                     # and still works
     guest.receive_one(VIRTIO_VSOCK_OP_RST)
+
+
+def test_no_more_tx_while_a_rings_worth_of_replies_waits(tmp_path, memory16):
+    """Item 15 of issue 19. Every packet for a connection that does not exist
+    gets a RST back; with no rx buffers to put them in, the replies piled up
+    without bound (2 M packets: 15 MB -> 315 MB). As Linux's vhost-vsock
+    (vhost_vsock_more_replies), tx stops once a ring's worth of replies
+    waits, and goes on when rx buffers take them."""
+    device = Vsock(CID, str(tmp_path / "v.sock"))
+    rig = LibraryRig(memory16, device, queues=3, size=8)
+    tx, rx = rig.rings[TX], rig.rings[RX]
+    header = HDR.pack(CID, 2, 1000, 7000, 0, VIRTIO_VSOCK_TYPE_STREAM, VIRTIO_VSOCK_OP_RW, 0,
+                      4096, 0)
+    rig.memory.write(TX_BUFS, header)
+
+    def send_8():
+        for _ in range(8):
+            tx.add([(TX_BUFS, HDR.size, False)])
+        os.eventfd_write(rig.kicks[TX], 1)
+
+    def used(ring, count):
+        deadline = time.monotonic() + 2
+        while ring.used_idx() != count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return ring.used_idx()
+    try:
+        send_8()
+        assert used(tx, 8) == 8
+        tx.pop_used()
+        send_8()
+        assert used(tx, 16) == 8                  # 8 RSTs wait: tx stops
+        assert len(device.control) == 8
+        for i in range(8):
+            rx.add([(RX_BUFS + 0x1000 * i, RX_BUF_SIZE, True)])
+        os.eventfd_write(rig.kicks[RX], 1)
+        assert used(rx, 8) == 8                   # the replies go out ...
+        assert used(tx, 16) == 16                 # ... and tx goes on
+        assert len(device.control) == 8
+    finally:
+        rig.close()
+        device.close()
+
+
+def test_a_big_rx_buffer_gets_at_most_64_kib_of_data(tmp_path, memory16):
+    """What is read from a host stream for one rx buffer is bounded (Linux's
+    VIRTIO_VSOCK_MAX_PKT_BUF_SIZE), whatever the buffer and the credit: the
+    read asked the socket for as much as both allowed, up to 4 GiB."""
+    uds = str(tmp_path / "v.sock")
+    device = Vsock(CID, uds)
+    rig = LibraryRig(memory16, device, queues=3, size=64)
+    guest = Guest(rig, buf_alloc=1 << 30, rx_buffers=0)
+    big = 0x800000
+
+    def post_big():
+        guest.rx_addr[rig.rings[RX].add([(big, 4 << 20, True)])] = big
+        os.eventfd_write(rig.kicks[RX], 1)
+    try:
+        with host_listener(f"{uds}_5002") as listener:
+            post_big()
+            guest.send(VIRTIO_VSOCK_OP_REQUEST, 1030, 5002)
+            guest.receive_one(VIRTIO_VSOCK_OP_RESPONSE)
+            conn, _ = listener.accept()
+            conn.sendall(os.urandom(200_000))
+            time.sleep(0.2)
+            rig.rings[RX].pop_used()
+            post_big()
+            [packet] = guest.receive()
+            assert packet[0] == VIRTIO_VSOCK_OP_RW and len(packet[4]) == 64 << 10
+            conn.close()
+    finally:
+        rig.close()
+        device.close()
+
+
+def test_host_streams_waiting_for_connect_are_bounded(vsock):
+    """A host program that opens streams and never says CONNECT gets at most
+    MAX_CONNECTIONS of them held (each is an fd of the back-end's)."""
+    from pyvmm.vhost.user.backend.vsock import MAX_CONNECTIONS
+    guest, uds = vsock
+    streams = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 20):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(uds)
+            streams.append(s)
+        time.sleep(0.5)
+        closed = 0
+        for s in streams:
+            s.setblocking(False)
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+        assert closed == 20
+    finally:
+        for s in streams:
+            s.close()
+
+
+def test_the_reply_is_on_rx_before_tx_interrupts(vsock):
+    """When the tx interrupt comes, what the packet made the device say (here
+    a RST: nobody listens) is already in the rx ring: a driver (pyvmm check's)
+    that looks at rx once tx is done finds it."""
+    guest, _ = vsock
+    rx = guest.rig.rings[RX]
+    for port in range(2000, 2200):
+        before = rx.used_idx()
+        guest.send(VIRTIO_VSOCK_OP_REQUEST, port, 6001)   # returns at tx's interrupt
+        assert rx.used_idx() == (before + 1) & 0xFFFF
+        guest.receive_one(VIRTIO_VSOCK_OP_RST)

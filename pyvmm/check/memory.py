@@ -8,12 +8,14 @@ mmap_offset, or mixing up guest and user addresses, writes its answers
 where the driver does not look.
 """
 
+import fcntl
 import os
 
 from pyvmm.check.core import Failed, check, expect, known_protocol_mask
 from pyvmm.check.probe import NEED_REPLY
 from pyvmm.check.rings import running, taken
 from pyvmm.driver.memory import ScatteredMemory
+from pyvmm.memory.guest_memory import GUEST_MEMORY_SEALS
 from pyvmm.vhost.user.errors import Disconnected
 from pyvmm.vhost.user.messages import (FrontendReq as R, MemoryRegion, ProtocolFeature as PF,
                                        SingleMemRegion, U64)
@@ -56,8 +58,10 @@ def add_mem_reg(ctx):
 
 
 def _memfd(size):
-    fd = os.memfd_create("pyvmm-check", os.MFD_CLOEXEC)
+    """Sealed as guest memory is (a back-end may refuse memory that can shrink)."""
+    fd = os.memfd_create("pyvmm-check", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, GUEST_MEMORY_SEALS)
     return fd
 
 

@@ -4,9 +4,13 @@ DeviceRing takes the chains the driver made available, as lists of guest
 buffers, and returns them as used. Everything the guest wrote is checked
 before it is used: the available index may not run more than a ring's
 worth ahead, a head must be a descriptor of the table, a chain may not be
-longer than the table (a loop), an indirect table must lie in guest RAM,
-and every buffer must too. A broken ring raises RingError; it never makes
-the device read or write outside guest memory.
+longer than the table (a loop), an indirect table must lie in guest RAM
+and hold at most MAX_INDIRECT descriptors, every buffer must lie in guest
+RAM too, and a chain's readable and writable bytes must each fit the used
+ring's u32 length. A broken ring raises RingError; it never makes the
+device read or write outside guest memory. Descriptors are read one at a
+time where they are, never a whole table at once: what a guest names
+costs the device no more than what it uses.
 """
 
 import struct
@@ -18,6 +22,8 @@ from pyvmm.virtio.splitring import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_IND
                                     check_ring)
 
 DESC = struct.Struct("<QIHH")      # addr, len, flags, next
+MAX_INDIRECT = 1 << 16             # descriptors in an indirect table (vhost's bound too)
+MAX_CHAIN_BYTES = 0xFFFF_FFFF      # a used element's len is a u32
 
 
 class Buffer(NamedTuple):      # (a NamedTuple: made once per descriptor, so cheap to make)
@@ -112,35 +118,44 @@ class DeviceRing:
 
     def _walk(self, head):
         """The buffers of the chain at head, through an indirect table if any."""
-        size, index = self.num, head
-        table = None      # an indirect table's bytes, read at once (a snapshot, and fast)
+        table, size, index = self.desc, self.num, head
+        indirect = False
         buffers = []
+        total = {False: 0, True: 0}       # readable, writable bytes
         for _ in range(self.num + 1):
             if index >= size:
                 raise RingError(f"descriptor {index} is outside a table of {size}")
-            if table is None:
-                addr, length, flags, nxt = DESC.unpack(self.memory.read(self.desc + 16 * index,
-                                                                        16))
-            else:
-                addr, length, flags, nxt = DESC.unpack_from(table, 16 * index)
+            addr, length, flags, nxt = DESC.unpack(self.memory.read(table + 16 * index, 16))
             if flags & VIRTQ_DESC_F_INDIRECT:
-                if table is not None or buffers:
+                if indirect or buffers:
                     raise RingError("an indirect descriptor inside a chain or an indirect table")
-                if length % 16 or not length or not self.memory.contains(addr, length):
-                    raise RingError(f"indirect table at {addr:#x}+{length:#x} is not whole "
-                                    f"descriptors inside guest RAM")
-                table, size, index = self.memory.read(addr, length), length // 16, 0
+                table, size, index = self._indirect(addr, length), length // 16, 0
+                indirect = True
                 continue
             if not self.memory.contains(addr, length):
                 raise RingError(f"buffer at {addr:#x}+{length:#x} is not inside guest RAM")
             writable = bool(flags & VIRTQ_DESC_F_WRITE)
             if buffers and buffers[-1].writable and not writable:
                 raise RingError("a device-readable buffer after a device-writable one")
+            total[writable] += length
+            if total[writable] > MAX_CHAIN_BYTES:
+                raise RingError(f"the chain at head {head} has more than 4 GiB of device-"
+                                f"{'writable' if writable else 'readable'} bytes")
             buffers.append(Buffer(addr, length, writable))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return buffers
             index = nxt
         raise RingError(f"the chain at head {head} is longer than the table (a loop)")
+
+    def _indirect(self, addr, length):
+        """The address of an indirect table of length bytes, checked."""
+        if length % 16 or not length or not self.memory.contains(addr, length):
+            raise RingError(f"indirect table at {addr:#x}+{length:#x} is not whole "
+                            f"descriptors inside guest RAM")
+        if length // 16 > MAX_INDIRECT:
+            raise RingError(f"an indirect table of {length // 16} descriptors (at most "
+                            f"{MAX_INDIRECT})")
+        return addr
 
     def has_available(self):
         """Whether pop() would return a chain; asks the driver (avail_event) to

@@ -14,6 +14,11 @@ can have a restarted back-end finish what this one took.
 A malformed request (no room for the header or status, a range past the
 end of the disk) gets VIRTIO_BLK_S_IOERR; a chain with no writable byte
 cannot carry a status and is returned with nothing written.
+
+After the image grew, request_resize() (kill -HUP, in `pyvmm backend blk`)
+has the size taken again and the front-end told: it only writes an
+eventfd, so that it is safe in a signal handler; the work is done in the
+serving loop, between requests.
 """
 
 import logging
@@ -69,6 +74,7 @@ class Blk(BackendDevice):
         # Holes only in files we own; a block device would need BLKDISCARD.
         self.can_discard = not read_only and stat.S_ISREG(st.st_mode)
         self.serial = (serial or os.path.basename(image)).encode()[:VIRTIO_BLK_ID_BYTES]
+        self.resize_requests = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     @property
     def features(self):
@@ -88,6 +94,33 @@ class Blk(BackendDevice):
 
     def close(self):
         os.close(self.fd)
+        os.close(self.resize_requests)
+
+    def attach(self, daemon):
+        """A request made while no front-end was connected is taken at once."""
+        super().attach(daemon)
+        daemon.loop.add_reader(self.resize_requests, self._on_resize_request,
+                               "a resize request")
+
+    def detach(self):
+        if self.daemon is not None:
+            self.daemon.loop.remove(self.resize_requests)
+        super().detach()
+
+    def request_resize(self):
+        """Have resize() run in the serving loop (safe in a signal handler:
+        many requests before the loop gets to them are one resize)."""
+        try:
+            os.eventfd_write(self.resize_requests, 1)
+        except BlockingIOError:
+            pass                  # so many asked that one more changes nothing
+
+    def _on_resize_request(self):
+        try:
+            os.eventfd_read(self.resize_requests)
+        except BlockingIOError:
+            return
+        self.resize()
 
     def _image_size(self):
         """Whole sectors of the image (a partial last one is not the guest's)."""

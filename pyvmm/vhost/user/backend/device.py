@@ -20,9 +20,24 @@ what to do when a queue has work:
 
 The library signals the queue's call eventfd after handle_queue() returns
 and, if the guest broke the ring (RingError), its error eventfd.
+
+A request the back-end will not carry out raises Refused, in the library
+or in a device's hook (write_config, say): the front-end gets "no" where
+an answer is due, the reason goes to the log in one line, and the
+connection goes on.
 """
 
 from pyvmm.virtio import spec
+
+
+class Refused(Exception):
+    """One request refused, the connection still usable (a non-zero ack, or the
+    request's error form); the message is one line, with the rule broken."""
+
+    def __init__(self, why, rule=None):
+        super().__init__(f"{why} ({rule})" if rule else why)
+        self.rule = rule
+
 
 RING_FEATURES = spec.bits(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_RING_F_INDIRECT_DESC,
                           spec.VIRTIO_RING_F_EVENT_IDX)

@@ -19,18 +19,23 @@ first. Execution is at least once.
 
 Everything in the area is the front-end's memory: indexes read from it
 are bounded before use, and a head resubmitted from it is walked through
-the same checks as a new one.
+the same checks as a new one. The memfd made here is sealed against
+shrinking and growing; one handed back must be unable to shrink too
+(fds.memory), as guest memory must.
 """
 
+import fcntl
 import mmap
 import os
 import struct
 
-from pyvmm.vhost.user.errors import RemoteProtocolError
+from pyvmm.vhost.user.backend import fds as checked
+from pyvmm.vhost.user.backend.device import Refused
 
 HEADER = struct.Struct("<QHHHH")     # features, version, desc_num, last_batch_head, used_idx
 DESC = struct.Struct("<B5xHQ")       # inflight, padding, next, counter
 VERSION = 1
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _VERSION, _LAST_BATCH_HEAD, _USED_IDX = 8, 12, 14
 _U16 = struct.Struct("<H")
 
@@ -42,11 +47,12 @@ def queue_region_size(queue_size):
 
 
 def create(num_queues, queue_size):
-    """A fresh, zeroed area for GET_INFLIGHT_FD: (fd, size)."""
+    """A fresh, zeroed, sealed area for GET_INFLIGHT_FD: (fd, size)."""
     size = num_queues * queue_region_size(queue_size)
-    fd = os.memfd_create("pyvmm-inflight", os.MFD_CLOEXEC)
+    fd = os.memfd_create("pyvmm-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     except OSError:
         os.close(fd)
         raise
@@ -54,9 +60,9 @@ def create(num_queues, queue_size):
 
 
 class InflightArea:
-    """The area mapped from SET_INFLIGHT_FD's fd (closed here)."""
+    """The area mapped from SET_INFLIGHT_FD's fd (the caller closes the fd)."""
 
-    def __init__(self, fd, description):
+    def __init__(self, fd, description, allow_unsealed=False):
         d = description
         try:
             if not d.num_queues or not d.queue_size:
@@ -64,14 +70,14 @@ class InflightArea:
             if d.mmap_size < d.num_queues * queue_region_size(d.queue_size):
                 raise ValueError(f"{d.mmap_size} bytes for {d.num_queues} queues of "
                                  f"{d.queue_size}")
+            checked.memory(fd, d.mmap_offset, d.mmap_size, allow_unsealed)
             page = mmap.ALLOCATIONGRANULARITY
             start = d.mmap_offset - d.mmap_offset % page
             self.mapping = mmap.mmap(fd, d.mmap_size + d.mmap_offset - start, mmap.MAP_SHARED,
                                      mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        except (OSError, ValueError, OverflowError) as e:
-            raise RemoteProtocolError(f"SET_INFLIGHT_FD: unusable area: {e}") from None
-        finally:
-            os.close(fd)
+        except (Refused, OSError, ValueError, OverflowError) as e:
+            raise Refused(f"an unusable inflight area: {getattr(e, 'strerror', None) or e}") \
+                from None
         self.skip = d.mmap_offset - start
         self.num_queues, self.queue_size = d.num_queues, d.queue_size
 

@@ -6,17 +6,28 @@ the front-end's own ("user") addresses, buffer addresses in descriptors
 are guest-physical. Both are looked up in the region table; neither is
 ever dereferenced as given. The accessors (read, write, view, contains)
 have the same shape as pyvmm's GuestMemory, so the ring code serves both.
+
+A region is mapped only from a file that covers it and cannot shrink
+(fds.memory): a page past the end of a file is a SIGBUS, which a Python
+process cannot survive. The table holds at most MAX_MEM_SLOTS regions,
+whether or not the front-end asked how many (GET_MAX_MEM_SLOTS). A region
+that cannot be mapped is refused and changes nothing; the fds are the
+caller's to close (the mappings keep the memory).
 """
 
 import mmap
-import os
 from dataclasses import dataclass
 
-from pyvmm.vhost.user.errors import RemoteProtocolError
+from pyvmm.vhost.user.backend import fds as checked
+from pyvmm.vhost.user.backend.device import Refused
+from pyvmm.virtio.splitring import RingError
+
+MAX_MEM_SLOTS = 32                 # what GET_MAX_MEM_SLOTS answers
+ADDRESS_LIMIT = 1 << 64
 
 
-class OutsideMemory(RemoteProtocolError):
-    """A guest address outside every mapped region."""
+class OutsideMemory(RingError):
+    """A guest address outside every mapped region: a ring that points there is broken."""
 
 
 @dataclass
@@ -31,31 +42,63 @@ class MappedRegion:
     def __post_init__(self):
         self.end = self.guest_addr + self.size
 
+    def same(self, region):
+        """REM_MEM_REG's match: guest address, user address, size (BE-33)."""
+        return (self.guest_addr, self.size, self.user_addr) == (region.guest_addr, region.size,
+                                                                region.user_addr)
+
+
+def map_region(region, fd, allow_unsealed=False):
+    """A MappedRegion of one MemoryRegion from fd (Refused if it cannot be)."""
+    where = f"the region at {region.guest_addr:#x}+{region.size:#x}"
+    if not region.size:
+        raise Refused(f"{where} is empty", "BE-27")
+    if max(region.guest_addr, region.user_addr) + region.size > ADDRESS_LIMIT:
+        raise Refused(f"{where} runs past the end of the address space", "BE-27")
+    try:
+        checked.memory(fd, region.mmap_offset, region.size, allow_unsealed)
+        page = mmap.ALLOCATIONGRANULARITY
+        start = region.mmap_offset - region.mmap_offset % page
+        mapping = mmap.mmap(fd, region.size + region.mmap_offset - start, mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    except Refused as e:
+        raise Refused(f"{where}: {e}") from None
+    except (OSError, ValueError, OverflowError) as e:
+        raise Refused(f"cannot map {where} from its fd: {getattr(e, 'strerror', None) or e}",
+                      "BE-27") from None
+    return MappedRegion(region.guest_addr, region.size, region.user_addr, mapping,
+                        region.mmap_offset - start)
+
 
 class MappedMemory:
-    def __init__(self):
+    def __init__(self, max_regions=MAX_MEM_SLOTS, allow_unsealed=False):
         self.regions = []
+        self.max_regions = max_regions
+        self.allow_unsealed = allow_unsealed
         self._last = None         # the region found last: most lookups hit it again
 
     def add(self, region, fd):
-        """Map one MemoryRegion from fd (which is closed: the mapping keeps the memory)."""
+        """ADD_MEM_REG: map one MemoryRegion from fd into a free slot (BE-37)."""
+        if len(self.regions) >= self.max_regions:
+            raise Refused(f"all {self.max_regions} memory slots are in use", "BE-37")
+        self.regions.append(map_region(region, fd, self.allow_unsealed))
+
+    def replace(self, regions_and_fds):
+        """SET_MEM_TABLE: the new table, all of it or (Refused) none of it."""
+        new = []
         try:
-            page = mmap.ALLOCATIONGRANULARITY
-            start = region.mmap_offset - region.mmap_offset % page
-            mapping = mmap.mmap(fd, region.size + region.mmap_offset - start, mmap.MAP_SHARED,
-                                mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        except (OSError, ValueError, OverflowError) as e:
-            raise RemoteProtocolError(f"cannot map the region at {region.guest_addr:#x}+"
-                                      f"{region.size:#x} from its fd: {e}", "BE-27") from None
-        finally:
-            os.close(fd)
-        self.regions.append(MappedRegion(region.guest_addr, region.size, region.user_addr,
-                                         mapping, region.mmap_offset - start))
+            for region, fd in regions_and_fds:
+                new.append(map_region(region, fd, self.allow_unsealed))
+        except Refused:
+            for r in new:
+                r.mapping.close()
+            raise
+        self.clear()
+        self.regions = new
 
     def remove(self, region):
         for i, r in enumerate(self.regions):
-            if (r.guest_addr, r.size, r.user_addr) == (region.guest_addr, region.size,
-                                                       region.user_addr):
+            if r.same(region):
                 r.mapping.close()
                 del self.regions[i]
                 self._last = None
@@ -65,7 +108,7 @@ class MappedMemory:
     def clear(self):
         for r in self.regions:
             r.mapping.close()
-        self.regions.clear()
+        self.regions = []
         self._last = None
 
     def _find(self, gpa, length):
@@ -103,5 +146,5 @@ class MappedMemory:
         for r in self.regions:
             if r.user_addr <= user_addr and user_addr + length <= r.user_addr + r.size:
                 return r.guest_addr + user_addr - r.user_addr
-        raise OutsideMemory(f"front-end address {user_addr:#x}+{length:#x} is in no region",
-                           "BE-28")
+        raise OutsideMemory(f"front-end address {user_addr:#x}+{length:#x} is in no region "
+                            f"(BE-28)")

@@ -5,6 +5,7 @@
 --fd N               or on the listening socket inherited as fd N (BE-112)
 --print-capabilities print the JSON capabilities and exit (BE-114)
 --connect PATH       not a convention: connect to a listening front-end
+--allow-unsealed-memory  map guest memory the front-end could still shrink
 
 It never daemonizes (BE-109), ends cleanly on SIGTERM (BE-110) and works
 with fds 0-2 on /dev/null (BE-118).
@@ -59,6 +60,14 @@ def add_parser(sub, formatter_class=argparse.RawDescriptionHelpFormatter):
                                 f"{CONNECT_WAIT} s for it; ends when that front-end goes")
         p.add_argument("--print-capabilities", action="store_true",
                        help="print the back-end's capabilities as JSON and exit")
+        p.add_argument("--allow-unsealed-memory", action="store_true",
+                       help="map guest memory (and inflight areas) that the front-end could "
+                            "still shrink: a memfd without F_SEAL_SHRINK that cannot be "
+                            "sealed, or a plain file (QEMU's memory-backend-file on "
+                            "hugetlbfs). A front-end that then shrinks it kills this back-end "
+                            "(SIGBUS): only for a trusted front-end. Without it such memory is "
+                            "refused; a memfd that allows sealing is sealed here, and QEMU's "
+                            "memory-backend-memfd (seal=on by default) needs nothing")
         if name == "blk":
             p.add_argument("--image", metavar="FILE",
                            help="the disk: a raw image file or a block device (required)")
@@ -109,7 +118,7 @@ def make_vsock(args, parser):
         parser.error(f"--uds-path {args.uds_path}: {e.strerror}")
 
 
-def serve_one_front_end(path, device):
+def serve_one_front_end(path, device, **options):
     """--connect: connect to a listening front-end, serve it until it goes."""
     import time
 
@@ -129,7 +138,7 @@ def serve_one_front_end(path, device):
                     return EXIT_ERROR
                 time.sleep(0.1)
         print(f"pyvmm: back-end connected to {path}", file=sys.stderr, flush=True)
-        serve_connection(device, conn)
+        serve_connection(device, conn, **options)
     except KeyboardInterrupt:
         pass
     finally:
@@ -182,11 +191,13 @@ def run(args, parser):
     def terminate(signum, frame):
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, terminate)
-    if hasattr(device, "resize"):         # blk: the image grew (or shrank)
-        signal.signal(signal.SIGHUP, lambda signum, frame: device.resize())
+    if hasattr(device, "request_resize"):     # blk: the image grew (or shrank)
+        # Only asks: the work (and the message to the front-end) is the loop's.
+        signal.signal(signal.SIGHUP, lambda signum, frame: device.request_resize())
     logging.getLogger("pyvmm.backend").setLevel(logging.INFO)
+    options = {"allow_unsealed_memory": args.allow_unsealed_memory}
     if args.connect is not None:
-        return serve_one_front_end(args.connect, device)
+        return serve_one_front_end(args.connect, device, **options)
     from pyvmm.vhost.user.backend.daemon import serve_forever
     listener = listen(args)
     if listener is None:
@@ -195,7 +206,7 @@ def run(args, parser):
     print(f"pyvmm: {args.device} back-end listening on "
           f"{args.socket_path or f'fd {args.fd}'}", file=sys.stderr, flush=True)
     try:
-        serve_forever(listener, device)
+        serve_forever(listener, device, **options)
     except KeyboardInterrupt:
         pass
     finally:

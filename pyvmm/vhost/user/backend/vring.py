@@ -31,7 +31,13 @@ class Vring:
         return self.device_ring is not None
 
     def start(self, device_ring):
-        """SET_VRING_KICK: serve device_ring, after anything left in flight."""
+        """SET_VRING_KICK: serve device_ring, after anything left in flight. A
+        ring already started keeps its place (a new kick fd, or new addresses,
+        must not serve again what was served)."""
+        if self.started:
+            device_ring.next_avail = self.device_ring.next_avail
+            self.device_ring = device_ring
+            return
         self.device_ring = device_ring
         self.broken = False
         self.resubmit = []

@@ -16,8 +16,14 @@ says how much buffer it has for the connection (buf_alloc) and how many
 bytes it has passed on from it (fwd_cnt), and a sender keeps what it sent
 but has not seen passed on within the other's buf_alloc. This back-end
 buffers at most BUF_ALLOC bytes per connection from the guest, and reads
-from a Unix stream only as much as the guest has room for, so that a slow
-reader on either side stalls its own connection and nothing else.
+from a Unix stream only as much as the guest has room for (and at most
+MAX_PACKET at a time), so that a slow reader on either side stalls its own
+connection and nothing else.
+
+Replies (a RST for a connection that does not exist, say) wait for rx
+buffers the guest may never post. As Linux's vhost-vsock does
+(vhost_vsock_more_replies), the tx queue is not served while a tx ring's
+worth of them waits, and is served again once rx has taken them.
 """
 
 import collections
@@ -37,6 +43,7 @@ from pyvmm.virtio.vsock import (
 log = logging.getLogger("pyvmm.backend")
 
 BUF_ALLOC = 256 << 10          # what we buffer per connection, guest to host
+MAX_PACKET = 64 << 10          # data in one rx packet (VIRTIO_VSOCK_MAX_PKT_BUF_SIZE)
 MAX_CONNECTIONS = 256
 MAX_CONNECT_LINE = 32          # "CONNECT 4294967295\n"
 FIRST_HOST_PORT = 1 << 30      # ports for host-initiated connections, as Firecracker does
@@ -92,6 +99,7 @@ class Vsock(BackendDevice):
         self.conns = {}              # (guest port, host port) -> Connection
         self.waiting = {}            # fd -> [socket, bytes so far]: host streams before CONNECT
         self.control = collections.deque()   # (op, guest port, host port, flags) to the guest
+        self.tx_stopped_at = None    # replies queued that stopped tx: the tx ring's size
         self.next_host_port = FIRST_HOST_PORT
 
     def config(self):
@@ -130,16 +138,21 @@ class Vsock(BackendDevice):
             sock.close()
         self.waiting.clear()
         self.control.clear()
+        self.tx_stopped_at = None
 
     def handle_queue(self, index, ring, memory):
         if index == TX_QUEUE:
-            while (chain := ring.pop()) is not None:
+            while len(self.control) < ring.num and (chain := ring.pop()) is not None:
                 self._from_guest(chain, memory)
                 ring.push(chain.head, 0)
+            self.tx_stopped_at = ring.num if len(self.control) >= ring.num else None
             if self.control or any(c.readable for c in self.conns.values()):
                 self._wake_rx()
         elif index == RX_QUEUE:
             self._to_guest(ring, memory)
+            if self.tx_stopped_at is not None and len(self.control) < self.tx_stopped_at:
+                self.tx_stopped_at = None
+                self.daemon.wake(TX_QUEUE)          # right after this rx round
         # The event queue carries only transport resets (after migration): unused.
 
     # --- packets from the guest --------------------------------------------------------------
@@ -251,7 +264,7 @@ class Vsock(BackendDevice):
 
     def _data_packet(self, chain, memory, conn):
         """Read what the guest has room for from conn's Unix stream into chain."""
-        room = min(chain.writable_len - HDR.size, conn.credit())
+        room = min(chain.writable_len - HDR.size, conn.credit(), MAX_PACKET)
         conn.readable = False
         op, flags, data = VIRTIO_VSOCK_OP_RW, 0, b""
         try:
@@ -301,6 +314,11 @@ class Vsock(BackendDevice):
         try:
             sock, _ = self.listener.accept()
         except BlockingIOError:
+            return
+        if len(self.waiting) >= MAX_CONNECTIONS:      # each is an fd: not without bound
+            log.info("vsock: %d host streams wait for CONNECT; refusing another",
+                     len(self.waiting))
+            sock.close()
             return
         sock.setblocking(False)
         self.waiting[sock.fileno()] = [sock, b""]
