@@ -74,15 +74,19 @@ class Context:
     def probe(self):
         return Probe(self.target.connect())
 
-    def negotiated(self, protocol=None):
+    def negotiated(self, protocol=None, owner=True):
         """A probe past GET_FEATURES and, where offered, the protocol features
-        (all offered ones that pyvmm knows, or `protocol`)."""
+        (all offered ones that pyvmm knows, or `protocol`), and SET_OWNER
+        unless owner is False (a back-end may serve nothing else before it:
+        BE-90)."""
         p = self.probe()
         p.ask(R.GET_FEATURES)
         if self.offer.protocol_features:
             p.ask(R.GET_PROTOCOL_FEATURES)
             mask = self.offer.protocol if protocol is None else protocol
             p.send(R.SET_PROTOCOL_FEATURES, U64(mask & known_protocol_mask()))
+        if owner:
+            p.send(R.SET_OWNER)
         return p
 
     def driver(self, config_size=0, inflight=False, **options):

@@ -51,7 +51,7 @@ def status(ctx):
 @check("BE-90", "MUST*", "SET_OWNER is accepted as the session start")
 def set_owner(ctx):
     ctx.needs(PF.REPLY_ACK)
-    p = ctx.negotiated()
+    p = ctx.negotiated(owner=False)
     reply = p.ask(R.SET_OWNER, flags=NEED_REPLY)
     expect(reply.u64 == 0, p, reply, "ack 0")
 
@@ -168,7 +168,6 @@ def writable_config(ctx):
 @check("BE-91", "SHOULD", "RESET_OWNER leaves the connection open and answering")
 def reset_owner(ctx):
     p = ctx.negotiated()
-    p.send(R.SET_OWNER)
     p.send(R.RESET_OWNER)
     reply = p.ask(R.GET_FEATURES)
     expect(reply.request == R.GET_FEATURES, p, reply, "GET_FEATURES answered")

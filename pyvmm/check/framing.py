@@ -54,7 +54,7 @@ def reply_size(ctx):
 
 @check("BE-6", "MUST*", "requests without a reply produce no bytes")
 def no_stray_bytes(ctx):
-    p = ctx.negotiated(protocol=ctx.offer.protocol & ~PF.REPLY_ACK.mask)
+    p = ctx.negotiated(protocol=ctx.offer.protocol & ~PF.REPLY_ACK.mask, owner=False)
     p.send(R.SET_OWNER)
     p.send(R.SET_FEATURES, U64(ctx.offer.features))
     reply = p.ask(R.GET_FEATURES)                     # the barrier: its reply comes next
@@ -112,7 +112,7 @@ def queue_num(ctx):
 @check("BE-20", "MUST", "with REPLY_ACK, a request with need_reply gets an ack")
 def reply_ack(ctx):
     ctx.needs(PF.REPLY_ACK)
-    p = ctx.negotiated()
+    p = ctx.negotiated(owner=False)
     for request, payload in ((R.SET_OWNER, b""), (R.SET_FEATURES, U64(ctx.offer.features)),
                              (R.SET_VRING_NUM, VringState(0, 64))):
         reply = p.ask(request, payload, NEED_REPLY)
