@@ -368,6 +368,11 @@ def print_stats(result):
     print("pyvmm: vCPU exits:", file=sys.stderr)
     for line in result.stats.report():
         print(f"  {line}", file=sys.stderr)
+    if result.queues:
+        print("pyvmm: virtio queues as the run left them (a guest waiting on a request "
+              "shows avail ahead of used):", file=sys.stderr)
+        for line in result.queues:
+            print(f"  {line}", file=sys.stderr)
 
 
 def exit_status(result):

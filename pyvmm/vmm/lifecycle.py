@@ -40,6 +40,7 @@ class MachineExit:
     stats: ExitStats = field(default_factory=ExitStats)
     boot_time: float = None      # seconds from process start to the guest's init
     timeline: list = field(default_factory=list)   # (seconds from process start, what)
+    queues: list = field(default_factory=list)     # lines: each running queue as it was left
 
 
 def describe_error(e):

@@ -181,6 +181,7 @@ class Machine:
         if self.init_reached_at is not None:
             result.boot_time = self.init_reached_at - self.started_at
         result.timeline = [(t - self.started_at, what) for t, what in self.timeline]
+        result.queues = [line for t in self.transports for line in t.queue_report()]
         return result
 
     def close(self):

@@ -43,7 +43,7 @@ class Queue:
     avail: int = 0
     used: int = 0
     kick_fd: int = None   # the guest's QueueNotify writes for this queue (an ioeventfd)
-    call_fd: int = None   # written to interrupt the guest (an irqfd)
+    call_fd: int = None   # written to interrupt the guest (the device's irqfd, shared)
     err_fd: int = None    # signalled by the back-end when the guest broke the ring
 
 

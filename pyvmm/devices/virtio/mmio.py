@@ -7,8 +7,21 @@ out of the data path:
 - QueueNotify: each queue's notification is a KVM ioeventfd (datamatch on
   the queue index). KVM turns the guest's write into a signal on an eventfd
   that the back-end (vhost) waits on; no exit reaches pyvmm.
-- Interrupts: each queue's call eventfd is a KVM irqfd on the device's IRQ.
-  The back-end signals it and KVM injects the interrupt; pyvmm never sees it.
+- Interrupts: one eventfd per device is a KVM irqfd on the device's IRQ,
+  and it is the call eventfd of every queue (and what pyvmm writes for a
+  config interrupt). The back-end signals it and KVM injects the
+  interrupt; pyvmm never sees it.
+
+Why one eventfd and not one per queue: the IRQ is edge-triggered, and KVM
+injects each irqfd from a work item of its own as two separate line
+changes (up, then down) under one IRQ source. Two irqfds on one line,
+signalled on two host CPUs at once, overlap: the second "up" comes while
+the first has not gone down yet, and KVM drops it as coalesced. If the
+guest handled the first interrupt before the second queue's completion,
+that completion waits forever (seen with virtiofsd, whose threads
+complete requests on two queues at once: issue 24). One irqfd is one work
+item, which the kernel never runs twice at once, so its edges never
+overlap.
 
 That leaves InterruptStatus. Linux's vm_interrupt() (drivers/virtio/
 virtio_mmio.c) reads it on every interrupt, acks what it read through
@@ -31,6 +44,7 @@ shows it, and shows that QueueNotify causes none.
 import dataclasses
 import logging
 import os
+import struct
 import threading
 
 from pyvmm.devices.virtio.device import DeviceError, Queue
@@ -144,15 +158,14 @@ class VirtioMmio:
         self._status_lock = threading.Lock()
         self._fds = []
         self.queues = [Queue(i) for i in range(device.num_queues)]
+        self._irq_fd = self._eventfd()          # the device's one irqfd (see the module doc)
+        vm.irqfd(self._irq_fd, gsi)
         for q in self.queues:
-            q.call_fd = self._eventfd()
-            vm.irqfd(q.call_fd, gsi)
+            q.call_fd = self._irq_fd
             if q.index in device.vhost_queues():
                 q.kick_fd = self._eventfd()
                 vm.ioeventfd(q.kick_fd, base + QUEUE_NOTIFY, 4, datamatch=q.index)
                 q.err_fd = self._eventfd()
-        self._config_irq_fd = self._eventfd()
-        vm.irqfd(self._config_irq_fd, gsi)
         self._ack_fd = self._eventfd()
         vm.ioeventfd(self._ack_fd, base + INTERRUPT_ACK, 4)
         self._loop = None
@@ -313,7 +326,7 @@ class VirtioMmio:
         self.config_generation += 1
         with self._isr_lock:
             self.config_pending = True
-        os.eventfd_write(self._config_irq_fd, 1)
+        os.eventfd_write(self._irq_fd, 1)
 
     def _needs_reset(self):
         """(under _lock) DEVICE_NEEDS_RESET, which the driver learns of by a config interrupt."""
@@ -503,6 +516,30 @@ class VirtioMmio:
         with self._lock:
             self.active = True
             self._activation = activation
+
+    def queue_report(self):
+        """One line per queue of the running device: where the driver (avail)
+        and the device (used) are, and what each asked the other to notify
+        at (with EVENT_IDX). For telling a stuck back-end (avail ahead of
+        used) from a lost interrupt (used ahead of what the driver saw)."""
+        activation = self._activation
+        if activation is None:
+            return []
+        lines = []
+        for q in activation.queues:
+            try:
+                avail_flags, avail_idx = struct.unpack("<HH", self.memory.read(q.avail, 4))
+                used_flags, used_idx = struct.unpack("<HH", self.memory.read(q.used, 4))
+                used_event, = struct.unpack("<H", self.memory.read(q.avail + 4 + 2 * q.size, 2))
+                avail_event, = struct.unpack("<H", self.memory.read(q.used + 4 + 8 * q.size, 2))
+            except (RingError, DeviceError, PyvmmError) as e:
+                lines.append(f"{self.device.name} queue {q.index}: unreadable ({e})")
+                continue
+            lines.append(f"{self.device.name} queue {q.index}: avail idx {avail_idx}, used idx "
+                         f"{used_idx} ({(avail_idx - used_idx) & 0xFFFF} outstanding); "
+                         f"used_event {used_event}, avail_event {avail_event}, flags "
+                         f"{avail_flags:#x}/{used_flags:#x}")
+        return lines
 
     def describe(self, offset):
         """For --stats: which register an exit touched."""
