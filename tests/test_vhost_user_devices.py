@@ -189,6 +189,101 @@ def test_fs_on_virtiofsd_answers_fuse_init(tmp_path, memory16, transport):
         assert major == 7
 
 
+FUSE_LOOKUP, FUSE_OPEN, FUSE_READ, FUSE_OPENDIR, FUSE_READDIRPLUS = 1, 14, 15, 27, 44
+FUSE_BATCH_FORGET = 42
+FUSE_READ_IN = struct.Struct("<QQIIQII")          # fh, offset, size, read_flags, lock_owner, flags
+
+
+def fuse_request(t, rings, memory, index, opcode, unique, nodeid, body, reply_room):
+    """One FUSE request on queue index; checks the used length against the
+    reply's own header and the writable room; (error, reply body)."""
+    reply = BUF + 0x10000
+    memory.write(BUF, FUSE_IN_HEADER.pack(FUSE_IN_HEADER.size + len(body), opcode, unique,
+                                          nodeid, 0, 0, 0, 0, 0) + body)
+    chain = [(BUF, FUSE_IN_HEADER.size + len(body), False)]
+    if not reply_room:                                  # FORGET has no reply
+        assert submit(t, rings, index, chain) == 0
+        return None, b""
+    used = submit(t, rings, index, chain + [(reply, reply_room, True)])
+    length, error, got_unique = FUSE_OUT_HEADER.unpack(memory.read(reply, 16))
+    assert got_unique == unique and length == used <= reply_room, (opcode, length, used)
+    return error, memory.read(reply + 16, length - 16)
+
+
+def test_fs_large_read_then_large_listing_on_virtiofsd(tmp_path, memory16, transport):
+    """Issue 24's request pattern with no VM: a 1 MiB read, a listing of 500
+    files, forgetting them on the hiprio queue, twice. virtiofsd's replies
+    stay inside their buffers (its used lengths match its FUSE headers), so
+    the guest's hang was not virtiofsd's: it was pyvmm's irqfd per queue,
+    two of which KVM can inject at once on the one edge-triggered line and
+    drop one as coalesced. Every queue's call fd is now the device's one
+    irqfd."""
+    from backends import virtiofsd
+
+    from pyvmm.vmm.virtio_devices import plan_fs
+    shared = tmp_path / "shared"
+    (shared / "many").mkdir(parents=True)
+    data = os.urandom(1 * MiB)
+    (shared / "from-host").write_bytes(data)
+    for i in range(500):
+        (shared / "many" / f"f{i:03}").touch()
+    with virtiofsd(str(tmp_path), shared) as sock:
+        device, _, _ = plan_fs(VhostUserConfig(sock, kind="fs", tag="share"), 0, None)
+        t = transport(device)
+        assert t.vm.irqfds == [5] and {q.call_fd for q in t.queues} == {t._irq_fd}
+        rings = start_driver(t, memory16, [0, 1])
+        unique = iter(range(1, 10_000))
+        error, _ = fuse_request(t, rings, memory16, 1, FUSE_INIT, next(unique), 0,
+                                struct.pack("<IIII", 7, 31, 0, 0), 256)
+        assert error == 0
+        for _ in range(2):
+            error, entry = fuse_request(t, rings, memory16, 1, FUSE_LOOKUP, next(unique), 1,
+                                        b"from-host\0", 256)
+            assert error == 0
+            node = struct.unpack_from("<Q", entry)[0]
+            error, opened = fuse_request(t, rings, memory16, 1, FUSE_OPEN, next(unique), node,
+                                         struct.pack("<II", os.O_RDONLY, 0), 256)
+            fh = struct.unpack_from("<Q", opened)[0]
+            got = b""
+            for offset in range(0, 1 * MiB, 256 * 1024):
+                error, chunk = fuse_request(t, rings, memory16, 1, FUSE_READ, next(unique), node,
+                                            FUSE_READ_IN.pack(fh, offset, 256 * 1024, 0, 0, 0, 0),
+                                            16 + 256 * 1024)
+                assert error == 0
+                got += chunk
+            assert got == data
+            error, entry = fuse_request(t, rings, memory16, 1, FUSE_LOOKUP, next(unique), 1,
+                                        b"many\0", 256)
+            many = struct.unpack_from("<Q", entry)[0]
+            error, opened = fuse_request(t, rings, memory16, 1, FUSE_OPENDIR, next(unique), many,
+                                         struct.pack("<II", os.O_RDONLY, 0), 256)
+            fh = struct.unpack_from("<Q", opened)[0]
+            names, nodes, offset = [], [], 0
+            while True:
+                error, listing = fuse_request(t, rings, memory16, 1, FUSE_READDIRPLUS,
+                                              next(unique), many,
+                                              FUSE_READ_IN.pack(fh, offset, 4096, 0, 0, 0, 0),
+                                              16 + 4096)
+                assert error == 0
+                if not listing:
+                    break
+                at = 0
+                while at < len(listing):                   # fuse_direntplus: entry_out, dirent
+                    nodeid = struct.unpack_from("<Q", listing, at)[0]
+                    _, offset, namelen, _ = struct.unpack_from("<QQII", listing, at + 128)
+                    name = listing[at + 152:at + 152 + namelen]
+                    if name not in (b".", b".."):
+                        names.append(name)
+                        nodes.append(nodeid)
+                    at += 152 + (namelen + 7) // 8 * 8
+            assert sorted(names) == [f"f{i:03}".encode() for i in range(500)]
+            # What the guest's kernel does once the dentries go: forget, on hiprio.
+            forgets = [node for node in nodes if node]
+            fuse_request(t, rings, memory16, 0, FUSE_BATCH_FORGET, next(unique), 0,
+                         struct.pack("<II", len(forgets), 0)
+                         + b"".join(struct.pack("<QQ", n, 1) for n in forgets), 0)
+
+
 def arp_request(mac, sender_ip, target_ip):
     """An Ethernet frame with an ARP who-has."""
     return (b"\xff" * 6 + mac + b"\x08\x06"

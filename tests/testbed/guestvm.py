@@ -3,6 +3,7 @@
 import hashlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -26,8 +27,15 @@ def finish(proc, timeout=240):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
+        # SIGINT first: pyvmm stops the guest and, with --stats, says where
+        # each virtio queue was left (which tells a lost interrupt from a
+        # back-end that never answered).
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
         raise AssertionError(f"pyvmm did not finish in {timeout} s\nstdout: {out[-2000:]}\n"
                              f"stderr: {err[-2000:]}")
     return proc.returncode, out, err
