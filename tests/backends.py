@@ -87,6 +87,19 @@ def virtiofsd(directory, source):
         _stop(proc)
 
 
+def read_then_list_share(directory):
+    """Issue 24's share: a 1 MiB file (from-host) and a directory of 500
+    empty files (many/); (its path, the file's bytes)."""
+    shared = os.path.join(directory, "shared")
+    os.makedirs(os.path.join(shared, "many"))
+    data = os.urandom(1 << 20)
+    with open(os.path.join(shared, "from-host"), "wb") as f:
+        f.write(data)
+    for i in range(500):
+        open(os.path.join(shared, "many", f"f{i:03}"), "w").close()
+    return shared, data
+
+
 @contextlib.contextmanager
 def dpdk_testpmd(directory, mode="icmpecho", client=False, queues=1):
     """DPDK's dpdk-testpmd with a net_vhost port on a socket in directory, in

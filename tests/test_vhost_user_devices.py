@@ -218,15 +218,10 @@ def test_fs_large_read_then_large_listing_on_virtiofsd(tmp_path, memory16, trans
     two of which KVM can inject at once on the one edge-triggered line and
     drop one as coalesced. Every queue's call fd is now the device's one
     irqfd."""
-    from backends import virtiofsd
+    from backends import read_then_list_share, virtiofsd
 
     from pyvmm.vmm.virtio_devices import plan_fs
-    shared = tmp_path / "shared"
-    (shared / "many").mkdir(parents=True)
-    data = os.urandom(1 * MiB)
-    (shared / "from-host").write_bytes(data)
-    for i in range(500):
-        (shared / "many" / f"f{i:03}").touch()
+    shared, data = read_then_list_share(str(tmp_path))
     with virtiofsd(str(tmp_path), shared) as sock:
         device, _, _ = plan_fs(VhostUserConfig(sock, kind="fs", tag="share"), 0, None)
         t = transport(device)

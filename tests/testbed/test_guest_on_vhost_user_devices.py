@@ -8,7 +8,8 @@ import re
 import sys
 
 import pytest
-from backends import dpdk_testpmd, pyvmm_backend, storage_daemon, virtiofsd
+from backends import (dpdk_testpmd, pyvmm_backend, read_then_list_share, storage_daemon,
+                      virtiofsd)
 from guestvm import HybridVsockHost, finish, guest_sha256, start
 
 pytestmark = pytest.mark.testbed
@@ -81,12 +82,7 @@ def test_virtiofsd_large_read_then_large_listing_repeated(tmp_path):
     edge-triggered line, KVM could inject both at once and drop one as
     coalesced, and the guest waited forever (hung 2 of 5 boots like this).
     With one irqfd per device it cannot."""
-    shared = tmp_path / "shared"
-    (shared / "many").mkdir(parents=True)
-    data = os.urandom(1 * MiB)
-    (shared / "from-host").write_bytes(data)
-    for i in range(500):
-        (shared / "many" / f"f{i:03}").touch()
+    shared, data = read_then_list_share(str(tmp_path))
     rounds = 6
     with virtiofsd(str(tmp_path), shared) as sock:
         proc = start("--stats", "--fs", f"vhost-user,socket={sock},tag=hostshare",
