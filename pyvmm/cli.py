@@ -94,8 +94,8 @@ def parse_vhost_user(text, option, example, keys=()):
     """OPTION vhost-user,socket=PATH[,server][,timeout=S] plus keys: a VhostUserConfig
     and the option's own keys as given."""
     from pyvmm.vmm.virtio_devices import VhostUserConfig
-    opts = parse_backend_options(text, option, {"socket", "timeout", *keys}, kind="vhost-user",
-                                 flags={"server"})
+    opts = parse_backend_options(text, option, {"socket", "timeout", "reconnect", *keys},
+                                 kind="vhost-user", flags={"server"})
     if not opts.get("socket"):
         raise argparse.ArgumentTypeError(f"{option}: give the back-end's socket, "
                                          f"e.g. vhost-user,socket={example}")
@@ -109,6 +109,15 @@ def parse_vhost_user(text, option, example, keys=()):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{option} timeout={opts['timeout']}: give seconds, "
                                              f"more than 0 and at most 3600") from None
+    if "reconnect" in opts:
+        try:
+            cfg.reconnect = float(opts["reconnect"])
+            if not 0 < cfg.reconnect <= 3600:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{option} reconnect={opts['reconnect']}: give seconds between attempts, "
+                f"more than 0 and at most 3600") from None
     return cfg, opts
 
 
@@ -274,7 +283,7 @@ def build_parser():
     run.add_argument("--net", type=parse_net, action="append", default=[],
                      metavar="vhost-kernel[,tap=NAME][,mac=MAC][,host-ip=CIDR][,guest-ip=CIDR] "
                              "| vhost-user,socket=PATH[,mac=MAC][,queues=N][,guest-ip=CIDR]"
-                             "[,server]",
+                             "[,server][,reconnect=S]",
                      help="a virtio-net NIC whose packets the kernel's vhost-net moves to "
                           "a tap (by default a new tap pyvmmN with 10.10.N.1/30 on the host "
                           "and 10.10.N.2/30 as the guest's ethN), or a vhost-user back-end "
@@ -286,20 +295,26 @@ def build_parser():
                           "guest's CID is N, default 3; the host is CID 2) or by a vhost-user "
                           "back-end, which says the guest's CID itself (cid=N must agree)")
     run.add_argument("--blk", type=parse_blk, action="append", default=[],
-                     metavar="vhost-user,socket=PATH[,server][,timeout=S]",
+                     metavar="vhost-user,socket=PATH[,server][,timeout=S][,reconnect=S]",
                      help="a virtio-blk disk (the guest's vda, vdb, ...) served by a "
                           "vhost-user back-end such as qemu-storage-daemon listening on "
                           "PATH; with server, pyvmm listens there (mode 0600) and waits for "
                           "the back-end to connect. Size, block size, read-only and queue "
                           "count come from the back-end, which must answer each message "
-                          "within S seconds (default 10). Repeat for more disks")
+                          "within S seconds (default 10). With reconnect=S, a back-end that "
+                          "goes away is waited for (pyvmm connects again every S seconds, or "
+                          "with server accepts the next one) and the device goes on where it "
+                          "stopped, without an error the guest sees; without it, the device "
+                          "fails for good. The same keys work for --net, --fs, --rng, --vsock "
+                          "and --device. Repeat for more disks")
     run.add_argument("--fs", type=parse_fs, action="append", default=[],
-                     metavar="vhost-user,socket=PATH,tag=TAG[,queues=N][,server][,timeout=S]",
+                     metavar="vhost-user,socket=PATH,tag=TAG[,queues=N][,server][,timeout=S]"
+                             "[,reconnect=S]",
                      help="a virtio-fs file system served by a vhost-user back-end such as "
                           "virtiofsd; the guest mounts it with 'mount -t virtiofs TAG DIR'. "
                           "N request queues (default 1) besides the high-priority one")
     run.add_argument("--rng", type=parse_rng, action="append", default=[],
-                     metavar="vhost-user,socket=PATH[,server][,timeout=S]",
+                     metavar="vhost-user,socket=PATH[,server][,timeout=S][,reconnect=S]",
                      help="a virtio-rng device (the guest's /dev/hwrng) served by a vhost-user "
                           "back-end, e.g. 'pyvmm backend rng'")
     run.add_argument("--device", type=parse_device, action="append", default=[],

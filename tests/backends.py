@@ -8,6 +8,13 @@ import time
 from pyvmm.sys.process import stop as _stop   # SIGTERM, then SIGKILL
 
 
+def _remove_stale(sock):
+    """A back-end killed earlier leaves its socket file: gone before the next
+    one starts, so that waiting for the file waits for the new back-end."""
+    if os.path.exists(sock):
+        os.unlink(sock)
+
+
 def _wait_for_socket(proc, sock, what):
     deadline = time.monotonic() + 30
     while not os.path.exists(sock):
@@ -24,6 +31,7 @@ def pyvmm_backend(directory, device, *options):
     """`pyvmm backend DEVICE OPTIONS` listening in directory; yields (socket path, process)."""
     import sys
     sock = os.path.join(directory, f"{device}.sock")
+    _remove_stale(sock)
     proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "backend", device,
                              "--socket-path", sock, *options],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -55,6 +63,7 @@ def blk_backend(kind, directory, image, queues=1, writable=True, procs=None):
 def storage_daemon(directory, image, queues=1, writable=True, procs=None):
     """qemu-storage-daemon exporting image as vhost-user-blk; yields its socket path."""
     sock = os.path.join(directory, "vub.sock")
+    _remove_stale(sock)
     proc = subprocess.Popen(
         ["qemu-storage-daemon",
          "--blockdev", f"driver=file,node-name=file0,filename={image}",

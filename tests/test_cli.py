@@ -125,7 +125,9 @@ def test_vhost_user_device_options_parse():
     assert (cfg.kind, cfg.socket, cfg.cid, cfg.server) == ("vsock", "/tmp/v.sock", 9, True)
     assert parse_vsock("vhost-user,socket=/tmp/v.sock").cid is None   # the back-end says
     cfg = parse_rng("vhost-user,socket=/tmp/r.sock,timeout=2.5")
-    assert (cfg.kind, cfg.socket, cfg.timeout) == ("rng", "/tmp/r.sock", 2.5)
+    assert (cfg.kind, cfg.socket, cfg.timeout, cfg.reconnect) == ("rng", "/tmp/r.sock", 2.5, None)
+    cfg = parse_fs("vhost-user,socket=/tmp/f.sock,tag=t,reconnect=0.5,server")
+    assert (cfg.reconnect, cfg.server) == (0.5, True)
     cfg = parse_device("vhost-user,socket=/tmp/d.sock,virtio-id=26,queues=2,queue-size=1024,"
                        "config-size=40")
     assert (cfg.kind, cfg.virtio_id, cfg.queues, cfg.queue_size, cfg.config_size) == (
@@ -146,6 +148,8 @@ def test_vhost_user_device_options_parse():
     (["--vsock", "vhost-user,socket=/s,cid=2"], "cid=2: give a CID from 3"),
     (["--rng", "vhost-kernel"], "the back-end must be vhost-user"),
     (["--rng", "vhost-user,socket=/s,timeout=0"], "give seconds, more than 0"),
+    (["--blk", "vhost-user,socket=/s,reconnect=soon"], "reconnect=soon: give seconds between"),
+    (["--blk", "vhost-user,socket=/s,reconnect=-1"], "reconnect=-1: give seconds between"),
     (["--device", "vhost-user,socket=/s"], "give the device type, virtio-id=N"),
     (["--fs", "vhost-user,socket=/s"], "give the tag the guest mounts, tag=NAME"),
     (["--fs", "vhost-user,socket=/s,tag=" + "x" * 37], "(1 to 36 bytes)"),

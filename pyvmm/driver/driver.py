@@ -39,6 +39,7 @@ class Driver:
         self.queues = {}
         self.features = None
         self.timeout = timeout
+        self.where = None            # vhost-user: the back-end's socket path, for reconnect()
         self._next = SCRATCH
 
     def __enter__(self):
@@ -69,6 +70,30 @@ class Driver:
             raise DriverError(f"queue {index}: {size} entries do not fit in 64 KiB")
         self.queues[index] = DriverQueue(self.memory, index, RINGS + index * 0x10000, size)
         return self.queues[index]
+
+    def reconnect(self, where=None, timeout=None, protocol=SUPPORTED_PROTOCOL_FEATURES):
+        """vhost-user: after the back-end went (killed, restarted), take the
+        next one at where (a socket path or a Connection; default: the path
+        the driver was made with) and replay the device on it as pyvmm run's
+        reconnect=S does: handshake, features, memory table, the kept inflight
+        area, each started queue from its used index, a kick. Requests in
+        flight stay in flight, for the new back-end to complete."""
+        from pyvmm.vhost.user.channel import Connection
+        from pyvmm.vhost.user.frontend import VhostUserFrontend
+        where = self.where if where is None else where
+        if where is None:
+            raise DriverError("reconnect: give the back-end's socket path or a Connection")
+        timeout = self.timeout if timeout is None else timeout
+        if isinstance(where, Connection):
+            frontend = VhostUserFrontend(where)
+        else:
+            frontend = VhostUserFrontend.connect(where, "the back-end", timeout)
+        try:
+            frontend.negotiate(want_protocol=protocol)
+            self.backend.replace(frontend)
+        except BaseException:
+            frontend.close()
+            raise
 
     def alloc(self, size, align=64):
         """size bytes of guest memory for a request's buffers, within one region."""
@@ -127,7 +152,10 @@ def vhost_user(where, config_size=0, timeout=10.0, memory=None,
         if memory is not None:
             memory.close()
         raise
-    return Driver(backend, memory=memory, timeout=timeout)
+    driver = Driver(backend, memory=memory, timeout=timeout)
+    if not isinstance(where, Connection):
+        driver.where = str(where)
+    return driver
 
 
 def vhost_net(tap_name, address=None):

@@ -54,6 +54,7 @@ class VhostUserConfig:
     socket: str
     server: bool = False
     timeout: float = None        # seconds the back-end has for each answer
+    reconnect: float = None      # seconds between attempts to get a back-end back (None: never)
     kind: str = "blk"            # which option: blk, rng, vsock or device
     cid: int = None              # vsock: the guest's CID (default: the back-end's)
     virtio_id: int = None        # device: VIRTIO_ID_*
@@ -223,9 +224,14 @@ def open_vhost_user(cfg, name, tracer, feature_names=None, config_size=0):
                                       cfg.timeout)
     except VhostUserError as e:
         raise DeviceError(f"{option}: {e}") from None
+    reconnect = None
+    if cfg.reconnect is not None:
+        from pyvmm.vhost.user.reconnect import Reconnect
+        reconnect = Reconnect(cfg.socket, cfg.server, cfg.reconnect, cfg.timeout,
+                              tracer=frontend.tracer)
     try:
         return VhostUserBackend(frontend, f"the vhost-user back-end at {cfg.socket}",
-                                config_size=config_size)
+                                config_size=config_size, reconnect=reconnect)
     except VhostUserError as e:
         frontend.close()
         raise DeviceError(f"{option}: {e}") from None

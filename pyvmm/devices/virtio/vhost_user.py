@@ -36,6 +36,7 @@ stops listening to it (config changes go unheard) and says so.
 
 import logging
 import os
+import threading
 
 from pyvmm.devices.virtio.device import DeviceError, QueueBackend
 from pyvmm.vhost.backend import VringAddr
@@ -54,10 +55,22 @@ DRIVER_OK_STATUS = (spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIV
 
 
 class VhostUserBackend(QueueBackend):
-    def __init__(self, frontend, description, config_size=0):
+    def __init__(self, frontend, description, config_size=0, reconnect=None):
         """frontend: a negotiated VhostUserFrontend, now the back-end's;
-        config_size: bytes of config space to read from it (GET_CONFIG)."""
+        config_size: bytes of config space to read from it (GET_CONFIG);
+        reconnect: a Reconnect (vhost/user/reconnect.py) to get a back-end
+        back with when this one goes, or None (it is gone for good)."""
         self.frontend = frontend
+        self.reconnect = reconnect
+        # start(), stop() and a reconnect each talk to the back-end from start
+        # to end alone: a vCPU's start waits for a reconnect's replay.
+        self._lock = threading.RLock()
+        self._running = None         # (memory, features, queues) from DRIVER_OK to reset
+        self._enabled = {}           # index -> SET_VRING_ENABLE as the model last set it
+        self.reconnecting = False    # the back-end went; another is being waited for
+        self._reconnected = None     # (event loop) a new frontend to watch
+        self._closing = threading.Event()
+        self._reconnect_thread = None
         self.description = description
         self._features = (frontend.negotiated.features_offered or 0) & ~PROTOCOL_ONLY_FEATURES
         self._config_size = config_size
@@ -93,6 +106,9 @@ class VhostUserBackend(QueueBackend):
 
     def set_enabled(self, index, enabled):
         """SET_VRING_ENABLE for a started queue (the model's decision)."""
+        self._enabled[index] = enabled
+        if self.reconnecting:
+            return                   # replayed on the next back-end
         if index in self._started() and not self.failed:
             try:
                 with self.frontend.deadline(self.frontend.conn.timeout):
@@ -109,6 +125,8 @@ class VhostUserBackend(QueueBackend):
         if end > len(self.config_space) or self.failed:
             return
         self.config_space = self.config_space[:offset] + bytes(data) + self.config_space[end:]
+        if self.reconnecting:
+            return
         try:
             with self.frontend.deadline(self.frontend.conn.timeout):
                 self.frontend.set_config(offset, data)
@@ -118,31 +136,45 @@ class VhostUserBackend(QueueBackend):
     # --- the data path's control ---------------------------------------------------
 
     def start(self, memory, features, queues):
-        if self.failed:
-            raise DeviceError(f"{self.description} is gone ({self.failed})")
+        with self._lock:
+            if self.failed:
+                raise DeviceError(f"{self.description} is gone ({self.failed})")
+            self._enabled = {q.index: q.index not in self.disabled_at_start for q in queues}
+            self._running = (memory, features, queues)
+            if self.reconnecting:
+                return             # the next back-end gets it all when it comes
+            try:
+                self._bring_up(memory, features, queues, {})
+            except VhostUserError as e:
+                if self.reconnect is not None and self.frontend.hung_up:
+                    return         # the next back-end gets it all when it comes
+                self._running = None
+                self._failed_call(e)
+                self._reported.add("failed")   # the DeviceError below is the device's one line
+                self.stop()        # what did start must not run on behind the guest's back
+                raise DeviceError(f"{self.description}: {e}") from None
+
+    def _bring_up(self, memory, features, queues, bases):
+        """Everything a back-end needs to run the device, in one deadline: at
+        DRIVER_OK (bases {}: every ring from 0), and again on a back-end that
+        replaces one that went (bases: where each ring is to go on from)."""
         fe = self.frontend
-        try:
-            with fe.deadline(fe.conn.timeout):
-                # Bits the model implements itself (a MAC in config space, say)
-                # are not the back-end's to ack (FE-10).
-                fe.set_features(features & self._features)
-                fe.set_mem_table(memory)
-                self._hand_over_inflight(queues)
-                for q in queues:
-                    fe.start_vring(q.index, q.size, VringAddr(q.desc, q.avail, q.used),
-                                   q.kick_fd, q.call_fd, q.err_fd)
-                    if fe.negotiated.protocol_features_on:
-                        fe.set_vring_enable(q.index, q.index not in self.disabled_at_start)
-                    # FE-45: requests the guest queued before the back-end watched
-                    # its kick fd would otherwise wait for the next kick.
-                    os.eventfd_write(q.kick_fd, 1)
-                if fe.has(PF.STATUS):
-                    fe.set_status(DRIVER_OK_STATUS)
-        except VhostUserError as e:
-            self._failed_call(e)
-            self._reported.add("failed")   # the DeviceError below is the device's one line
-            self.stop()            # what did start must not run on behind the guest's back
-            raise DeviceError(f"{self.description}: {e}") from None
+        with fe.deadline(fe.conn.timeout):
+            # Bits the model implements itself (a MAC in config space, say)
+            # are not the back-end's to ack (FE-10).
+            fe.set_features(features & self._features)
+            fe.set_mem_table(memory)
+            self._hand_over_inflight(queues)
+            for q in queues:
+                fe.start_vring(q.index, q.size, VringAddr(q.desc, q.avail, q.used),
+                               q.kick_fd, q.call_fd, q.err_fd, bases.get(q.index, 0))
+                if fe.negotiated.protocol_features_on:
+                    fe.set_vring_enable(q.index, self._enabled.get(q.index, True))
+                # FE-45: requests the guest queued before the back-end watched
+                # its kick fd would otherwise wait for the next kick.
+                os.eventfd_write(q.kick_fd, 1)
+            if fe.has(PF.STATUS):
+                fe.set_status(DRIVER_OK_STATUS)
 
     def _hand_over_inflight(self, queues):
         """INFLIGHT_SHMFD: the area the back-end tracks requests in, made the
@@ -162,6 +194,14 @@ class VhostUserBackend(QueueBackend):
 
     def stop(self):
         """Stop every started queue; the bases stay in frontend.vring_bases."""
+        with self._lock:
+            self._running = None
+            if self.reconnecting:
+                self._drop_inflight()    # the next back-end starts afresh
+                return
+            self._stop()
+
+    def _stop(self):
         started = self._started()
         fe = self.frontend
         try:
@@ -175,7 +215,7 @@ class VhostUserBackend(QueueBackend):
                         fe.reset_device()         # BE-92: back to its initial state, still ours
         except VhostUserError as e:
             self._failed_call(e, "stopping its rings")
-        if fe.dead and self._started() and not self.gone:
+        if fe.dead and self._started() and not self.gone and not fe.hung_up:
             log.warning("%s: its rings %s may still run: the connection to it is dead (%s)",
                         self.description, ", ".join(map(str, self._started())), fe.dead)
         self._drop_inflight()
@@ -215,6 +255,10 @@ class VhostUserBackend(QueueBackend):
             area.close()
 
     def close(self):
+        self._closing.set()
+        if self._reconnect_thread is not None:
+            self._reconnect_thread.join(timeout=(self.reconnect.interval
+                                                 + self.frontend.conn.timeout))
         self._drop_inflight()
         if self._wake_fd is not None:
             os.close(self._wake_fd)        # (the VM's loop is going away with it)
@@ -230,14 +274,27 @@ class VhostUserBackend(QueueBackend):
         if self.frontend.dead is None:
             if what is not None:
                 log.warning("%s: %s: %s", self.description, what, error)
+        elif self.reconnect is not None and self.frontend.hung_up:
+            pass                   # the hang-up watch brings the next back-end in
         elif self.failed is None:
             self.failed = f"{what}: {self.frontend.dead}" if what else self.frontend.dead
             self._wake()
 
     def _hung_up(self):
         """(event loop) The back-end closed its connection."""
-        self._loop.remove(self.frontend.conn.fileno())
-        self.frontend.die("the back-end closed its connection")
+        fe = self.frontend
+        self._loop.remove(fe.conn.fileno())
+        if fe.backend_channel is not None:
+            self._loop.remove(fe.backend_channel.fileno())
+        fe.die("the back-end closed its connection", hung_up=True)
+        if self.reconnect is not None and self.failed is None:
+            with self._lock:
+                self.reconnecting = True
+            log.warning("%s went away; %s", self.description, self.reconnect.how())
+            self._reconnect_thread = threading.Thread(target=self._reconnect_loop,
+                                                      name="vhost-user reconnect", daemon=True)
+            self._reconnect_thread.start()
+            return
         self.gone = True
         if self.failed is None:
             self.failed = "the back-end closed its connection"
@@ -259,22 +316,25 @@ class VhostUserBackend(QueueBackend):
 
     def watch(self, device, loop):
         """Notice the back-end hanging up, serve its request channel, and do
-        in the loop what other threads ask for (a config refresh, a failure)."""
+        in the loop what other threads ask for (a config refresh, a failure,
+        a back-end back)."""
         self._device, self._loop = device, loop
-        fe = self.frontend
-        loop.add_hangup_watch(fe.conn.fileno(), self._hung_up,
-                              f"{device.name}'s vhost-user socket")
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         loop.add_reader(self._wake_fd, self._on_wake, f"{device.name}'s vhost-user events")
+        self._watch_connection(self.frontend)
+        if self.failed is not None:
+            self._wake()
+
+    def _watch_connection(self, fe):
+        loop, name = self._loop, self._device.name
+        loop.add_hangup_watch(fe.conn.fileno(), self._hung_up, f"{name}'s vhost-user socket")
         channel = fe.backend_channel
         if channel is not None:
             def request():
                 fe.serve_backend_channel()
                 if fe.backend_broken is not None:
                     loop.remove(channel.fileno())    # (closed with the front-end)
-            loop.add_reader(channel.fileno(), request, f"{device.name}'s back-end channel")
-        if self.failed is not None:
-            self._wake()
+            loop.add_reader(channel.fileno(), request, f"{name}'s back-end channel")
 
     def _wake(self):
         if self._wake_fd is not None:
@@ -285,6 +345,8 @@ class VhostUserBackend(QueueBackend):
             os.eventfd_read(self._wake_fd)
         except BlockingIOError:
             pass
+        if self._reconnected is not None:
+            self._rewatch()
         if self._config_stale and self.failed is None:
             self._config_stale = False
             try:
@@ -294,6 +356,121 @@ class VhostUserBackend(QueueBackend):
             except VhostUserError as e:
                 self._failed_call(e, "reading its new config space")
         self._report()
+
+    # --- reconnect (reconnect=S) -------------------------------------------------------
+
+    def _reconnect_loop(self):
+        """(its own thread) Try for a back-end until one takes the device over,
+        one cannot (the device fails), or the VM ends."""
+        rc = self.reconnect
+        while not self._closing.is_set():
+            try:
+                fe = rc.attempt()
+            except VhostUserError as e:
+                log.debug("%s: no back-end yet: %s", self.description, e)
+                if not rc.server:
+                    self._closing.wait(rc.interval)
+                continue
+            try:
+                with self._lock:
+                    self._take_over(fe)
+                return
+            except DeviceError as e:
+                fe.close()
+                with self._lock:
+                    self.reconnecting = False
+                    self.failed = str(e)
+                    self.gone = True       # nothing runs its rings: pyvmm may take them
+                self._wake()
+                return
+            except VhostUserError as e:
+                fe.close()
+                log.warning("%s: the new back-end failed while taking the device over (%s); "
+                            "%s", self.description, e, rc.how())
+                if not rc.server:
+                    self._closing.wait(rc.interval)
+        rc.close()
+
+    def replace(self, fe):
+        """Give the device to fe, a negotiated VhostUserFrontend, in place of the
+        back-end it has (which went away, or is being dropped): what a
+        reconnect does, for a caller that runs no event loop (the guest-less
+        driver's reconnect()). DeviceError if fe cannot take it over."""
+        with self._lock:
+            self.frontend.die("replaced by a new back-end", hung_up=True)
+            self._take_over(fe)
+
+    def _take_over(self, fe):
+        """(under _lock) The new back-end fe gets the device as the guest has it:
+        the same features, memory table and inflight area, each ring from
+        where it stopped (the used index: what the old one finished), enabled
+        as the model had it, then a kick."""
+        self._check_successor(fe)
+        fe.on_backend_request = self._backend_request
+        old, self.frontend = self.frontend, fe
+        old.close()
+        if self._running is not None:
+            memory, features, queues = self._running
+            bases = {q.index: int.from_bytes(memory.read(q.used + 2, 2), "little")
+                     for q in queues}
+            if self._inflight is None:
+                self._say_unrecoverable(memory, queues, bases)
+            self._bring_up(memory, features, queues, bases)
+        self.reconnecting = False
+        self._reconnected = fe
+        self._wake()
+
+    def _check_successor(self, fe):
+        """A back-end must offer everything its predecessor was asked to do;
+        DeviceError (the device fails) if not."""
+        need = self._features
+        if self._running is not None:
+            need &= self._running[1]               # what the guest acked
+        offered = fe.negotiated.features_offered or 0
+        missing = [f"bit {b}" for b in range(64) if need >> b & 1 and not offered >> b & 1]
+        old_pf = self.frontend.negotiated.protocol_acked
+        new_pf = fe.negotiated.protocol_acked
+        missing += [f.name for f in PF if old_pf & f.mask and not new_pf & f.mask]
+        if missing:
+            raise DeviceError(f"the back-end that came back lacks what its predecessor had: "
+                              f"{', '.join(missing)}")
+        if self._running is not None and self.frontend.has(PF.MQ):
+            wanted = max(q.index for q in self._running[2]) + 1
+            if fe.max_queues < wanted:
+                raise DeviceError(f"the back-end that came back has {fe.max_queues} queues, "
+                                  f"the device runs {wanted}")
+
+    def _say_unrecoverable(self, memory, queues, bases):
+        """Without an inflight area, which requests the old back-end took is not
+        known: the new one starts at the used index, so requests it took and
+        never finished run again (fine), and any it finished out of order
+        would be answered twice. Name them."""
+        for q in queues:
+            avail_idx = int.from_bytes(memory.read(q.avail + 2, 2), "little")
+            outstanding = (avail_idx - bases[q.index]) & 0xFFFF
+            if outstanding:
+                log.warning("%s: queue %d: no inflight area (INFLIGHT_SHMFD), so the %d "
+                            "requests the guest posted from used index %d on are served again "
+                            "from there; any the old back-end had completed out of order would "
+                            "complete twice", self.description, q.index, outstanding,
+                            bases[q.index])
+
+    def _rewatch(self):
+        """(event loop) A back-end is back: watch its connection, and tell the
+        guest if its config space changed meanwhile."""
+        fe, self._reconnected = self._reconnected, None
+        if fe is not self.frontend or fe.dead is not None:
+            return                 # (already gone again: its own hang-up follows)
+        self._watch_connection(fe)
+        log.warning("%s is back: the device goes on where it stopped", self.description)
+        before = self.config_space
+        try:
+            self.refresh_config()
+        except VhostUserError as e:
+            self._failed_call(e, "reading its config space")
+            return
+        if self.config_space != before:
+            self._device.on_config_change()
 
     def _backend_request(self, message):
         """A request on the back-end channel (in whichever thread read it, maybe

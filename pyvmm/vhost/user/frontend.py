@@ -71,6 +71,7 @@ class VhostUserFrontend(VhostBackend):
         self.backend_channel = None  # our end of SET_BACKEND_REQ_FD's socketpair
         self._regions_sent = []      # MemoryRegions the back-end has (ADD_MEM_REG mode)
         self.dead = None             # why no request can be sent any more, once so
+        self.hung_up = False         # ... and that was the back-end closing the connection
         self._deadline = None        # monotonic time by which a sequence must be done
         # The back-end channel: its session, the lock that lets one thread read
         # it at a time, and what answers its requests (message -> ack status,
@@ -123,11 +124,13 @@ class VhostUserFrontend(VhostBackend):
             return self.conn.timeout
         return max(0.0, min(self.conn.timeout, self._deadline - time.monotonic()))
 
-    def die(self, error):
+    def die(self, error, hung_up=False):
         """The connection cannot be used any more: say so on every later call,
-        and let the back-end read EOF (it stops its rings when it does)."""
+        and let the back-end read EOF (it stops its rings when it does).
+        hung_up: the back-end closed it (as a Disconnected error says too)."""
         if self.dead is None:
             self.dead = str(error)
+            self.hung_up = hung_up or isinstance(error, Disconnected)
             with contextlib.suppress(OSError):
                 self.conn.sock.shutdown(socket.SHUT_WR)
 

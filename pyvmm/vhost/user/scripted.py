@@ -59,7 +59,7 @@ class ScriptedBackend:
         self.messages = []            # every request received, in order
         self.kicks, self.calls, self.errs = {}, {}, {}
         self.bases = {}               # index -> the last SET_VRING_BASE
-        self.inflight_fd = None       # the area made at GET_INFLIGHT_FD, if asked
+        self.inflight_fd = None       # the area made at GET_INFLIGHT_FD, or handed over
         self.backend_channel = None   # a Connection, once SET_BACKEND_REQ_FD came
         self.hung_up = False
 
@@ -134,6 +134,8 @@ class ScriptedBackend:
             if old is not None:
                 os.close(old)
             keep[msg.payload.index] = msg.fds[0]
+        elif msg.request is R.SET_INFLIGHT_FD and msg.fds and self.inflight_fd is None:
+            self.inflight_fd = msg.fds[0]       # an area made by a predecessor
         elif msg.request is R.SET_BACKEND_REQ_FD and msg.fds:
             self.backend_channel = Connection(socket.socket(fileno=msg.fds[0]),
                                               "the front-end (back-end channel)")

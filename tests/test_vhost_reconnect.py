@@ -1,0 +1,253 @@
+"""reconnect=S: a vhost-user back-end that goes away is waited for, and the
+next one takes the device over where the old one stopped, with no error the
+guest sees (issue 20, item 1). No VM: the test plays the guest's driver on
+the virtio-mmio transport and DriverRings, and KVM on the eventfds; the
+back-ends are `pyvmm backend blk` (killed with SIGKILL and started again)
+and scripted ones."""
+
+import logging
+import os
+import socket
+import struct
+import time
+
+import pytest
+from backends import blk_backend
+from test_virtio import RecordingVm, r32
+from test_vhost_user_devices import start_driver
+
+from pyvmm.devices.virtio import mmio
+from pyvmm.devices.virtio.blk import VirtioBlk
+from pyvmm.devices.virtio.vhost_user import VhostUserBackend
+from pyvmm.sys.eventloop import EventLoop
+from pyvmm.vhost.user.backend.inflight import InflightArea
+from pyvmm.vhost.user.channel import Connection
+from pyvmm.vhost.user.frontend import VhostUserFrontend
+from pyvmm.vhost.user.messages import FrontendReq as R, ProtocolFeature as PF
+from pyvmm.vhost.user.reconnect import Reconnect
+from pyvmm.vhost.user.scripted import ScriptedBackend
+from pyvmm.virtio import spec
+from pyvmm.virtio.device_ring import DeviceRing
+
+BUF = 0x100000
+VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT = 0, 1
+BLK_CONFIG = struct.pack("<Q", 2048).ljust(60, b"\0")      # capacity: 1 MiB
+
+
+class Guest:
+    """The transport of one vhost-user blk device, its event loop, and the
+    driver's side of queue 0."""
+
+    def __init__(self, frontend, memory, reconnect):
+        self.backend = VhostUserBackend(frontend, "the test's back-end", config_size=60,
+                                        reconnect=reconnect)
+        self.device = VirtioBlk(self.backend)
+        self.memory = memory
+        self.t = mmio.VirtioMmio(self.device, RecordingVm(), memory, 0xD000_0000, 5)
+        self.loop = EventLoop(on_error=lambda what, e: pytest.fail(f"{what}: {e!r}"))
+        self.t.watch(self.loop)
+        self.ring = start_driver(self.t, memory, [0])[0]
+        self.slot = 0
+
+    def post(self, kind, sector, data=b"\0" * 512):
+        """One request (a 512-byte read or write), kicked; its status address."""
+        base = BUF + self.slot * 0x1000
+        self.slot = (self.slot + 1) % 32
+        self.memory.write(base, struct.pack("<IIQ", kind, 0, sector))
+        self.memory.write(base + 0x200, data)
+        self.memory.write(base + 0x800, b"\xff")
+        self.ring.add([(base, 16, False), (base + 0x200, 512, kind == VIRTIO_BLK_T_IN),
+                       (base + 0x800, 1, True)])
+        os.eventfd_write(self.t.queues[0].kick_fd, 1)
+        return base
+
+    def run_until(self, until, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        self.loop.run_until(lambda: until() or time.monotonic() > deadline, timeout=0.02)
+        assert until(), "the event loop never got there"
+
+    def needs_reset(self):
+        return bool(r32(self.t, mmio.STATUS) & spec.VIRTIO_CONFIG_S_NEEDS_RESET)
+
+    def close(self):
+        self.t.close()
+        self.device.close()
+        self.loop.close()
+
+
+@pytest.fixture
+def guests():
+    made = []
+    yield made
+    for guest in made:
+        guest.close()
+
+
+def test_a_killed_pyvmm_blk_back_end_is_replaced_without_an_error(tmp_path, memory16, guests,
+                                                                  caplog):
+    """SIGKILL the back-end; a write the guest posts while it is away waits,
+    and completes (OK, on the image) once a new one is started on the same
+    socket; the device never needs a reset."""
+    caplog.set_level(logging.WARNING)
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    procs = []
+    with blk_backend("pyvmm", str(tmp_path), image, procs=procs) as sock:
+        fe = VhostUserFrontend.connect(sock, "the back-end", 5)
+        fe.negotiate()
+        guest = Guest(fe, memory16, Reconnect(sock, False, 0.05, 5))
+        guests.append(guest)
+        first = guest.post(VIRTIO_BLK_T_OUT, 0, b"A" * 512)
+        guest.run_until(lambda: guest.ring.used_idx() == 1)
+        assert memory16.read(first + 0x800, 1) == b"\0"
+        procs[0].kill()
+        procs[0].wait()
+        guest.run_until(lambda: guest.backend.reconnecting)
+    second = guest.post(VIRTIO_BLK_T_OUT, 1, b"B" * 512)
+    deadline = time.monotonic() + 0.2
+    guest.loop.run_until(lambda: time.monotonic() > deadline, timeout=0.02)
+    assert guest.ring.used_idx() == 1                          # nobody serves it yet
+    with blk_backend("pyvmm", str(tmp_path), image):
+        guest.run_until(lambda: guest.ring.used_idx() == 2)
+        assert memory16.read(second + 0x800, 1) == b"\0"       # VIRTIO_BLK_S_OK
+        assert image.read_bytes()[:1024] == b"A" * 512 + b"B" * 512
+        third = guest.post(VIRTIO_BLK_T_IN, 1)
+        guest.run_until(lambda: guest.ring.used_idx() == 3)
+        assert memory16.read(third + 0x200, 512) == b"B" * 512
+        assert not guest.needs_reset()
+        lines = [r.getMessage() for r in caplog.records]
+        assert any("went away; connecting to" in line for line in lines), lines
+        assert any("is back" in line for line in lines), lines
+        guest.close()
+        guests.remove(guest)
+
+
+def serve_scripted(listener_path, **kw):
+    """A scripted back-end that connects to pyvmm listening at listener_path."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            sock.connect(listener_path)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "pyvmm never listened"
+            time.sleep(0.02)
+    be = ScriptedBackend(Connection(sock, "pyvmm"), **kw)
+    return be, be.serve_in_thread()
+
+
+WITH_INFLIGHT = PF.REPLY_ACK.mask | PF.CONFIG.mask | PF.INFLIGHT_SHMFD.mask
+
+
+def test_the_successor_gets_the_kept_inflight_area_and_the_used_index(tmp_path, memory16,
+                                                                      guests):
+    """Server mode: the first back-end took A and B, finished B, and hung up.
+    The one that connects next is told everything again (features, memory,
+    the same inflight area, each ring from the used index) and kicked,
+    without GET_INFLIGHT_FD (which would free the area QEMU-style)."""
+    path = str(tmp_path / "pyvmm.sock")
+    ours, theirs = socket.socketpair()
+    first = ScriptedBackend(Connection(theirs, "pyvmm"), protocol=WITH_INFLIGHT,
+                            config=BLK_CONFIG)
+    thread = first.serve_in_thread()
+    fe = VhostUserFrontend(Connection(ours, "the back-end", 2))
+    fe.negotiate()
+    guest = Guest(fe, memory16, Reconnect(path, True, 0.05, 2))
+    guests.append(guest)
+    for sector in range(3):
+        guest.post(VIRTIO_BLK_T_IN, sector)          # A, B, C
+    # The first back-end's side: take A and B, complete B only, die.
+    description = [m for m in first.messages if m.request is R.SET_INFLIGHT_FD][0].payload
+    area = InflightArea(os.dup(first.inflight_fd), description)
+    tracking = area.queue(0)
+    ring = guest.ring
+    device = DeviceRing(memory16, 64, ring.desc_addr, ring.avail_addr, ring.used_addr)
+    tracking.start(64, 0)
+    took_a, took_b = device.pop(), device.pop()
+    tracking.take(took_a.head)
+    tracking.take(took_b.head)
+    tracking.completing(took_b.head)
+    device.push(took_b.head, 513)
+    tracking.completed(took_b.head, device.used_idx())
+    area.close()
+    first_fd_stat = os.fstat(first.inflight_fd)
+    first.close()
+    thread.join(5)
+    guest.run_until(lambda: guest.backend.reconnecting)
+    second, thread = serve_scripted(path, protocol=WITH_INFLIGHT, config=BLK_CONFIG)
+    try:
+        guest.run_until(lambda: not guest.backend.reconnecting
+                        and R.SET_VRING_KICK in second.requests)
+        asked = second.requests
+        assert R.GET_INFLIGHT_FD not in asked
+        order = [r for r in asked if r in (R.SET_FEATURES, R.SET_MEM_TABLE, R.SET_INFLIGHT_FD,
+                                           R.SET_VRING_NUM, R.SET_VRING_BASE, R.SET_VRING_KICK)]
+        assert order == [R.SET_FEATURES, R.SET_MEM_TABLE, R.SET_INFLIGHT_FD, R.SET_VRING_NUM,
+                         R.SET_VRING_BASE, R.SET_VRING_KICK]
+        base = [m for m in second.messages if m.request is R.SET_VRING_BASE][0].payload
+        assert (base.index, base.num) == (0, 1)                # the used index: B was done
+        stat = os.fstat(second.inflight_fd)
+        assert (stat.st_dev, stat.st_ino) == (first_fd_stat.st_dev, first_fd_stat.st_ino)
+        # What the successor would resubmit: A only, then C from the avail ring.
+        area = InflightArea(os.dup(second.inflight_fd), description)
+        assert area.queue(0).start(64, 1) == [took_a.head]
+        area.close()
+        assert not guest.needs_reset()
+    finally:
+        second.close()
+        thread.join(5)
+
+
+def test_a_successor_that_lacks_an_acked_feature_fails_the_device(tmp_path, memory16, guests,
+                                                                 caplog):
+    path = str(tmp_path / "pyvmm.sock")
+    ours, theirs = socket.socketpair()
+    first = ScriptedBackend(Connection(theirs, "pyvmm"), protocol=WITH_INFLIGHT,
+                            config=BLK_CONFIG)
+    thread = first.serve_in_thread()
+    fe = VhostUserFrontend(Connection(ours, "the back-end", 2))
+    fe.negotiate()
+    guest = Guest(fe, memory16, Reconnect(path, True, 0.05, 2))
+    guests.append(guest)
+    first.close()
+    thread.join(5)
+    guest.run_until(lambda: guest.backend.reconnecting)
+    second, thread = serve_scripted(path, protocol=PF.REPLY_ACK.mask | PF.CONFIG.mask,
+                                    config=BLK_CONFIG)
+    try:
+        guest.run_until(guest.needs_reset)
+        assert "lacks what its predecessor had: INFLIGHT_SHMFD" in caplog.text
+        assert R.SET_MEM_TABLE not in second.requests
+    finally:
+        second.close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("kind", ["pyvmm", "qemu-storage-daemon"])
+def test_the_guest_less_driver_reconnects_to_a_restarted_back_end(tmp_path, kind):
+    """pyvmm.driver's reconnect(): kill the back-end, post a write nobody
+    serves, start a new back-end, reconnect: the write completes (once), and
+    the disk holds both writes."""
+    from pyvmm.driver import vhost_user
+    from pyvmm.driver.devices import VIRTIO_BLK_T_OUT as OUT, blk_post, blk_read, blk_write
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    procs = []
+    with blk_backend(kind, str(tmp_path), image, procs=procs) as sock:
+        d = vhost_user(sock, config_size=60)
+        q = d.start(queues=[(0, 64)])[0]
+        assert blk_write(d, q, 0, b"A" * 512) == 0
+        procs[0].kill()
+        procs[0].wait()
+    try:
+        head, places = blk_post(d, q, OUT, 1, b"B" * 512)
+        with blk_backend(kind, str(tmp_path), image):
+            d.reconnect()
+            assert q.wait(head) == 1 and d.read(places[-1], 1) == b"\0"
+            assert q.in_flight == {}                          # nothing completed twice
+            assert blk_read(d, q, 0, 1024) == (0, b"A" * 512 + b"B" * 512)
+            d.close()
+    except BaseException:
+        d.close()
+        raise
