@@ -44,11 +44,12 @@ def pyvmm_backend(directory, device, *options):
 
 
 @contextlib.contextmanager
-def blk_backend(kind, directory, image, queues=1, writable=True, procs=None):
+def blk_backend(kind, directory, image, queues=1, writable=True, procs=None, options=()):
     """A vhost-user-blk back-end of kind "qemu-storage-daemon" or "pyvmm" on
-    image; yields its socket path (and appends its Popen to procs, if given)."""
+    image; yields its socket path (and appends its Popen to procs, if given).
+    options: more of pyvmm's (--die-at POINT, say)."""
     if kind == "pyvmm":
-        options = ["--image", str(image), "--queues", str(queues)]
+        options = ["--image", str(image), "--queues", str(queues), *options]
         with pyvmm_backend(directory, "blk", *options, *([] if writable else ["--read-only"])) \
                 as (sock, proc):
             if procs is not None:

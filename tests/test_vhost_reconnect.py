@@ -18,6 +18,7 @@ from test_vhost_user_devices import start_driver
 
 from pyvmm.devices.virtio import mmio
 from pyvmm.devices.virtio.blk import VirtioBlk
+from pyvmm.devices.virtio.device import DeviceError
 from pyvmm.devices.virtio.vhost_user import VhostUserBackend
 from pyvmm.sys.eventloop import EventLoop
 from pyvmm.vhost.user.backend.inflight import InflightArea
@@ -251,3 +252,110 @@ def test_the_guest_less_driver_reconnects_to_a_restarted_back_end(tmp_path, kind
     except BaseException:
         d.close()
         raise
+
+
+# --- exactly once across a kill, at each point of a request's life ---------------------------
+
+REQUESTS = 6
+
+
+def post_writes(d, q, count=REQUESTS):
+    """count writes, request i writing 512 bytes of i+1 to sector i; {head: status gpa}."""
+    from pyvmm.driver.devices import VIRTIO_BLK_T_OUT as OUT, blk_post
+    posted = {}
+    for i in range(count):
+        head, places = blk_post(d, q, OUT, i, bytes([i + 1]) * 512)
+        posted[head] = places[-1]
+    return posted
+
+
+def collect(q, seen, want, timeout=10.0):
+    """Gather used heads into seen (a list: a head twice shows twice) until want are there."""
+    deadline = time.monotonic() + timeout
+    while len(seen) < want and time.monotonic() < deadline:
+        seen += [head for head, _ in q.used()]
+        time.sleep(0.005)
+    return seen
+
+
+def died(proc, timeout=10.0):
+    try:
+        proc.wait(timeout)
+    except Exception:      # noqa: BLE001 - it lives on: the point was never reached
+        return False
+    assert proc.returncode == -9, proc.returncode               # SIGKILL, by itself
+    return True
+
+
+# (what the first back-end is told, what its successor is told, what the test
+# expects the first to reach). "message:N" counts the connection's requests.
+KILL_POINTS = [
+    ("popped:3", None),
+    ("taken:3", None),
+    ("served:3", None),
+    ("used-elem:3", None),
+    ("used-idx:3", None),
+    ("completed:3", None),
+    ("taken:2", "resubmitted:1"),          # the successor dies too, resubmitting
+    ("taken:2", "inflight-fd:1"),          # ... before its rings start
+    ("taken:2", "message:4"),              # ... in the middle of the handshake
+    ("message:12", None),                  # the first dies while the device starts
+]
+
+
+@pytest.mark.parametrize("first,second", KILL_POINTS, ids=[f"{a}+{b}" if b else a
+                                                           for a, b in KILL_POINTS])
+def test_every_write_completes_exactly_once_across_a_kill(tmp_path, first, second):
+    """pyvmm backend blk --die-at POINT kills itself at that point of the
+    third (or second) request's life; the driver reconnects to a new back-end
+    (which may die in turn) until one finishes. Every write completes once
+    (counted per head), with status OK, and the image holds them all."""
+    from pyvmm.driver import vhost_user
+    from pyvmm.vhost.user.errors import VhostUserError
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    procs = []
+    d = None
+    try:
+        with blk_backend("pyvmm", str(tmp_path), image, procs=procs,
+                         options=("--die-at", first)) as sock:
+            try:
+                d = vhost_user(sock, config_size=60)
+                q = d.start(queues=[(0, 64)])[0]
+            except (VhostUserError, DeviceError):
+                if d is not None:
+                    d.close()
+                d = None               # (message:N: it died while the device started)
+            if d is not None:
+                posted = post_writes(d, q)
+            assert died(procs[0])
+        seen = []
+        if d is None:                  # start over on a back-end that lives
+            with blk_backend("pyvmm", str(tmp_path), image) as sock:
+                d = vhost_user(sock, config_size=60)
+                q = d.start(queues=[(0, 64)])[0]
+                posted = post_writes(d, q)
+                collect(q, seen, REQUESTS)
+        else:
+            seen = [head for head, _ in q.used()]
+            if second is not None:
+                with blk_backend("pyvmm", str(tmp_path), image, procs=procs,
+                                 options=("--die-at", second)) as sock:
+                    try:
+                        d.reconnect()
+                    except VhostUserError:
+                        pass           # it died in the handshake
+                    assert died(procs[-1])
+                    seen += [head for head, _ in q.used()]
+            with blk_backend("pyvmm", str(tmp_path), image):
+                d.reconnect()
+                collect(q, seen, REQUESTS)
+                seen += [head for head, _ in q.used()]
+        assert sorted(seen) == sorted(posted), f"completions per head: {seen}"
+        assert all(d.read(status, 1) == b"\0" for status in posted.values())
+        data = image.read_bytes()
+        assert [data[512 * i:512 * (i + 1)] for i in range(REQUESTS)] == [
+            bytes([i + 1]) * 512 for i in range(REQUESTS)]
+    finally:
+        if d is not None:
+            d.close()

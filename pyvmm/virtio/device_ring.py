@@ -185,10 +185,14 @@ class DeviceRing:
             return (new - used_event - 1) & 0xFFFF < (new - used_before) & 0xFFFF
         return not self._u16(self.avail) & VIRTQ_AVAIL_F_NO_INTERRUPT
 
-    def push(self, head, written):
-        """Return chain head as used, with `written` bytes written into it."""
+    def push(self, head, written, before_publish=None):
+        """Return chain head as used, with `written` bytes written into it
+        (before_publish(), if given, runs between the used element and the
+        index that publishes it: a back-end's fault injection)."""
         idx = self.used_idx()
         self.memory.write(self.used + 4 + 8 * (idx % self.num), struct.pack("<II", head, written))
+        if before_publish is not None:
+            before_publish()
         # The entry must be visible before the index that covers it (x86 keeps
         # stores in order).
         self.memory.write(self.used + 2, struct.pack("<H", (idx + 1) & 0xFFFF))

@@ -30,6 +30,7 @@ import copy
 import os
 
 from pyvmm.sys.eventloop import EventLoop
+from pyvmm.vhost.user.backend import faults
 from pyvmm.vhost.user.backend import fds as checked
 from pyvmm.vhost.user.backend import inflight
 from pyvmm.vhost.user.backend.device import Refused
@@ -153,6 +154,7 @@ class Daemon:
     def dispatch(self, msg):
         """Apply one request; answer it when an answer is due. The fds that
         came with it are closed afterwards unless a handler kept one (_keep)."""
+        faults.reach("message")
         self._fds = list(msg.fds)
         answer, fds = U64(0), ()
         try:
@@ -298,6 +300,7 @@ class Daemon:
         self.inflight_area = area
         for ring in self.rings:
             ring.inflight = self.inflight_area.queue(ring.index)
+        faults.reach("inflight-fd")
 
     def _drop_inflight(self):
         for ring in self.rings:

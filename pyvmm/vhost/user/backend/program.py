@@ -16,6 +16,8 @@ import logging
 import signal
 import sys
 
+from pyvmm.vhost.user.backend import faults
+
 EXIT_ERROR = 1
 CONNECT_WAIT = 30         # seconds --connect waits for the front-end's socket
 
@@ -68,6 +70,11 @@ def add_parser(sub, formatter_class=argparse.RawDescriptionHelpFormatter):
                             "(SIGBUS): only for a trusted front-end. Without it such memory is "
                             "refused; a memfd that allows sealing is sealed here, and QEMU's "
                             "memory-backend-memfd (seal=on by default) needs nothing")
+        p.add_argument("--die-at", metavar="POINT[:N]",
+                       help="fault injection, for testing a front-end's reconnect: kill this "
+                            "back-end (SIGKILL, as a crash) the Nth time (default 1st) it "
+                            "reaches POINT, one of: " + ", ".join(faults.POINTS)
+                            + " (see pyvmm/vhost/user/backend/faults.py)")
         if name == "blk":
             p.add_argument("--image", metavar="FILE",
                            help="the disk: a raw image file or a block device (required)")
@@ -186,6 +193,11 @@ def run(args, parser):
         return print_capabilities(args.device)
     if args.socket_path is None and args.fd is None and args.connect is None:
         parser.error("give --socket-path PATH, --fd N or --connect PATH")
+    if args.die_at is not None:
+        try:
+            faults.arm(args.die_at)
+        except ValueError as e:
+            parser.error(f"--die-at {args.die_at}: {e}")
     device = make_device(args, parser)
 
     def terminate(signum, frame):

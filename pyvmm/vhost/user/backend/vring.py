@@ -10,6 +10,8 @@ resubmit what this back-end took but never completed (inflight.py).
 import logging
 import os
 
+from pyvmm.vhost.user.backend import faults
+
 log = logging.getLogger("pyvmm.backend")
 
 
@@ -74,20 +76,33 @@ class Vring:
     def pop(self):
         """The next chain to serve (a Chain of guest buffers), or None."""
         if self.resubmit:
-            return self.device_ring.chain(self.resubmit.pop(0))
+            chain = self.device_ring.chain(self.resubmit.pop(0))
+            faults.reach("resubmitted")
+            return chain
         chain = self.device_ring.pop()
-        if chain is not None and self.inflight is not None:
-            self.inflight.take(chain.head)
+        if chain is not None:
+            faults.reach("popped")
+            if self.inflight is not None:
+                self.inflight.take(chain.head)
+                faults.reach("taken")
         return chain
 
     def push(self, head, written):
         """Give chain head back as used, `written` bytes written into it."""
+        faults.reach("served")
         if self.inflight is None:
-            self.device_ring.push(head, written)
+            self.device_ring.push(head, written, self._published)
+            faults.reach("completed")
             return
         self.inflight.completing(head)
-        self.device_ring.push(head, written)
+        self.device_ring.push(head, written, self._published)
+        faults.reach("used-idx")
         self.inflight.completed(head, self.device_ring.used_idx())
+        faults.reach("completed")
+
+    @staticmethod
+    def _published():
+        faults.reach("used-elem")
 
     def close_fds(self):
         for fd in (self.kick, self.call, self.err):
