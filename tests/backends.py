@@ -61,14 +61,21 @@ def blk_backend(kind, directory, image, queues=1, writable=True, procs=None, opt
 
 
 @contextlib.contextmanager
-def storage_daemon(directory, image, queues=1, writable=True, procs=None):
-    """qemu-storage-daemon exporting image as vhost-user-blk; yields its socket path."""
+def storage_daemon(directory, image, queues=1, writable=True, procs=None, iops=None):
+    """qemu-storage-daemon exporting image as vhost-user-blk; yields its socket
+    path. iops: at most that many requests a second (a throttle node), so
+    that requests it took stay in flight for a while."""
     sock = os.path.join(directory, "vub.sock")
     _remove_stale(sock)
+    node, throttle = "file0", []
+    if iops is not None:
+        node = "thr0"
+        throttle = ["--object", f"throttle-group,id=tg0,x-iops-total={iops}",
+                    "--blockdev", "driver=throttle,node-name=thr0,throttle-group=tg0,file=file0"]
     proc = subprocess.Popen(
         ["qemu-storage-daemon",
-         "--blockdev", f"driver=file,node-name=file0,filename={image}",
-         "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,"
+         "--blockdev", f"driver=file,node-name=file0,filename={image}", *throttle,
+         "--export", f"type=vhost-user-blk,id=exp0,node-name={node},addr.type=unix,"
                      f"addr.path={sock},writable={'on' if writable else 'off'},"
                      f"num-queues={queues}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
