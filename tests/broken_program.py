@@ -1,5 +1,6 @@
 """`pyvmm backend rng`, broken in one program convention (the rule given
-as first argument), for the checks of section M to fail on:
+as first argument), for the checks of section M to fail on (BE-74: `pyvmm
+backend blk`, broken in how it restarts):
 
     python3 tests/broken_program.py BE-110 --socket-path=PATH
 
@@ -31,7 +32,23 @@ def serve_connected_fd(fd):
     return 0
 
 
+def start_at_the_avail_index():
+    """BE-74 broken: a (re)started ring ignores the inflight area and SET_VRING_BASE
+    and goes on from the avail index, as if whatever was posted were done."""
+    from pyvmm.vhost.user.backend.vring import Vring
+    start = Vring.start
+
+    def broken(self, device_ring):
+        start(self, device_ring)
+        self.resubmit = []
+        device_ring.next_avail = device_ring.avail_idx()
+    Vring.start = broken
+
+
 def run(rule, args):
+    if rule == "BE-74":                      # blk (--image FILE in args)
+        start_at_the_avail_index()
+        return main(["backend", "blk", *args])
     fd = [a[len("--fd="):] for a in args if a.startswith("--fd=")]
     if rule == "connected-fd" and fd and not any(a.startswith("--socket-path") for a in args):
         return serve_connected_fd(int(fd[0]))

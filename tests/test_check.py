@@ -38,7 +38,8 @@ def test_pyvmm_backend_blk_passes_every_must_rule(tmp_path, image):
         passed, failed, skipped, must_failed = run_checks(sock, "blk", lines.append)
     assert (failed, must_failed) == (0, False), "\n".join(lines)
     skipped = [line.split()[0] for line in lines if " SKIP " in line]
-    assert skipped == ["BE-78"] + PROGRAM_RULES    # no CONFIG_WCE; a socket, not a command
+    # No CONFIG_WCE; a socket, not a command (nothing to kill and restart, no program).
+    assert skipped == ["BE-74", "BE-78"] + PROGRAM_RULES
     assert lines[-1] == f"{len(CHECKS) - len(skipped)} passed, 0 failed, " \
                         f"{len(skipped)} skipped"
 
@@ -476,7 +477,8 @@ BROKEN = {
 
 
 def test_every_check_has_a_broken_back_end():
-    assert sorted(BROKEN, key=lambda r: int(r[3:])) + PROGRAM_RULES == [c.rule for c in CHECKS]
+    assert sorted([*BROKEN, *RESTART_RULES], key=lambda r: int(r[3:])) + PROGRAM_RULES == [
+        c.rule for c in CHECKS]
 
 
 @pytest.mark.parametrize("rule", sorted(BROKEN, key=lambda r: int(r[3:])))
@@ -564,6 +566,24 @@ def test_dpdk_testpmd_that_does_not_echo_is_not_observed(tmp_path):
 
 PROGRAM_RULES = ["BE-107", "BE-108", "BE-109", "BE-110", "BE-111", "BE-112", "BE-113", "BE-114",
                  "BE-115", "BE-116", "BE-118"]
+
+
+# Rules that kill the back-end and start it again: a command only.
+RESTART_RULES = ["BE-74"]
+
+
+def test_the_restart_check_passes_pyvmm_blk_and_fails_a_back_end_that_skips_requests(image):
+    """BE-74 on `pyvmm backend blk` as a command: every request completes once
+    across a SIGKILL at each point; one that restarts at the avail index
+    (forgetting what was in flight and what was never taken) fails it."""
+    script = os.path.join(os.path.dirname(__file__), "broken_program.py")
+    good = _program_results([sys.executable, "-m", "pyvmm", "backend", "blk", "--image",
+                             str(image)], "blk", only=RESTART_RULES)
+    assert good["BE-74"][0] == "PASS", good
+    bad = _program_results([sys.executable, script, "BE-74", "--image", str(image)], "blk",
+                           only=RESTART_RULES)
+    assert bad["BE-74"][0] == "FAIL", bad
+    assert "posted, not kicked" in bad["BE-74"][1] and "never completed" in bad["BE-74"][1], bad
 
 
 def _program_results(argv, device=None, only=PROGRAM_RULES):

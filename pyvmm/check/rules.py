@@ -7,9 +7,11 @@ connection, so that one failure does not poison the next; in rule order.
     rings.py     E: ring states, kicks, GET_VRING_BASE, the data path
     device.py    F, G, I: inflight, configuration space, owner, status
     program.py   M: the back-end program conventions (given a command)
+    restart.py   kill and start again (given a command): inflight resubmission
 """
 
-from pyvmm.check import device, framing, memory, program, rings  # noqa: F401 (they register)
+# (importing them registers their checks)
+from pyvmm.check import device, framing, memory, program, restart, rings  # noqa: F401
 from pyvmm.check.core import (CHECKS, DEVICES, MUST_LEVELS, Check, Context, Failed, Offer,
                               Skipped, discover)
 

@@ -34,6 +34,7 @@ START_WAIT = 10.0             # seconds a started back-end has to listen or conn
 
 class Target:
     command = None          # the program's argv, where the program conventions apply
+    can_restart = False     # kill() and a later connect() give a fresh back-end
 
     def __init__(self, timeout):
         self.timeout = timeout
@@ -207,6 +208,14 @@ class CommandTarget(Target):
 
     def dead(self):
         return None                   # started again by the next check
+
+    can_restart = True
+
+    def kill(self):
+        """SIGKILL the back-end, as a crash (the next connect() starts it again)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
 
     def stop(self):
         if self.proc is not None:
