@@ -9,7 +9,9 @@ pytest11 entry point: installing pyvmm is enough.
 vhost_user_backend(command)   starts a back-end program ("{socket}" in its
                               arguments becomes a fresh socket path), waits
                               for it to listen, stops it after the test;
-                              returns the socket path
+                              returns the socket path. .kill(path) and
+                              .restart(path): a crash, and the same program
+                              started again (then driver.reconnect())
 vhost_user_driver(command or  a guest-less Driver (pyvmm.driver) connected
     socket path)              to it, closed after the test
 pyvmm_guest(option, socket,   boots pyvmm's tiny guest with the back-end as
@@ -60,18 +62,21 @@ def vhost_user_socket():
 @pytest.fixture
 def vhost_user_backend(vhost_user_socket):
     """start(command): run a back-end program ("{socket}" in its arguments
-    becomes a fresh socket path) until the test ends; the socket path."""
-    started = []
+    becomes a fresh socket path) until the test ends; the socket path.
+    start.kill(path) kills it (SIGKILL, as a crash would) and
+    start.restart(path) runs the same command on the same socket again:
+    for testing what a reconnecting front-end (driver.reconnect()) finds."""
+    started = {}                       # socket path -> [argv, Popen]
 
-    def start(command, socket_name="backend.sock", timeout=START_TIMEOUT):
-        sock = vhost_user_socket(socket_name)
-        argv = with_socket(command, sock)
+    def spawn(argv, sock, timeout):
+        if os.path.lexists(sock):
+            os.unlink(sock)            # a killed back-end's: wait for the new one's
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
         except OSError as e:
             fail(cannot_start(argv, e))
-        started.append(proc)
+        started[sock] = [argv, proc]
         deadline = time.monotonic() + timeout
         while not os.path.exists(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -82,8 +87,23 @@ def vhost_user_backend(vhost_user_socket):
             time.sleep(0.02)
         return sock
 
+    def start(command, socket_name="backend.sock", timeout=START_TIMEOUT):
+        sock = vhost_user_socket(socket_name)
+        return spawn(with_socket(command, sock), sock, timeout)
+
+    def kill(sock):
+        proc = started[sock][1]
+        proc.kill()
+        proc.communicate()
+
+    def restart(sock, timeout=START_TIMEOUT):
+        argv, proc = started[sock]
+        stop(proc)
+        return spawn(argv, sock, timeout)
+
+    start.kill, start.restart = kill, restart
     yield start
-    for proc in started:
+    for _, proc in started.values():
         stop(proc)
 
 

@@ -25,6 +25,25 @@ def test_a_disk_keeps_what_is_written(vhost_user_driver, tmp_path):
     assert blk_read(d, q, sector=1, length=512)[1].startswith(b"hello")
 
 
+def test_a_write_survives_a_crash_of_the_back_end(vhost_user_backend, vhost_user_driver,
+                                                 tmp_path):
+    """Kill the back-end with a write posted, start it again, reconnect: the
+    write completes once, and the disk has it."""
+    from pyvmm.driver.devices import VIRTIO_BLK_T_OUT, blk_post
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    sock = vhost_user_backend(BACKEND + ["blk", "--socket-path", "{socket}", "--image",
+                                         str(image)])
+    d = vhost_user_driver(sock)
+    q = d.start(queues=[(0, 128)])[0]
+    vhost_user_backend.kill(sock)
+    head, places = blk_post(d, q, VIRTIO_BLK_T_OUT, 2, b"after".ljust(512, b"\0"))
+    vhost_user_backend.restart(sock)
+    d.reconnect()
+    assert q.wait(head) == 1 and d.read(places[-1], 1) == b"\0"
+    assert blk_read(d, q, sector=2, length=512)[1].startswith(b"after")
+
+
 def test_every_must_rule_of_the_protocol(vhost_user_check):
     results = vhost_user_check(BACKEND + ["rng"], device="rng")
     assert not must_failures(results) and results["BE-51"][0] == "PASS"
