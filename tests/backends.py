@@ -118,13 +118,15 @@ def read_then_list_share(directory):
 
 
 @contextlib.contextmanager
-def dpdk_testpmd(directory, mode="icmpecho", client=False, queues=1):
+def dpdk_testpmd(directory, mode="icmpecho", client=False, queues=1, procs=None):
     """DPDK's dpdk-testpmd with a net_vhost port on a socket in directory, in
     forwarding mode `mode` (icmpecho answers ARP and ping); yields (socket
     path, a dict that gets its "output" once it has exited). With client,
     it connects to the socket (the front-end listens) and reconnects; queues:
-    queue pairs."""
+    queue pairs; procs: a list its Popen is appended to (to kill it)."""
     sock = os.path.join(directory, "net.sock")
+    if not client:
+        _remove_stale(sock)
     prefix = f"pyvmm{os.getpid()}{abs(hash(directory)) % 10000}"
     vdev = f"net_vhost0,iface={sock},queues={queues}" + (",client=1" if client else "")
     # Its output goes to a file: testpmd logs every vhost-user connection, and
@@ -137,6 +139,8 @@ def dpdk_testpmd(directory, mode="icmpecho", client=False, queues=1):
              "--total-num-mbufs=8192", f"--rxq={queues}", f"--txq={queues}",
              f"--forward-mode={mode}", "--auto-start"],
             stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True)
+    if procs is not None:
+        procs.append(proc)
     result = {}
     try:
         if not client:

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -151,3 +152,26 @@ class HybridVsockHost:
         assert sums == [hashlib.sha256(self.to_guest).hexdigest(),
                         self.from_guest.hexdigest()], out
         assert "sent" in out
+
+
+def wait_for_line(proc, text, timeout=240):
+    """Read the guest's output until text appears (the output so far). Straight
+    from the pipe: a buffered readline() could keep the line select() waits for."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0 and proc.poll() is None, f"no {text!r}; saw {seen[-2000:]!r}"
+        if select.select([proc.stdout], [], [], left)[0]:
+            seen += os.read(proc.stdout.fileno(), 65536)
+    return seen.decode(errors="replace")
+
+
+def drain(proc, seen):
+    """What the guest printed since (without waiting)."""
+    while select.select([proc.stdout], [], [], 0)[0]:
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        seen += chunk.decode(errors="replace")
+    return seen

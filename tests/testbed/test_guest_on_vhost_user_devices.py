@@ -10,7 +10,8 @@ import sys
 import pytest
 from backends import (dpdk_testpmd, pyvmm_backend, read_then_list_share, storage_daemon,
                       virtiofsd)
-from guestvm import HybridVsockHost, finish, guest_sha256, start
+from guestvm import (HybridVsockHost, drain, finish, guest_sha256, start,
+                     wait_for_line)
 
 pytestmark = pytest.mark.testbed
 
@@ -113,6 +114,43 @@ def test_the_guest_pings_through_dpdk_testpmd(tmp_path, pyvmm_listens):
     rx = re.search(r"RX-packets: (\d+)", result["output"])
     assert rx and int(rx.group(1)) >= 4, result["output"]      # ARP and three pings
     print("\n".join(line for line in result["output"].splitlines() if "-packets:" in line))
+
+
+def test_pings_go_on_after_testpmd_is_killed_and_started_again(tmp_path):
+    """reconnect=S on net (issue 20): the guest pings once every 0.2 s or so;
+    testpmd is killed (SIGKILL) after a few answers and started again a
+    second later. pyvmm connects to the new one and the pings are answered
+    again; the ones sent meanwhile are lost (counted), and the guest's NIC
+    never needs a reset."""
+    import time
+
+    procs = []
+    testpmd = dpdk_testpmd(str(tmp_path), procs=procs)
+    sock, _ = testpmd.__enter__()
+    try:
+        proc = start("--net", f"vhost-user,socket={sock},guest-ip=10.0.0.2/24,reconnect=0.2",
+                     guest_cmd="for i in $(seq 60); do if ping -c 1 -W 1 10.0.0.1 > /dev/null; "
+                               "then echo answered $i; else echo lost $i; fi; done")
+        seen = wait_for_line(proc, "answered 5\n")
+        procs[-1].kill()
+        procs[-1].wait()
+        testpmd.__exit__(None, None, None)
+        killed_at = len(re.findall(r"^(answered|lost) ", drain(proc, seen), re.M))
+        time.sleep(1.0)
+        testpmd = dpdk_testpmd(str(tmp_path), procs=procs)
+        testpmd.__enter__()
+        rc, out, err = finish(proc)
+    finally:
+        testpmd.__exit__(None, None, None)
+    out = seen + out
+    assert rc == 0, out + err
+    results = re.findall(r"^(answered|lost) (\d+)$", out, re.M)
+    assert len(results) == 60, out
+    lost = [int(n) for what, n in results if what == "lost"]
+    answered_after = [int(n) for what, n in results if what == "answered" and int(n) > killed_at]
+    print(f"pings lost across the restart: {len(lost)} of 60 ({lost})")
+    assert lost and answered_after and max(lost) < max(answered_after), out
+    assert "went away" in err and "is back" in err and "needs a reset" not in err, err
 
 
 def test_two_queue_pairs_with_two_vcpus(tmp_path):
