@@ -102,23 +102,23 @@ def parse_vhost_user(text, option, example, keys=()):
     cfg = VhostUserConfig(socket=opts["socket"], server=opts.get("server", False),
                           kind=option.lstrip("-"))
     if "timeout" in opts:
-        try:
-            cfg.timeout = float(opts["timeout"])
-            if not 0 < cfg.timeout <= 3600:
-                raise ValueError
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{option} timeout={opts['timeout']}: give seconds, "
-                                             f"more than 0 and at most 3600") from None
+        cfg.timeout = _seconds(option, "timeout", opts["timeout"], "give seconds")
     if "reconnect" in opts:
-        try:
-            cfg.reconnect = float(opts["reconnect"])
-            if not 0 < cfg.reconnect <= 3600:
-                raise ValueError
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{option} reconnect={opts['reconnect']}: give seconds between attempts, "
-                f"more than 0 and at most 3600") from None
+        cfg.reconnect = _seconds(option, "reconnect", opts["reconnect"],
+                                 "give seconds between attempts")
     return cfg, opts
+
+
+def _seconds(option, key, text, what):
+    """key=text of option: seconds, more than 0 and at most an hour."""
+    try:
+        seconds = float(text)
+        if not 0 < seconds <= 3600:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{option} {key}={text}: {what}, more than 0 and at "
+                                         f"most 3600") from None
+    return seconds
 
 
 def _mac(text):

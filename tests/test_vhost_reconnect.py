@@ -141,6 +141,21 @@ def serve_scripted(listener_path, **kw):
 WITH_INFLIGHT = PF.REPLY_ACK.mask | PF.CONFIG.mask | PF.INFLIGHT_SHMFD.mask
 
 
+def scripted_guest(memory, guests, path):
+    """A Guest on a scripted back-end (with an inflight area) over a
+    socketpair, which, once it goes, waits for the next back-end to connect
+    to path (server mode); (that back-end, its thread, the Guest)."""
+    ours, theirs = socket.socketpair()
+    first = ScriptedBackend(Connection(theirs, "pyvmm"), protocol=WITH_INFLIGHT,
+                            config=BLK_CONFIG)
+    thread = first.serve_in_thread()
+    fe = VhostUserFrontend(Connection(ours, "the back-end", 2))
+    fe.negotiate()
+    guest = Guest(fe, memory, Reconnect(path, True, 0.05, 2))
+    guests.append(guest)
+    return first, thread, guest
+
+
 def test_the_successor_gets_the_kept_inflight_area_and_the_used_index(tmp_path, memory16,
                                                                       guests):
     """Server mode: the first back-end took A and B, finished B, and hung up.
@@ -148,14 +163,7 @@ def test_the_successor_gets_the_kept_inflight_area_and_the_used_index(tmp_path, 
     the same inflight area, each ring from the used index) and kicked,
     without GET_INFLIGHT_FD (which would free the area QEMU-style)."""
     path = str(tmp_path / "pyvmm.sock")
-    ours, theirs = socket.socketpair()
-    first = ScriptedBackend(Connection(theirs, "pyvmm"), protocol=WITH_INFLIGHT,
-                            config=BLK_CONFIG)
-    thread = first.serve_in_thread()
-    fe = VhostUserFrontend(Connection(ours, "the back-end", 2))
-    fe.negotiate()
-    guest = Guest(fe, memory16, Reconnect(path, True, 0.05, 2))
-    guests.append(guest)
+    first, thread, guest = scripted_guest(memory16, guests, path)
     for sector in range(3):
         guest.post(VIRTIO_BLK_T_IN, sector)          # A, B, C
     # The first back-end's side: take A and B, complete B only, die.
@@ -203,14 +211,7 @@ def test_the_successor_gets_the_kept_inflight_area_and_the_used_index(tmp_path, 
 def test_a_successor_that_lacks_an_acked_feature_fails_the_device(tmp_path, memory16, guests,
                                                                  caplog):
     path = str(tmp_path / "pyvmm.sock")
-    ours, theirs = socket.socketpair()
-    first = ScriptedBackend(Connection(theirs, "pyvmm"), protocol=WITH_INFLIGHT,
-                            config=BLK_CONFIG)
-    thread = first.serve_in_thread()
-    fe = VhostUserFrontend(Connection(ours, "the back-end", 2))
-    fe.negotiate()
-    guest = Guest(fe, memory16, Reconnect(path, True, 0.05, 2))
-    guests.append(guest)
+    first, thread, guest = scripted_guest(memory16, guests, path)
     first.close()
     thread.join(5)
     guest.run_until(lambda: guest.backend.reconnecting)
@@ -267,6 +268,15 @@ def post_writes(d, q, count=REQUESTS):
         head, places = blk_post(d, q, OUT, i, bytes([i + 1]) * 512)
         posted[head] = places[-1]
     return posted
+
+
+def assert_each_write_once(d, posted, seen, image):
+    """Every posted write completed once (seen: the used heads), OK, and on the image."""
+    assert sorted(seen) == sorted(posted), f"completions per head: {seen}"
+    assert all(d.read(status, 1) == b"\0" for status in posted.values())
+    data = image.read_bytes()
+    assert [data[512 * i:512 * (i + 1)] for i in range(REQUESTS)] == [
+        bytes([i + 1]) * 512 for i in range(REQUESTS)]
 
 
 def collect(q, seen, want, timeout=10.0):
@@ -351,11 +361,7 @@ def test_every_write_completes_exactly_once_across_a_kill(tmp_path, first, secon
                 d.reconnect()
                 collect(q, seen, REQUESTS)
                 seen += [head for head, _ in q.used()]
-        assert sorted(seen) == sorted(posted), f"completions per head: {seen}"
-        assert all(d.read(status, 1) == b"\0" for status in posted.values())
-        data = image.read_bytes()
-        assert [data[512 * i:512 * (i + 1)] for i in range(REQUESTS)] == [
-            bytes([i + 1]) * 512 for i in range(REQUESTS)]
+        assert_each_write_once(d, posted, seen, image)
     finally:
         if d is not None:
             d.close()
@@ -400,11 +406,7 @@ def test_qemu_storage_daemon_killed_completes_every_write_once(tmp_path, point):
             collect(q, seen, REQUESTS)
             time.sleep(0.1)
             seen += [head for head, _ in q.used()]
-        assert sorted(seen) == sorted(posted), f"completions per head: {seen}"
-        assert all(d.read(status, 1) == b"\0" for status in posted.values())
-        data = image.read_bytes()
-        assert [data[512 * i:512 * (i + 1)] for i in range(REQUESTS)] == [
-            bytes([i + 1]) * 512 for i in range(REQUESTS)]
+        assert_each_write_once(d, posted, seen, image)
     finally:
         if d is not None:
             d.close()
