@@ -459,9 +459,13 @@ class VhostUserBackend(QueueBackend):
         """(event loop) A back-end is back: watch its connection, and tell the
         guest if its config space changed meanwhile."""
         fe, self._reconnected = self._reconnected, None
-        if fe is not self.frontend or fe.dead is not None:
-            return                 # (already gone again: its own hang-up follows)
+        if fe is not self.frontend:
+            return                 # (replaced again meanwhile)
+        # Watched even if a call on it failed already: its hang-up is what
+        # brings the next back-end in.
         self._watch_connection(fe)
+        if fe.dead is not None:
+            return
         log.warning("%s is back: the device goes on where it stopped", self.description)
         before = self.config_space
         try:
