@@ -120,8 +120,8 @@ def test_pings_go_on_after_testpmd_is_killed_and_started_again(tmp_path):
     """reconnect=S on net (issue 20): the guest pings once every 0.2 s or so;
     testpmd is killed (SIGKILL) after a few answers and started again a
     second later. pyvmm connects to the new one and the pings are answered
-    again; the ones sent meanwhile are lost (counted), and the guest's NIC
-    never needs a reset."""
+    again; the ones sent meanwhile may be lost (counted), and the guest's
+    NIC never needs a reset."""
     import time
 
     procs = []
@@ -149,7 +149,9 @@ def test_pings_go_on_after_testpmd_is_killed_and_started_again(tmp_path):
     lost = [int(n) for what, n in results if what == "lost"]
     answered_after = [int(n) for what, n in results if what == "answered" and int(n) > killed_at]
     print(f"pings lost across the restart: {len(lost)} of 60 ({lost})")
-    assert lost and answered_after and max(lost) < max(answered_after), out
+    # Pings sent while nobody served the ring wait in it for the new testpmd:
+    # a slow guest may lose none. Those after the restart are answered.
+    assert answered_after and results[-1][0] == "answered" and len(lost) < 20, out
     assert "went away" in err and "is back" in err and "needs a reset" not in err, err
 
 
