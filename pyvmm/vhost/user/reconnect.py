@@ -10,7 +10,7 @@ device's state is replayed on it (devices/virtio/vhost_user.py).
 
 QEMU retries at a fixed interval forever, without a deadline or back-off
 (`../shared/VHOST-USER-RECONNECT.md` 1.3); so does pyvmm, until the VM
-ends or the guest gives up on the device.
+ends (a guest that resets the device meanwhile gets it back afresh).
 """
 
 from pyvmm.vhost.user.channel import DEFAULT_TIMEOUT, Connection, Listener
