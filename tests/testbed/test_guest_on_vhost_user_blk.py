@@ -165,3 +165,5 @@ def test_a_copy_to_the_disk_survives_five_back_end_kills(tmp_path, kind):
     assert err.count("went away") == 5 and err.count("is back") == 5, err
     assert "needs a reset" not in err and "Traceback" not in err, err
     assert sha256(dst, size) == hashlib.sha256(pattern).hexdigest()
+    for image in (src, dst):       # the testbed's /tmp is memory
+        image.unlink()
