@@ -158,7 +158,9 @@ def test_a_copy_to_the_disk_survives_five_back_end_kills(tmp_path, kind):
             backend = contextlib.ExitStack()
             backend.enter_context(blk_backend(kind, str(tmp_path / "dst"), dst, procs=procs))
         with backend:
-            rc, out, err = finish(proc)
+            # (about a minute when it works; a stall fails here, well inside
+            # pytest's own timeout, which would end the whole tier)
+            rc, out, err = finish(proc, timeout=150)
     out = seen + out
     assert rc == 0, out + err
     assert "copied" in out and "io-errors 0" in out, out + err
