@@ -141,7 +141,7 @@ def test_a_copy_to_the_disk_survives_five_back_end_kills(tmp_path, kind):
         src_sock = outer.enter_context(storage_daemon(str(tmp_path / "src"), src, writable=False))
         backend = contextlib.ExitStack()
         sock = backend.enter_context(blk_backend(kind, str(tmp_path / "dst"), dst, procs=procs))
-        proc = start("--blk", f"vhost-user,socket={sock},reconnect=0.2",
+        proc = start("--stats", "--blk", f"vhost-user,socket={sock},reconnect=0.2",
                      "--blk", f"vhost-user,socket={src_sock}",
                      guest_cmd="echo copying; dd if=/dev/vdb of=/dev/vda bs=4k iflag=direct "
                                "oflag=direct && echo copied; "
