@@ -41,6 +41,18 @@ def used_ring_size(num):
     return 6 + 8 * num
 
 
+def avail_idx(memory, avail):
+    """avail.idx of the available ring at guest address avail: how many
+    chains the driver has made available (mod 2^16)."""
+    return struct.unpack("<H", memory.read(avail + 2, 2))[0]
+
+
+def used_idx(memory, used):
+    """used.idx of the used ring at guest address used: how many chains the
+    device has returned (mod 2^16)."""
+    return struct.unpack("<H", memory.read(used + 2, 2))[0]
+
+
 def check_queue_size(num, max_size=MAX_QUEUE_SIZE):
     if not 1 <= num <= max_size or num & (num - 1):
         raise RingError(f"queue size {num} is not a power of two between 1 and {max_size}")

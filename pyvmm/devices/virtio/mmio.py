@@ -51,6 +51,7 @@ from pyvmm.devices.virtio.device import DeviceError, Queue
 from pyvmm.errors import PyvmmError
 from pyvmm.virtio import spec
 from pyvmm.virtio.device_ring import DeviceRing
+from pyvmm.virtio import splitring
 from pyvmm.virtio.splitring import RingError, check_ring
 
 log = logging.getLogger("pyvmm.virtio")
@@ -243,7 +244,7 @@ class VirtioMmio:
                 if q.index not in self.device.vhost_queues() or q.kick_fd in self._taken_over:
                     continue
                 try:
-                    used_idx = int.from_bytes(self.memory.read(q.used + 2, 2), "little")
+                    used_idx = splitring.used_idx(self.memory, q.used)
                     heads = self._unfinished(q, used_idx)
                     ring = DeviceRing(self.memory, q.size, q.desc, q.avail, q.used,
                                       used_idx + len(heads))

@@ -44,6 +44,7 @@ from pyvmm.vhost.user.errors import PeerRefused, VhostUserError
 from pyvmm.vhost.user.messages import (VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES,
                                        BackendReq, ProtocolFeature)
 from pyvmm.virtio import spec
+from pyvmm.virtio.splitring import avail_idx, used_idx
 
 log = logging.getLogger("pyvmm.vhost-user")
 
@@ -411,8 +412,7 @@ class VhostUserBackend(QueueBackend):
         old.close()
         if self._running is not None:
             memory, features, queues = self._running
-            bases = {q.index: int.from_bytes(memory.read(q.used + 2, 2), "little")
-                     for q in queues}
+            bases = {q.index: used_idx(memory, q.used) for q in queues}
             if self._inflight is None:
                 self._say_unrecoverable(memory, queues, bases)
             self._bring_up(memory, features, queues, bases)
@@ -446,8 +446,7 @@ class VhostUserBackend(QueueBackend):
         never finished run again (fine), and any it finished out of order
         would be answered twice. Name them."""
         for q in queues:
-            avail_idx = int.from_bytes(memory.read(q.avail + 2, 2), "little")
-            outstanding = (avail_idx - bases[q.index]) & 0xFFFF
+            outstanding = (avail_idx(memory, q.avail) - bases[q.index]) & 0xFFFF
             if outstanding:
                 log.warning("%s: queue %d: no inflight area (INFLIGHT_SHMFD), so the %d "
                             "requests the guest posted from used index %d on are served again "
