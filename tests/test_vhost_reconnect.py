@@ -161,7 +161,7 @@ def test_the_successor_gets_the_kept_inflight_area_and_the_used_index(tmp_path, 
     """Server mode: the first back-end took A and B, finished B, and hung up.
     The one that connects next is told everything again (features, memory,
     the same inflight area, each ring from the used index) and kicked,
-    without GET_INFLIGHT_FD (which would free the area QEMU-style)."""
+    without GET_INFLIGHT_FD (which would free the area QEMU-style): FE-68."""
     path = str(tmp_path / "pyvmm.sock")
     first, thread, guest = scripted_guest(memory16, guests, path)
     for sector in range(3):
@@ -316,10 +316,11 @@ KILL_POINTS = [
 @pytest.mark.parametrize("first,second", KILL_POINTS, ids=[f"{a}+{b}" if b else a
                                                            for a, b in KILL_POINTS])
 def test_every_write_completes_exactly_once_across_a_kill(tmp_path, first, second):
-    """pyvmm backend blk --die-at POINT kills itself at that point of the
-    third (or second) request's life; the driver reconnects to a new back-end
-    (which may die in turn) until one finishes. Every write completes once
-    (counted per head), with status OK, and the image holds them all."""
+    """BE-74, seen from the driver. pyvmm backend blk --die-at POINT kills
+    itself at that point of the third (or second) request's life; the driver
+    reconnects to a new back-end (which may die in turn) until one finishes.
+    Every write completes once (counted per head), with status OK, and the
+    image holds them all."""
     from pyvmm.driver import vhost_user
     from pyvmm.vhost.user.errors import VhostUserError
     image = tmp_path / "disk.img"

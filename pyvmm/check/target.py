@@ -118,6 +118,8 @@ class CommandTarget(Target):
     where pyvmm check listens for it); None: a path of ours, given to the
     program as --socket-path."""
 
+    can_restart = True
+
     def __init__(self, argv, socket=None, listen=False, timeout=5.0):
         super().__init__(timeout)
         self.argv = list(argv)
@@ -208,8 +210,6 @@ class CommandTarget(Target):
 
     def dead(self):
         return None                   # started again by the next check
-
-    can_restart = True
 
     def kill(self):
         """SIGKILL the back-end, as a crash (the next connect() starts it again)."""
