@@ -368,6 +368,38 @@ def test_every_write_completes_exactly_once_across_a_kill(tmp_path, first, secon
             d.close()
 
 
+def test_the_guest_is_signalled_for_what_the_dead_back_end_published_unsignalled(tmp_path):
+    """A back-end killed after it moved used.idx and before it signalled the
+    call eventfd leaves a completion the guest is never told of: the
+    successor has nothing left to do, so it signals nothing either, and the
+    guest waits forever (a stalled copy in the testbed). pyvmm signals every
+    queue's call eventfd once the successor has taken over."""
+    import select
+
+    from pyvmm.driver import vhost_user
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    procs = []
+    d = None
+    try:
+        with blk_backend("pyvmm", str(tmp_path), image, procs=procs,
+                         options=("--die-at", "used-idx:3")) as sock:
+            d = vhost_user(sock, config_size=60)
+            q = d.start(queues=[(0, 64)])[0]
+            posted = post_writes(d, q, count=3)
+            assert died(procs[0])
+        seen = [head for head, _ in q.used()]
+        assert sorted(seen) == sorted(posted)         # the third published, then the kill
+        while select.select([q.call], [], [], 0)[0]:
+            os.eventfd_read(q.call)                   # what the guest was told of
+        with blk_backend("pyvmm", str(tmp_path), image):
+            d.reconnect()
+            assert select.select([q.call], [], [], 5)[0], "the guest was never signalled"
+    finally:
+        if d is not None:
+            d.close()
+
+
 @pytest.mark.parametrize("point", ["posted-not-kicked", "taken-not-completed"])
 def test_qemu_storage_daemon_killed_completes_every_write_once(tmp_path, point):
     """qemu-storage-daemon keeps no inflight area: after a kill the next one

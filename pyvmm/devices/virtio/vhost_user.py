@@ -405,7 +405,8 @@ class VhostUserBackend(QueueBackend):
         """(under _lock) The new back-end fe gets the device as the guest has it:
         the same features, memory table and inflight area, each ring from
         where it stopped (the used index: what the old one finished), enabled
-        as the model had it, then a kick."""
+        as the model had it, then a kick for the back-end and an interrupt
+        for the guest."""
         self._check_successor(fe)
         fe.on_backend_request = self._backend_request
         old, self.frontend = self.frontend, fe
@@ -416,6 +417,12 @@ class VhostUserBackend(QueueBackend):
             if self._inflight is None:
                 self._say_unrecoverable(memory, queues, bases)
             self._bring_up(memory, features, queues, bases)
+            # The old back-end may have moved a used index and died before it
+            # signalled the call eventfd: the guest would never look, and the
+            # new one, with nothing left to do, signals nothing. One interrupt
+            # per call eventfd (a spurious one costs the guest a ring check).
+            for fd in {q.call_fd for q in queues}:
+                os.eventfd_write(fd, 1)
         self.reconnecting = False
         self._reconnected = fe
         self._wake()
