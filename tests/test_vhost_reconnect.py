@@ -123,6 +123,49 @@ def test_a_killed_pyvmm_blk_back_end_is_replaced_without_an_error(tmp_path, memo
         guests.remove(guest)
 
 
+def test_a_connection_dropped_while_the_device_starts_is_made_again(tmp_path, memory16, guests):
+    """issue 20, item 3: `pyvmm trace --drop-at N` hangs up on both sides at the
+    front-end's Nth message. Dropped at SET_VRING_ADDR while the device starts
+    (the 15th), then again in the next connection's handshake
+    (GET_MAX_MEM_SLOTS, the 5th), pyvmm's reconnect=S gets the device going
+    on the third: the guest's write completes, and the device never needs a
+    reset. The back-end (pyvmm's blk) took each next front-end."""
+    import subprocess
+    import sys
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    proxy, trace = str(tmp_path / "trace.sock"), tmp_path / "trace.txt"
+    with blk_backend("pyvmm", str(tmp_path), image) as sock:
+        tracer = subprocess.Popen([sys.executable, "-m", "pyvmm", "trace", "--listen", proxy,
+                                   "--connect", sock, "--drop-at", "15", "--drop-at", "5",
+                                   "--output", str(trace)], stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(proxy):
+                assert tracer.poll() is None and time.monotonic() < deadline, \
+                    tracer.stderr.read()
+                time.sleep(0.02)
+            fe = VhostUserFrontend.connect(proxy, "the back-end", 5)
+            fe.negotiate()
+            guest = Guest(fe, memory16, Reconnect(proxy, False, 0.05, 5))
+            guests.append(guest)
+            status = guest.post(VIRTIO_BLK_T_OUT, 0, b"A" * 512)
+            guest.run_until(lambda: guest.ring.used_idx() == 1)
+            assert memory16.read(status + 0x800, 1) == b"\0"
+            assert image.read_bytes()[:512] == b"A" * 512
+            assert not guest.needs_reset()
+        finally:
+            tracer.terminate()
+            tracer.wait(10)
+    lines = trace.read_text().splitlines()
+    drops = [i for i, line in enumerate(lines) if "dropped at the front-end's message" in line]
+    assert len(drops) == 2, lines
+    assert [lines[i - 1].split()[1] for i in drops] == ["SET_VRING_ADDR", "GET_MAX_MEM_SLOTS"]
+    assert sum("a front-end connected" in line for line in lines) == 3, lines
+    third = lines[max(i for i, line in enumerate(lines) if "a front-end connected" in line):]
+    assert any(line.startswith("-> SET_STATUS") for line in third), third
+
+
 def serve_scripted(listener_path, **kw):
     """A scripted back-end that connects to pyvmm listening at listener_path."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

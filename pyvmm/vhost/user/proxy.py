@@ -16,6 +16,13 @@ When either side hangs up, or a frame cannot be read from one side or
 written to the other, the proxy closes both connections with one line and
 waits for the next front-end.
 
+A fault for the front-end's own tests (drop_at, `--drop-at N`): the
+proxy hangs up on both sides when the front-end sends its Nth message on
+a connection, traced but not forwarded. The front-end sees its back-end
+go at that point (does it reconnect, at start-up too?), the back-end sees
+its front-end go (does it take the next one?). The next connection is
+forwarded whole, or dropped at the next --drop-at given.
+
 The back-end's request channel (the socket SET_BACKEND_REQ_FD passes) is
 forwarded as an fd like any other, so its messages go directly from one
 side to the other and are not traced.
@@ -41,14 +48,17 @@ CHUNK = 1 << 16           # how much of an oversized payload is forwarded at a t
 class Proxy:
     """One front-end and one back-end, joined; write(line) gets the trace."""
 
-    def __init__(self, front, back, write, device_names=None):
-        """device_names: {bit: name} of the device's own feature bits, if known."""
+    def __init__(self, front, back, write, device_names=None, drop_at=None):
+        """device_names: {bit: name} of the device's own feature bits, if known;
+        drop_at: hang up on both sides at the front-end's message drop_at."""
         self.sides = {Side.FRONTEND: front, Side.BACKEND: back}
         self.write = write
         self.device_names = device_names
+        self.drop_at = drop_at
         self.session = Session(Role.OBSERVER)
         self.broken = []             # the rule broken, as its line (at most one)
         self.messages = 0
+        self.frontend_frames = 0
 
     def run(self):
         """Forward until either side hangs up; returns why, in a few words."""
@@ -73,6 +83,11 @@ class Proxy:
             return f"reading from the {side.value}: {e}"
         try:
             self._observe(side, data, fds)
+            if side is Side.FRONTEND:
+                self.frontend_frames += 1
+                if self.frontend_frames == self.drop_at:
+                    return (f"both connections dropped at the front-end's message "
+                            f"{self.drop_at} (--drop-at), which was not forwarded")
             self.sides[to].send(data, fds)
             left = HEADER.unpack_from(data)[2] - (len(data) - HEADER_SIZE)
             while left > 0:                    # a payload receive() did not take whole
@@ -109,12 +124,14 @@ class Proxy:
         self.session.close()
 
 
-def serve(listen, connect, write, once=False, device_names=None):
+def serve(listen, connect, write, once=False, device_names=None, drop_at=()):
     """Listen on `listen`; for each front-end, connect to the back-end at
     `connect` and trace until one side goes (the first only, with once).
+    drop_at: the message each connection in turn is dropped at (Proxy).
     Returns the number of rules broken."""
     listener = Listener(listen)
     broken = 0
+    drops = list(drop_at)
     try:
         while True:
             front = listener.accept("the front-end", timeout=None)
@@ -129,7 +146,7 @@ def serve(listen, connect, write, once=False, device_names=None):
                 continue
             back.timeout = PATIENT
             write(f"-- a front-end connected; tracing it to {connect}")
-            proxy = Proxy(front, back, write, device_names)
+            proxy = Proxy(front, back, write, device_names, drops.pop(0) if drops else None)
             try:
                 why = proxy.run()
             finally:

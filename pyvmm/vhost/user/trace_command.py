@@ -27,11 +27,27 @@ def add_parser(sub, formatter_class):
                    help="the real back-end's socket")
     p.add_argument("--once", action="store_true",
                    help="end when the first front-end goes (default: serve the next one)")
+    p.add_argument("--drop-at", type=_message_number, action="append", default=[],
+                   metavar="N",
+                   help="a fault for testing the front-end: hang up on both sides when the "
+                        "front-end sends its Nth message (counted from 1, not forwarded), "
+                        "as if the back-end died there; repeat for the next connections")
     p.add_argument("--output", metavar="FILE", help="write the trace to FILE, not stdout")
     p.add_argument("--device", choices=sorted(DEVICE_NAMES),
                    help="name the device's own feature bits (vhost-user does not say which "
                         "device a back-end is, so they come by number otherwise)")
     return p
+
+
+def _message_number(text):
+    import argparse
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a message number, 1 or more")
+    return n
 
 
 def run(args):
@@ -58,7 +74,8 @@ def run(args):
     signal.signal(signal.SIGTERM, terminate)
     try:
         names = {"blk": blk.BLK_FEATURE_NAMES}.get(args.device)
-        broken = serve(args.listen, args.connect, write, once=args.once, device_names=names)
+        broken = serve(args.listen, args.connect, write, once=args.once, device_names=names,
+                       drop_at=args.drop_at)
     except ChannelError as e:
         print(f"pyvmm: error: {e}", file=sys.stderr)
         return 1
