@@ -89,14 +89,18 @@ def storage_daemon(directory, image, queues=1, writable=True, procs=None, iops=N
 
 
 @contextlib.contextmanager
-def virtiofsd(directory, source):
-    """QEMU's C virtiofsd sharing source; yields its socket path. It serves one
-    front-end and exits when that one goes (one per test)."""
+def virtiofsd(directory, source, procs=None):
+    """QEMU's C virtiofsd sharing source; yields its socket path (and appends
+    its Popen to procs, if given). It serves one front-end and exits when
+    that one goes (one per test)."""
     sock = os.path.join(directory, "vfs.sock")
+    _remove_stale(sock)
     proc = subprocess.Popen(["/usr/lib/qemu/virtiofsd", f"--socket-path={sock}",
                              "-o", f"source={source}", "-o", "cache=none"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True)
+    if procs is not None:
+        procs.append(proc)
     try:
         _wait_for_socket(proc, sock, "virtiofsd")
         yield sock

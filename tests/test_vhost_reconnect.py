@@ -5,6 +5,7 @@ the virtio-mmio transport and DriverRings, and KVM on the eventfds; the
 back-ends are `pyvmm backend blk` (killed with SIGKILL and started again)
 and scripted ones."""
 
+import errno
 import logging
 import os
 import socket
@@ -296,6 +297,60 @@ def test_the_guest_less_driver_reconnects_to_a_restarted_back_end(tmp_path, kind
     except BaseException:
         d.close()
         raise
+
+
+def test_rng_goes_on_after_its_back_end_is_restarted(tmp_path):
+    """pyvmm's rng back-end killed and started again: after reconnect() the
+    same queue gives entropy again."""
+    from backends import pyvmm_backend
+
+    from pyvmm.driver import vhost_user
+    from pyvmm.driver.devices import rng_read
+    d = None
+    try:
+        with pyvmm_backend(str(tmp_path), "rng") as (sock, proc):
+            d = vhost_user(sock)
+            q = d.start(queues=[(0, 64)])[0]
+            assert len(rng_read(d, q, 64)) == 64
+            proc.kill()
+            proc.wait()
+        with pyvmm_backend(str(tmp_path), "rng"):
+            d.reconnect()
+            assert len(rng_read(d, q, 64)) == 64
+    finally:
+        if d is not None:
+            d.close()
+
+
+def test_a_restarted_virtiofsd_serves_the_queues_but_not_the_old_fuse_session(tmp_path):
+    """issue 20, item 4, virtiofsd (C, 7.2): after a SIGKILL and a restart the
+    rings go on, but the FUSE session is gone: a LOOKUP fails with EIO until
+    a new FUSE_INIT, which a mounted guest never sends again. So an fs device
+    is back on its transport only (README, docs/vhost-user-departures.md)."""
+    from backends import virtiofsd
+
+    from pyvmm.driver import vhost_user
+    from pyvmm.driver.devices import fuse_init, fuse_lookup
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "file").write_text("x")
+    procs, d = [], None
+    try:
+        with virtiofsd(str(tmp_path), shared, procs=procs) as sock:
+            d = vhost_user(sock)
+            hiprio, requests = d.start(queues=[(0, 64), (1, 64)]).values()
+            assert fuse_init(d, requests)[0] == 0
+            assert fuse_lookup(d, requests, "file")[0] == 0
+            procs[0].kill()
+            procs[0].wait()
+        with virtiofsd(str(tmp_path), shared):
+            d.reconnect()
+            assert fuse_lookup(d, requests, "file") == (-errno.EIO, None)
+            assert fuse_init(d, requests)[0] == 0        # a new session, from scratch
+            assert fuse_lookup(d, requests, "file")[0] == 0
+    finally:
+        if d is not None:
+            d.close()
 
 
 # --- exactly once across a kill, at each point of a request's life ---------------------------
