@@ -498,12 +498,29 @@ def test_the_guest_is_signalled_for_what_the_dead_back_end_published_unsignalled
             d.close()
 
 
-@pytest.mark.parametrize("point", ["posted-not-kicked", "taken-not-completed"])
-def test_qemu_storage_daemon_killed_completes_every_write_once(tmp_path, point):
+# Where qemu-storage-daemon is killed, chosen from outside (it has no
+# --die-at): writes go through a throttle of 2 a second, so that those it
+# took stay in flight while it dies. (id, writes posted, kicked, completed
+# before the kill, what happens to its successor.)
+QSD_POINTS = [
+    ("idle", 0, False, 0, None),
+    ("posted-not-kicked", REQUESTS, False, 0, None),
+    *[(f"{k}-done-rest-taken", REQUESTS, True, k, None) for k in range(1, REQUESTS)],
+    ("all-done", REQUESTS, True, REQUESTS, None),
+    ("successor-killed-after-one-more", REQUESTS, True, 1, "after-one-more"),
+    ("successor-killed-at-once", REQUESTS, True, 1, "at-once"),
+]
+
+
+@pytest.mark.parametrize("posted,kicked,done,successor", [p[1:] for p in QSD_POINTS],
+                         ids=[p[0] for p in QSD_POINTS])
+def test_qemu_storage_daemon_killed_completes_every_write_once(tmp_path, posted, kicked, done,
+                                                              successor):
     """qemu-storage-daemon keeps no inflight area: after a kill the next one
-    starts at the used index. Killed with writes posted but not kicked, or
-    with writes it took and holds (a throttle of 2 requests a second), every
-    write still completes once: it completes in order."""
+    starts at the used index. Killed at ten points (idle; writes posted but
+    not kicked; k of 6 done and the rest taken and held by the throttle; all
+    done; its throttled successor killed too, after one more write or at
+    once), every write still completes once: it completes in order."""
     from backends import storage_daemon
 
     from pyvmm.driver import vhost_user
@@ -515,29 +532,41 @@ def test_qemu_storage_daemon_killed_completes_every_write_once(tmp_path, point):
         with storage_daemon(str(tmp_path), image, procs=procs, iops=2) as sock:
             d = vhost_user(sock, config_size=60)
             q = d.start(queues=[(0, 64)])[0]
-            if point == "posted-not-kicked":
+            writes = {}
+            if posted and not kicked:
                 q.kick, kick = os.eventfd(0), q.kick          # kicks go nowhere
-                posted = post_writes(d, q)
+                writes = post_writes(d, q)
                 os.close(q.kick)
                 q.kick = kick
-            else:
-                posted = post_writes(d, q)
-                seen = collect(q, [], 1)                      # one done, the rest held
-                assert len(seen) == 1
+            elif posted:
+                writes = post_writes(d, q)
+            seen = collect(q, [], done)
+            assert len(seen) >= done
+            if kicked and len(seen) < REQUESTS:
                 # With EVENT_IDX, avail_event says how far it took the avail ring.
                 assert d.features & 1 << spec.VIRTIO_RING_F_EVENT_IDX
                 time.sleep(0.1)
                 avail_event = struct.unpack("<H", d.read(q.ring.used_addr + 4 + 8 * 64, 2))[0]
-                assert avail_event == REQUESTS, avail_event
+                assert avail_event == REQUESTS, avail_event      # taken, held
             procs[0].kill()
             procs[0].wait()
-        seen = [head for head, _ in q.used()] if point == "posted-not-kicked" else seen
+        seen += [head for head, _ in q.used()]
+        if successor is not None:
+            with storage_daemon(str(tmp_path), image, procs=procs, iops=2):
+                d.reconnect()
+                if successor == "after-one-more":
+                    collect(q, seen, len(seen) + 1)
+                procs[-1].kill()
+                procs[-1].wait()
+            seen += [head for head, _ in q.used()]
         with storage_daemon(str(tmp_path), image) as sock:
             d.reconnect()
+            if not posted:
+                writes = post_writes(d, q)
             collect(q, seen, REQUESTS)
             time.sleep(0.1)
             seen += [head for head, _ in q.used()]
-        assert_each_write_once(d, posted, seen, image)
+        assert_each_write_once(d, writes, seen, image)
     finally:
         if d is not None:
             d.close()
