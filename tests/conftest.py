@@ -28,6 +28,48 @@ def pytest_runtest_setup(item):
         pytest.fail("starts scripts/testbed itself: run it on the host", pytrace=False)
 
 
+# --- resuming the testbed tier ---------------------------------------------------------
+# Now and then the testbed VM itself freezes (nested KVM under TCG), and
+# scripts/test runs the tier again. With --passed-file FILE, each test that
+# passes is written to FILE, and tests already in it are not run again: the
+# next attempt runs only what the frozen one did not finish.
+
+def pytest_addoption(parser):
+    parser.addoption("--passed-file", metavar="FILE",
+                     help="record passed tests in FILE, and skip collecting those already "
+                          "in it (scripts/test's testbed tier resumes with it)")
+
+
+_passed = {"file": None, "calls": set()}
+
+
+def pytest_configure(config):
+    path = config.getoption("passed_file")
+    _passed["file"] = Path(path) if path else None
+
+
+def pytest_collection_modifyitems(config, items):
+    path = _passed["file"]
+    if path is None or not path.exists():
+        return
+    passed = set(path.read_text().split("\n"))
+    done = [item for item in items if item.nodeid in passed]
+    if done:
+        items[:] = [item for item in items if item.nodeid not in passed]
+        config.hook.pytest_deselected(items=done)
+
+
+def pytest_runtest_logreport(report):
+    # Passed: its call passed, and then its teardown too.
+    if _passed["file"] is None:
+        return
+    if report.when == "call" and report.passed:
+        _passed["calls"].add(report.nodeid)
+    elif report.when == "teardown" and report.passed and report.nodeid in _passed["calls"]:
+        with open(_passed["file"], "a") as f:
+            f.write(report.nodeid + "\n")
+
+
 @pytest.fixture
 def top():
     """The checkout's top directory."""

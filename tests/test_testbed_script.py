@@ -148,16 +148,54 @@ def test_a_silent_testbed_kernel_is_noticed_by_its_missing_heartbeat(top, tmp_pa
     log.write_bytes(b"[    1.0] booting\n")
     now[0] = 1000.0
     assert watch.lockup() is None                      # no heartbeat yet: not armed
-    with open(log, "ab") as f:
-        f.write(b"testbed-init: heartbeat, up 30.0 s\n")
-    assert watch.lockup() is None
+
+    def beat(*cpus):
+        with open(log, "ab") as f:
+            for cpu in cpus:
+                f.write(b"testbed-init: heartbeat of CPU %d, up 30.0 s\n" % cpu)
+        assert watch.lockup() is None
+
+    beat(0, 1)
     now[0] += testbed.ConsoleWatch.SILENCE - 1
     assert watch.lockup() is None
-    with open(log, "ab") as f:
-        f.write(b"testbed-init: heartbeat, up 60.0 s\n")
-    assert watch.lockup() is None                      # it went on beating
+    beat(0, 1)                                         # both went on beating
     now[0] += testbed.ConsoleWatch.SILENCE - 1
+    with open(log, "ab") as f:                         # a line still being written
+        f.write(b"testbed-init: heartbeat of CP")
+    assert watch.lockup() is None
+    with open(log, "ab") as f:
+        f.write(b"U 1, up 90.0 s\n")
     assert watch.lockup() is None
     now[0] += 2
-    assert watch.lockup() == f"no heartbeat on its console for " \
+    # CPU 0 stuck in the nested guest: its timers never fire, CPU 1 runs on.
+    assert watch.lockup() == f"no heartbeat from its CPU 0 for " \
                              f"{testbed.ConsoleWatch.SILENCE + 1} s"
+
+
+def test_the_testbed_tier_resumes_with_the_tests_not_yet_passed(pytester, monkeypatch, top):
+    """--passed-file (tests/conftest.py): what passed is written down, and the
+    next run (in a new testbed VM, after the last one froze) collects only
+    the rest: a failure, an error in teardown and the unrun all run again."""
+    pytester.makeconftest((top / "tests" / "conftest.py").read_text())
+    pytester.makepyfile(test_resume="""
+        import os, pytest
+        def test_passes(): pass
+        def test_fails(): assert 0
+        @pytest.fixture
+        def breaks():
+            yield
+            raise RuntimeError("in teardown")
+        def test_breaks_in_teardown(breaks): pass
+        def test_freezes():
+            if not os.environ.get("THAWED"):
+                os._exit(125)          # the VM froze here
+    """)
+    passed = pytester.path / "passed"
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--passed-file", str(passed))
+    assert passed.read_text() == "test_resume.py::test_passes\n"
+    monkeypatch.setenv("THAWED", "1")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--passed-file",
+                                           str(passed))
+    result.assert_outcomes(passed=2, failed=1, errors=1, deselected=1)
+    assert passed.read_text().split() == ["test_resume.py::test_passes",
+                                          "test_resume.py::test_freezes"]
