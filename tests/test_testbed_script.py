@@ -199,3 +199,39 @@ def test_the_testbed_tier_resumes_with_the_tests_not_yet_passed(pytester, monkey
     result.assert_outcomes(passed=2, failed=1, errors=1, deselected=1)
     assert passed.read_text().split() == ["test_resume.py::test_passes",
                                           "test_resume.py::test_freezes"]
+
+
+def test_a_lock_up_report_says_where_each_vcpu_is(top, tmp_path):
+    """On a lock-up scripts/testbed asks QEMU's monitor for each vCPU's
+    registers (a vCPU stuck in the nested guest shows the nested guest's
+    CR3 and a RIP that never moves); here a fake monitor answers as QEMU
+    7.2 does."""
+    import socket
+    import threading
+    testbed = load_testbed(top)
+    registers = "".join(
+        f"CPU#{n}\r\nRAX=0000000000000000 RBX=0000000000000000\r\n"
+        f"RIP={rip} RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT={hlt}\r\n"
+        f"CS =0010 0000000000000000 ffffffff 00a09b00 DPL=0 CS64 [-RA]\r\n"
+        f"CR0=80050033 CR2=0000000000000000 CR3={cr3} CR4=00350ef0\r\n"
+        for n, rip, cr3, hlt in [(0, "ffffffff8102c3a1", "0000000001a0a000", 0),
+                                 (1, "ffffffff81a592eb", "0000000006cf0000", 1)])
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "monitor"))
+    listener.listen(1)
+
+    def monitor():
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"QEMU 7.2.0 monitor - type 'help' for more information\r\n(qemu) ")
+            while conn.recv(4096):
+                conn.sendall(b"info registers -a\r\n" + registers.encode() + b"(qemu) ")
+    thread = threading.Thread(target=monitor, daemon=True)
+    thread.start()
+    report = testbed.vcpu_states(tmp_path, samples=2)
+    listener.close()
+    assert report.splitlines() == [
+        f"  | sample {s}: CPU#{line}" for s in (0, 1) for line in (
+            "0 RIP=ffffffff8102c3a1 CS=0010 CR3=0000000001a0a000 RFL=00000246 HLT=0",
+            "1 RIP=ffffffff81a592eb CS=0010 CR3=0000000006cf0000 RFL=00000246 HLT=1")]
+    assert "did not answer" in testbed.vcpu_states(tmp_path / "nowhere")
