@@ -36,6 +36,13 @@ VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT = 0, 1
 BLK_CONFIG = struct.pack("<Q", 2048).ljust(60, b"\0")      # capacity: 1 MiB
 
 
+def blank_disk(tmp_path):
+    """A 1 MiB image of zeros (BLK_CONFIG's capacity) for a blk back-end."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    return image
+
+
 class Guest:
     """The transport of one vhost-user blk device, its event loop, and the
     driver's side of queue 0."""
@@ -91,8 +98,7 @@ def test_a_killed_pyvmm_blk_back_end_is_replaced_without_an_error(tmp_path, memo
     and completes (OK, on the image) once a new one is started on the same
     socket; the device never needs a reset."""
     caplog.set_level(logging.WARNING)
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(1 << 20))
+    image = blank_disk(tmp_path)
     procs = []
     with blk_backend("pyvmm", str(tmp_path), image, procs=procs) as sock:
         fe = VhostUserFrontend.connect(sock, "the back-end", 5)
@@ -133,8 +139,7 @@ def test_a_connection_dropped_while_the_device_starts_is_made_again(tmp_path, me
     reset. The back-end (pyvmm's blk) took each next front-end."""
     import subprocess
     import sys
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(1 << 20))
+    image = blank_disk(tmp_path)
     proxy, trace = str(tmp_path / "trace.sock"), tmp_path / "trace.txt"
     procs = []
     with blk_backend("pyvmm", str(tmp_path), image, procs=procs) as sock:
@@ -282,8 +287,7 @@ def test_the_guest_less_driver_reconnects_to_a_restarted_back_end(tmp_path, kind
     the disk holds both writes."""
     from pyvmm.driver import vhost_user
     from pyvmm.driver.devices import VIRTIO_BLK_T_OUT as OUT, blk_post, blk_read, blk_write
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(1 << 20))
+    image = blank_disk(tmp_path)
     procs = []
     with blk_backend(kind, str(tmp_path), image, procs=procs) as sock:
         d = vhost_user(sock, config_size=60)
@@ -426,8 +430,7 @@ def test_every_write_completes_exactly_once_across_a_kill(tmp_path, first, secon
     image holds them all."""
     from pyvmm.driver import vhost_user
     from pyvmm.vhost.user.errors import VhostUserError
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(1 << 20))
+    image = blank_disk(tmp_path)
     procs = []
     d = None
     try:
@@ -480,8 +483,7 @@ def test_the_guest_is_signalled_for_what_the_dead_back_end_published_unsignalled
     import select
 
     from pyvmm.driver import vhost_user
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(1 << 20))
+    image = blank_disk(tmp_path)
     procs = []
     d = None
     try:
@@ -529,8 +531,7 @@ def test_qemu_storage_daemon_killed_completes_every_write_once(tmp_path, posted,
     from backends import storage_daemon
 
     from pyvmm.driver import vhost_user
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(1 << 20))
+    image = blank_disk(tmp_path)
     procs = []
     d = None
     try:
