@@ -149,9 +149,11 @@ def parse_net(text):
             cfg.queues = _number("--net", "queues", opts["queues"], 1, 8)
         cfg.guest_ip = _interface("guest-ip", opts["guest-ip"]) if "guest-ip" in opts else None
         return cfg
-    opts = parse_backend_options(text, "--net", {"tap", "mac", "host-ip", "guest-ip"},
+    opts = parse_backend_options(text, "--net", {"tap", "mac", "host-ip", "guest-ip", "queues"},
                                  kind=("vhost-kernel", "vhost-user"))
     cfg = NetConfig(tap=opts.get("tap") or None)
+    if "queues" in opts:
+        cfg.queues = _number("--net", "queues", opts["queues"], 1, 8)
     if cfg.tap and (len(cfg.tap.encode()) > 15 or "/" in cfg.tap):
         raise argparse.ArgumentTypeError(f"--net tap={cfg.tap}: an interface name has at most "
                                          "15 characters and no '/'")
@@ -281,14 +283,16 @@ def build_parser():
                      metavar="stdio|file:PATH",
                      help="where the serial console goes (default stdio: your terminal)")
     run.add_argument("--net", type=parse_net, action="append", default=[],
-                     metavar="vhost-kernel[,tap=NAME][,mac=MAC][,host-ip=CIDR][,guest-ip=CIDR] "
+                     metavar="vhost-kernel[,tap=NAME][,mac=MAC][,host-ip=CIDR][,guest-ip=CIDR]"
+                             "[,queues=N] "
                              "| vhost-user,socket=PATH[,mac=MAC][,queues=N][,guest-ip=CIDR]"
                              "[,server][,reconnect=S]",
                      help="a virtio-net NIC whose packets the kernel's vhost-net moves to "
                           "a tap (by default a new tap pyvmmN with 10.10.N.1/30 on the host "
                           "and 10.10.N.2/30 as the guest's ethN), or a vhost-user back-end "
                           "such as DPDK's vhost PMD (dpdk-testpmd --vdev net_vhost0,iface=PATH) "
-                          "moves, with N queue pairs (default 1). Repeat for more NICs")
+                          "moves, with N queue pairs (default 1; with vhost-kernel a "
+                          "multiqueue tap and one vhost-net per pair). Repeat for more NICs")
     run.add_argument("--vsock", type=parse_vsock,
                      metavar="vhost-kernel[,cid=N] | vhost-user,socket=PATH[,cid=N]",
                      help="a virtio-vsock device served by the kernel's vhost-vsock (the "

@@ -113,6 +113,8 @@ def test_net_and_vsock_options_parse():
     assert cfg.tap == "t0" and cfg.mac == bytes.fromhex("020000aabbcc")
     assert str(cfg.host_ip) == "10.1.0.1/24" and str(cfg.guest_ip) == "10.1.0.9/24"
     assert parse_net("vhost-kernel").tap is None
+    assert parse_net("vhost-kernel").queues == 1
+    assert parse_net("vhost-kernel,queues=2").queues == 2
     assert parse_vsock("vhost-kernel,cid=42").cid == 42
     assert parse_vsock("vhost-kernel").cid == 3
 
@@ -158,6 +160,7 @@ def test_vhost_user_device_options_parse():
     (["--device", "vhost-user,socket=/s,virtio-id=2,queue-size=100"], "give a power of 2"),
     (["--device", "vhost-user,socket=/s,virtio-id=2,queues=0"], "queues=0: give a number"),
     (["--net", "vhost-kernel,tap=a-very-long-tap-name"], "at most 15 characters"),
+    (["--net", "vhost-kernel,queues=9"], "queues=9: give a number from 1 to 8"),
 ])
 def test_device_option_errors(args, message):
     r = pyvmm("run", *args, "--", "true")

@@ -67,3 +67,40 @@ def test_a_new_tap_is_not_persistent_and_goes_with_pyvmm():
         print("pyvmm0" in ip("-br", "link"))
     """)
     assert out.splitlines() == ["pyvmm0 False", "(True, ['10.10.0.1/30'])", "False"]
+
+
+def test_a_multiqueue_tap_has_a_queue_per_fd_and_detaches_one():
+    """--net vhost-kernel,queues=N: one tap, N queues (one fd each, a
+    vhost-net on each); a queue pair the guest does not use has its tap
+    queue detached (TUNSETQUEUE), and attached again when it asks."""
+    out = in_netns("""
+        import re
+        def queues(name):
+            info = ip("-d", "link", "show", name)
+            return re.search(r"multi_queue numqueues (\\d+) numdisabled (\\d+)", info).groups()
+        tap = Tap("pyvmm%d", queues=3)
+        print(tap.name, len(set(tap.fds)), queues(tap.name))
+        tap.set_queue_attached(2, False)
+        print(queues(tap.name))
+        tap.set_queue_attached(2, True)
+        print(queues(tap.name))
+        tap.close()
+        print("pyvmm0" in ip("-br", "link"))
+    """)
+    assert out.splitlines() == ["pyvmm0 3 ('3', '0')", "('2', '1')", "('3', '0')", "False"]
+
+
+def test_queues_on_a_tap_that_is_not_multiqueue_is_one_clear_error():
+    out = in_netns("""
+        from pyvmm.sys.tap import TapError
+        ip("tuntap", "add", "dev", "keep2", "mode", "tap", "vnet_hdr")
+        try:
+            Tap("keep2", queues=2)
+        except TapError as e:
+            print(e)
+        print(ip("-br", "link", "show", "keep2").split()[0])    # left as it was
+    """)
+    assert out.splitlines() == [
+        "cannot create tap 'keep2': Invalid argument (it exists and is not multiqueue: "
+        "queues=2 needs one made with 'ip tuntap add keep2 mode tap multi_queue vnet_hdr')",
+        "keep2"]

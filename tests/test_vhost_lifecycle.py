@@ -317,10 +317,10 @@ def test_call_and_err_reach_a_kernel_back_end_before_the_kick(memory16):
     from pyvmm.devices.virtio.vhost_kernel import VhostKernelNetBackend
 
     class Tap:
-        name, fd = "tap-test", -1
+        name, fd, fds = "tap-test", -1, [-1]
         set_offload = set_vnet_hdr_size = close = lambda *a: None
     vhost = RecordingVhost().vhost
-    backend = VhostKernelNetBackend(vhost, Tap())
+    backend = VhostKernelNetBackend([vhost], Tap())
     ring = DriverRing(memory16, 0x10000, 64)
     queue = Queue(0, 64, True, ring.desc_addr, ring.avail_addr, ring.used_addr, 5, 6, 7)
     backend.start(memory16, 1 << spec.VIRTIO_F_VERSION_1, [queue])

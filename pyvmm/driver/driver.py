@@ -175,7 +175,7 @@ def vhost_net(tap_name, address=None):
             tap.configure(address)
         else:
             tap.up()
-        backend = VhostKernelNetBackend(vhost, tap)
+        backend = VhostKernelNetBackend([vhost], tap)
     except BaseException:
         tap.close()
         vhost.close()

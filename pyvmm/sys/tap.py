@@ -5,6 +5,11 @@ header, exactly what vhost-net moves to and from the guest's rings; with
 TUNSETOFFLOAD it accepts and produces checksum-less and GSO frames, which
 is what lets one interrupt carry 64 KiB instead of 1.5.
 
+A multiqueue tap (IFF_MULTI_QUEUE) is one interface opened several times:
+each fd is one queue, which the kernel picks by flow hash for frames to
+the guest, and which TUNSETQUEUE detaches (no frames for it) and attaches
+again. One vhost-net device serves each, for one queue pair of the guest.
+
 The host side's address is added through rtnetlink; the link is brought up
 with the classic interface ioctl. On a tap that outlives pyvmm (a
 persistent one, named with tap=), what pyvmm added is taken away again at
@@ -32,7 +37,10 @@ TUNGETFEATURES = _IOR(ord("T"), 207, ctypes.c_uint)
 TUNGETIFF = _IOR(ord("T"), 210, ctypes.c_uint)
 TUNSETOFFLOAD = _IOW(ord("T"), 208, ctypes.c_uint)
 TUNSETVNETHDRSZ = _IOW(ord("T"), 216, ctypes.c_int)
+TUNSETQUEUE = _IOW(ord("T"), 217, ctypes.c_int)
 IFF_TAP = 0x0002
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE, IFF_DETACH_QUEUE = 0x0200, 0x0400
 IFF_NO_PI = 0x1000
 IFF_PERSIST = 0x0800
 IFF_VNET_HDR = 0x4000
@@ -54,34 +62,65 @@ def _ifreq(name, payload=b""):
 
 
 class Tap:
-    def __init__(self, name="pyvmm%d"):
-        """Create (or attach to) tap `name`; a %d in it lets the kernel number it."""
+    def __init__(self, name="pyvmm%d", queues=1):
+        """Create (or attach to) tap `name`; a %d in it lets the kernel number it.
+        queues > 1: a multiqueue tap, one fd per queue (fds; fd is the first)."""
         if len(name.encode()) >= IFNAMSIZ:
             raise TapError(f"tap name {name!r} is longer than {IFNAMSIZ - 1} bytes")
-        self.fd = open_chardev("/dev/net/tun", TapError, missing="load the driver with 'modprobe tun'",
-                               no_permission="taps need root or CAP_NET_ADMIN",
-                               flags=os.O_NONBLOCK)
+        self.fds = []
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
         try:
-            req = fcntl.ioctl(self.fd, TUNSETIFF,
-                              _ifreq(name, struct.pack("H", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)))
-        except OSError as e:
-            os.close(self.fd)
-            hint = " (it may exist already, owned by someone else)" if e.errno == errno.EBUSY else ""
-            raise TapError(f"cannot create tap {name!r}: {e.strerror}{hint}") from None
-        self.name = req[:IFNAMSIZ].rstrip(b"\0").decode()
+            for _ in range(queues):
+                self.fds.append(self._open(name, flags, queues))
+                name = self.name                 # the next queues join the one made
+        except BaseException:
+            for fd in self.fds:
+                os.close(fd)
+            raise
+        self.fd = self.fds[0]
         flags = struct.unpack_from("H", fcntl.ioctl(self.fd, TUNGETIFF, _ifreq("")), IFNAMSIZ)[0]
         # A tap that stays after pyvmm closes it gets back the state it had.
         self.persistent = bool(flags & IFF_PERSIST)
         self._added_addresses = []
         self._brought_up = False
 
+    def _open(self, name, flags, queues):
+        """One fd of tap name (TUNSETIFF); sets self.name to what the kernel chose."""
+        fd = open_chardev("/dev/net/tun", TapError, missing="load the driver with 'modprobe tun'",
+                          no_permission="taps need root or CAP_NET_ADMIN", flags=os.O_NONBLOCK)
+        try:
+            req = fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, struct.pack("H", flags)))
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.EBUSY:
+                hint = " (it may exist already, owned by someone else)"
+            elif e.errno == errno.EINVAL and queues > 1:
+                hint = (f" (it exists and is not multiqueue: queues={queues} needs one made "
+                        f"with 'ip tuntap add {name} mode tap multi_queue vnet_hdr')")
+            else:
+                hint = ""
+            raise TapError(f"cannot create tap {name!r}: {e.strerror}{hint}") from None
+        self.name = req[:IFNAMSIZ].rstrip(b"\0").decode()
+        return fd
+
+    def set_queue_attached(self, queue, attached):
+        """TUNSETQUEUE: a detached queue gets no frames (a queue pair the guest
+        does not use); only for a multiqueue tap."""
+        flag = IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE
+        try:
+            fcntl.ioctl(self.fds[queue], TUNSETQUEUE, _ifreq("", struct.pack("H", flag)))
+        except OSError as e:
+            raise TapError(f"tap {self.name}: cannot {'attach' if attached else 'detach'} "
+                           f"queue {queue}: {e.strerror}") from None
+
     def close(self):
         if self.fd is None:
             return
         if self.persistent:
             self._undo()
-        os.close(self.fd)
-        self.fd = None
+        for fd in self.fds:
+            os.close(fd)
+        self.fd, self.fds = None, []
 
     def _undo(self):
         """Take away what pyvmm added to a persistent tap."""

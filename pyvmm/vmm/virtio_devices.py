@@ -34,8 +34,9 @@ DEFAULT_TAP = "pyvmm%d"
 
 @dataclass
 class NetConfig:
-    """--net vhost-kernel[,tap=NAME][,mac=MAC][,host-ip=CIDR][,guest-ip=CIDR]"""
+    """--net vhost-kernel[,tap=NAME][,mac=MAC][,host-ip=CIDR][,guest-ip=CIDR][,queues=N]"""
     tap: str = None
+    queues: int = 1             # queue pairs: a multiqueue tap and a vhost-net each
     mac: bytes = None
     host_ip: object = None      # ipaddress.ip_interface
     guest_ip: object = None
@@ -105,11 +106,14 @@ def plan_net(cfg, index):
     from pyvmm.devices.virtio.vhost_kernel import VhostKernelNetBackend
     from pyvmm.sys.tap import Tap
     from pyvmm.vhost.kernel import VhostKernelNet
-    vhost = VhostKernelNet()
+    vhosts = []
     try:
-        tap = Tap(cfg.tap or DEFAULT_TAP)
+        for _ in range(cfg.queues):           # one vhost-net per queue pair
+            vhosts.append(VhostKernelNet())
+        tap = Tap(cfg.tap or DEFAULT_TAP, queues=cfg.queues)
     except BaseException:
-        vhost.close()
+        for vhost in vhosts:
+            vhost.close()
         raise
     try:
         host_ip, guest_ip = cfg.host_ip, cfg.guest_ip
@@ -122,14 +126,17 @@ def plan_net(cfg, index):
         else:
             tap.up()
         mac = cfg.mac or default_mac(int(re.sub(r"\D", "", tap.name) or 0))
-        device = VirtioNet(VhostKernelNetBackend(vhost, tap), mac, name=f"virtio-net{index}")
+        device = VirtioNet(VhostKernelNetBackend(vhosts, tap), mac, name=f"virtio-net{index}",
+                           queue_pairs=cfg.queues)
     except BaseException:
         tap.close()
-        vhost.close()
+        for vhost in vhosts:
+            vhost.close()
         raise
     dev = f"eth{index}"
     args = [net_arg(dev, str(guest_ip) if guest_ip else "")]
-    summary = (f"{dev} ({':'.join(f'{b:02x}' for b in mac)}) on tap {tap.name} via vhost-net"
+    summary = (f"{dev} ({':'.join(f'{b:02x}' for b in mac)}) on tap {tap.name}"
+               + (f" ({cfg.queues} queue pairs)" if cfg.queues > 1 else "") + " via vhost-net"
                + (f", guest {guest_ip.ip}" if guest_ip else "")
                + (f", host {host_ip.ip}" if host_ip else ""))
     return device, args, summary

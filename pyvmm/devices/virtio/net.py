@@ -6,7 +6,8 @@ a back-end process such as DPDK's vhost PMD).
 With several queue pairs (VIRTIO_NET_F_MQ) the driver starts on the first
 pair and asks for more on the control queue, which pyvmm serves itself
 (a back-end like DPDK has none): VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET becomes
-SET_VRING_ENABLE on each pair's queues.
+SET_VRING_ENABLE on each pair's queues (vhost-user), or a tap queue
+attached or detached (vhost-net).
 """
 
 import logging
@@ -75,8 +76,8 @@ class VirtioNet(VirtioDevice):
 
     def __init__(self, backend, mac, name="virtio-net", queue_pairs=1, mtu=None):
         """queue_pairs > 1: VIRTIO_NET_F_MQ and a control queue (the back-end must
-        let single queues be enabled: vhost-user); mtu: the back-end's, offered
-        as VIRTIO_NET_F_MTU."""
+        let single queues be enabled: set_enabled()); mtu: the back-end's,
+        offered as VIRTIO_NET_F_MTU."""
         super().__init__(backend, name)
         self.mac = mac
         self.queue_pairs = queue_pairs

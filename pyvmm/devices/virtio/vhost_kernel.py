@@ -10,6 +10,13 @@ accepts frames whose checksum is not filled in and 64 KiB TSO frames
 (VIRTIO_NET_F_CSUM, HOST_TSO4/6); what the guest accepts the other way
 (GUEST_CSUM, GUEST_TSO4/6) is set on the tap with TUNSETOFFLOAD once the
 guest has said so. Fewer, bigger frames mean fewer interrupts.
+
+With several queue pairs (queues=N) the tap is multiqueue and each pair has
+its own vhost-net device (its own kernel thread), whose rings 0 and 1 are
+the pair's receive and transmit queues, on the tap's queue of the same
+number. A pair the guest does not use (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+which the model serves) has its tap queue detached, as QEMU does, so that
+the tap hands it no frames.
 """
 
 import logging
@@ -44,26 +51,34 @@ TAP_OFFLOADS = {
 VNET_HDR_SIZE_MODERN, VNET_HDR_SIZE_LEGACY = 12, 10
 
 
-def start_vrings(vhost, queues, started):
-    """Hand each queue to a kernel vhost device, noting each one in started."""
+def start_vrings(vhost, queues, started, first=0):
+    """Hand each queue to a kernel vhost device as its ring q.index - first,
+    noting (vhost, ring) in started."""
     for q in queues:
-        vhost.start_vring(q.index, q.size, VringAddr(q.desc, q.avail, q.used),
+        vhost.start_vring(q.index - first, q.size, VringAddr(q.desc, q.avail, q.used),
                           q.kick_fd, q.call_fd, q.err_fd)
-        started.append(q.index)
+        started.append((vhost, q.index - first))
 
 
 class VhostKernelNetBackend(QueueBackend):
-    def __init__(self, vhost, tap):
-        """vhost: an open VhostKernelNet; both it and tap now belong to the back-end."""
-        self.vhost = vhost
+    def __init__(self, vhosts, tap):
+        """vhosts: one open VhostKernelNet per queue pair, tap a tap with as many
+        queues; all of them now belong to the back-end."""
+        self.vhosts = list(vhosts)
         self.tap = tap
-        self.description = f"vhost-net on tap {tap.name}"
-        self.vhost.set_owner()
-        self.vhost_features = self.vhost.get_features()
+        pairs = len(self.vhosts)
+        self.description = f"vhost-net on tap {tap.name}" + (
+            f" ({pairs} queue pairs)" if pairs > 1 else "")
+        self.vhost_features = ~0
+        for vhost in self.vhosts:
+            vhost.set_owner()
+            self.vhost_features &= vhost.get_features()
         if not self.vhost_features & spec.bit(spec.VIRTIO_F_VERSION_1):
             raise VhostError("this kernel's vhost-net lacks VIRTIO_F_VERSION_1 "
                              "(Linux 4.0 or later needed)")
-        self._started = []
+        self.disabled_at_start = set()     # (the model's: pairs past the first, with MQ)
+        self._attached = [True] * pairs    # each tap queue, as TUNSETQUEUE left it
+        self._started = []                 # (vhost, ring index) handed to the kernel
 
     def features(self):
         return (self.vhost_features & VHOST_NET_RING_FEATURES) | TAP_FEATURES
@@ -77,29 +92,47 @@ class VhostKernelNetBackend(QueueBackend):
             self.tap.set_offload(offload)
             modern = features & spec.bits(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_NET_F_MRG_RXBUF)
             self.tap.set_vnet_hdr_size(VNET_HDR_SIZE_MODERN if modern else VNET_HDR_SIZE_LEGACY)
-            # vhost only cares about the bits it implements.
-            self.vhost.set_features(features & self.vhost_features)
-            self.vhost.set_mem_table(memory)
-            start_vrings(self.vhost, queues, self._started)
-            for index in self._started:
-                self.vhost.set_backend(index, self.tap.fd)
+            for pair, vhost in enumerate(self.vhosts):
+                pair_queues = [q for q in queues if q.index // 2 == pair]
+                if not pair_queues:
+                    continue
+                # vhost only cares about the bits it implements.
+                vhost.set_features(features & self.vhost_features)
+                vhost.set_mem_table(memory)
+                start_vrings(vhost, pair_queues, self._started, first=2 * pair)
+                for ring in (q.index - 2 * pair for q in pair_queues):
+                    vhost.set_backend(ring, self.tap.fds[pair])
+                if pair:
+                    self._attach(pair, 2 * pair not in self.disabled_at_start)
         except BaseException:
             self.stop()
             raise
         log.debug("vhost-net running on %s with features %#x", self.tap.name, features)
 
+    def set_enabled(self, index, enabled):
+        """The model's VQ_PAIRS_SET, per queue: a pair's tap queue is attached
+        or detached (once, at its receive queue)."""
+        if index % 2 == 0 and index // 2 < len(self.vhosts):
+            self._attach(index // 2, enabled)
+
+    def _attach(self, pair, attached):
+        if self._attached[pair] != attached:
+            self.tap.set_queue_attached(pair, attached)
+            self._attached[pair] = attached
+
     def stop(self):
-        for index in self._started:
+        for vhost, index in self._started:
             try:
-                self.vhost.set_backend(index, None)
-                self.vhost.get_vring_base(index)
+                vhost.set_backend(index, None)
+                vhost.get_vring_base(index)
             except VhostError as e:
                 log.warning("%s: stopping queue %d: %s", self.description, index, e)
         self._started = []
 
     def close(self):
         self.stop()
-        self.vhost.close()
+        for vhost in self.vhosts:
+            vhost.close()
         self.tap.close()
 
 
@@ -131,8 +164,8 @@ class VhostKernelVsockBackend(QueueBackend):
         if self._started:
             try:
                 self.vhost.set_running(False)
-                for index in self._started:
-                    self.vhost.get_vring_base(index)
+                for vhost, index in self._started:
+                    vhost.get_vring_base(index)
             except VhostError as e:
                 log.warning("%s: stopping: %s", self.description, e)
         self._started = []
