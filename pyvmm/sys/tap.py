@@ -6,8 +6,9 @@ TUNSETOFFLOAD it accepts and produces checksum-less and GSO frames, which
 is what lets one interrupt carry 64 KiB instead of 1.5.
 
 A multiqueue tap (IFF_MULTI_QUEUE) is one interface opened several times:
-each fd is one queue, which the kernel picks by flow hash for frames to
-the guest, and which TUNSETQUEUE detaches (no frames for it) and attaches
+each fd is one queue. For frames to the guest the kernel picks the queue
+per flow: the one the flow's frames from the guest came on, else by its
+hash. TUNSETQUEUE detaches a queue (no frames for it) and attaches it
 again. One vhost-net device serves each, for one queue pair of the guest.
 
 The host side's address is added through rtnetlink; the link is brought up
