@@ -59,7 +59,12 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=done)
 
 
+_reruns = []          # reports of failed attempts that ran again (pytest-rerunfailures)
+
+
 def pytest_runtest_logreport(report):
+    if report.outcome == "rerun":
+        _reruns.append(report)
     # Passed: its call passed, and then its teardown too.
     if _passed["file"] is None:
         return
@@ -83,3 +88,11 @@ def memory16():
     m = GuestMemory(16 << 20)
     yield m
     m.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Why each rerun test failed the first time (the summary only names it):
+    in a CI log, that tells a nested guest's reset from a real failure."""
+    for report in _reruns:
+        terminalreporter.write_sep("-", f"first attempt of {report.nodeid} ({report.when})")
+        terminalreporter.write_line(report.longreprtext[-3000:])

@@ -235,3 +235,20 @@ def test_a_lock_up_report_says_where_each_vcpu_is(top, tmp_path):
             "0 RIP=ffffffff8102c3a1 CS=0010 CR3=0000000001a0a000 RFL=00000246 HLT=0",
             "1 RIP=ffffffff81a592eb CS=0010 CR3=0000000006cf0000 RFL=00000246 HLT=1")]
     assert "did not answer" in testbed.vcpu_states(tmp_path / "nowhere")
+
+
+def test_a_rerun_test_s_first_failure_is_shown(pytester, top):
+    """The testbed tier reruns a failed test once; its first failure is in the
+    log too (tests/conftest.py), not only its name."""
+    pytester.makeconftest((top / "tests" / "conftest.py").read_text())
+    pytester.makepyfile(test_flaky="""
+        def test_flaky(tmp_path_factory):
+            marker = tmp_path_factory.getbasetemp() / "failed-once"
+            if not marker.exists():
+                marker.touch()
+                assert 0, "the guest reset the machine"
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--reruns", "1")
+    result.stdout.fnmatch_lines(["*1 passed, 1 rerun*"])
+    result.stdout.fnmatch_lines(["*first attempt of test_flaky.py::test_flaky (call)*",
+                                 "*AssertionError: the guest reset the machine*"])
