@@ -80,3 +80,24 @@ def test_a_vmm_that_dies_during_a_send_fails_the_run(vmm):
 def test_a_boot_that_fails_is_a_failed_run():
     with pytest.raises(bench.RunFailed, match="before the guest printed its ready line"):
         bench.measure(["false"])
+
+
+def test_streams_in_parallel_give_their_results_or_the_first_failure():
+    """bench net --queues N receives and sends N streams at once: each
+    stream's result comes back in order, and a failed one fails the run
+    once all have ended."""
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    with a, b, c, d:
+        for sender, data in ((b, b"x" * 1000), (d, b"y" * 2000)):
+            sender.sendall(data)
+            sender.shutdown(socket.SHUT_WR)
+        first, second = bench.in_parallel([
+            lambda: bench.receive_all(a, 1000, check=lambda when: None),
+            lambda: bench.receive_all(c, 2000, check=lambda when: None)])
+    assert (first[0], second[0]) == (1000, 2000) and first[2] <= first[3]
+
+    def fails():
+        raise bench.RunFailed("stream 1 broke")
+    with pytest.raises(bench.RunFailed, match="stream 1 broke"):
+        bench.in_parallel([lambda: time.sleep(0.2), fails])
