@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import textwrap
 import time
 
 import pytest
@@ -175,9 +176,16 @@ def test_a_silent_testbed_kernel_is_noticed_by_its_missing_heartbeat(top, tmp_pa
 def test_the_testbed_tier_resumes_with_the_tests_not_yet_passed(pytester, monkeypatch, top):
     """--passed-file (tests/conftest.py): what passed is written down, and the
     next run (in a new testbed VM, after the last one froze) collects only
-    the rest: a failure, an error in teardown and the unrun all run again."""
-    pytester.makeconftest((top / "tests" / "conftest.py").read_text())
-    pytester.makepyfile(test_resume="""
+    the rest: a failure, an error in teardown and the unrun all run again.
+    Laid out as the checkout is (the conftest under tests/, found through
+    testpaths), and given as scripts/test gives it: "--passed-file=PATH" in
+    one word. (In two, pytest's first look at the arguments, before the
+    conftest adds the option, takes PATH for a test path once the file
+    exists, and never loads tests/conftest.py: the option is then unknown.)"""
+    pytester.makepyprojecttoml('[tool.pytest.ini_options]\ntestpaths = ["tests"]\n')
+    tests = pytester.mkdir("tests")
+    (tests / "conftest.py").write_text((top / "tests" / "conftest.py").read_text())
+    (tests / "test_resume.py").write_text(textwrap.dedent("""
         import os, pytest
         def test_passes(): pass
         def test_fails(): assert 0
@@ -189,16 +197,16 @@ def test_the_testbed_tier_resumes_with_the_tests_not_yet_passed(pytester, monkey
         def test_freezes():
             if not os.environ.get("THAWED"):
                 os._exit(125)          # the VM froze here
-    """)
-    passed = pytester.path / "passed"
-    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--passed-file", str(passed))
-    assert passed.read_text() == "test_resume.py::test_passes\n"
+    """))
+    passed = pytester.path / ".testbed-passed"
+    option = f"--passed-file={passed}"
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", option)
+    assert passed.read_text() == "tests/test_resume.py::test_passes\n"
     monkeypatch.setenv("THAWED", "1")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--passed-file",
-                                           str(passed))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", option)
     result.assert_outcomes(passed=2, failed=1, errors=1, deselected=1)
-    assert passed.read_text().split() == ["test_resume.py::test_passes",
-                                          "test_resume.py::test_freezes"]
+    assert passed.read_text().split() == ["tests/test_resume.py::test_passes",
+                                          "tests/test_resume.py::test_freezes"]
 
 
 def test_a_lock_up_report_says_where_each_vcpu_is(top, tmp_path):
