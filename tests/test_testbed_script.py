@@ -260,3 +260,53 @@ def test_a_rerun_test_s_first_failure_is_shown(pytester, top):
     result.stdout.fnmatch_lines(["*1 passed, 1 rerun*"])
     result.stdout.fnmatch_lines(["*first attempt of test_flaky.py::test_flaky (call)*",
                                  "*AssertionError: the guest reset the machine*"])
+
+
+def test_a_silent_cpu_gets_one_nmi_before_the_vm_is_given_up(top, tmp_path):
+    """A vCPU halted and never woken (its timer interrupt lost) might be woken
+    by an NMI, which ends a HLT: at WAKE seconds of silence scripts/testbed
+    sends one (QEMU's monitor, `nmi`), once per silence, says so, and says
+    when the CPU beats again; at SILENCE it gives the VM up as before."""
+    import socket
+    import threading
+    testbed = load_testbed(top)
+    log = tmp_path / "console.log"
+    now = [1000.0]
+    watch = testbed.ConsoleWatch(log, clock=lambda: now[0])
+
+    def beat(*cpus):
+        with open(log, "ab") as f:
+            for cpu in cpus:
+                f.write(b"testbed-init: heartbeat of CPU %d, up 30.0 s\n" % cpu)
+        assert watch.lockup() is None
+
+    log.write_bytes(b"")
+    beat(0, 1)
+    now[0] += testbed.ConsoleWatch.WAKE - 1
+    beat(1)
+    assert watch.to_wake() == []
+    now[0] += 2
+    beat(1)
+    assert watch.to_wake() == [0]
+    assert watch.to_wake() == [] and watch.woken() == []     # one NMI per silence
+    beat(0)
+    assert watch.woken() == [0]
+    now[0] += testbed.ConsoleWatch.WAKE + 1
+    assert watch.lockup() is None and watch.to_wake() == [0, 1]   # silent again: again
+
+    received = []
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "monitor"))
+    listener.listen(1)
+
+    def monitor():
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"QEMU 7.2.0 monitor - type 'help' for more information\r\n(qemu) ")
+            received.append(conn.recv(100))
+    thread = threading.Thread(target=monitor, daemon=True)
+    thread.start()
+    testbed.monitor_command(tmp_path, b"nmi")
+    thread.join(5)
+    listener.close()
+    assert received == [b"nmi\n"]
