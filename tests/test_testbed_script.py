@@ -129,6 +129,46 @@ def load_testbed(top):
     return module
 
 
+def beat(log, watch, *cpus):
+    """testbed-init's heartbeat lines from cpus on the console log; the watch
+    sees no lock-up in them."""
+    with open(log, "ab") as f:
+        for cpu in cpus:
+            f.write(b"testbed-init: heartbeat of CPU %d, up 30.0 s\n" % cpu)
+    assert watch.lockup() is None
+
+
+class FakeMonitor:
+    """QEMU 7.2's human monitor on tmp_path/monitor, in a thread: it greets,
+    records each command it gets and answers it with answer and a prompt."""
+
+    def __init__(self, tmp_path, answer=b""):
+        import socket
+        import threading
+        self.answer, self.received = answer, []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(tmp_path / "monitor"))
+        self.listener.listen(1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        with conn:
+            try:
+                conn.sendall(b"QEMU 7.2.0 monitor - type 'help' for more information\r\n"
+                             b"(qemu) ")
+                while command := conn.recv(4096):
+                    self.received.append(command)
+                    conn.sendall(command.replace(b"\n", b"\r\n") + self.answer + b"(qemu) ")
+            except OSError:
+                pass                # the client went without reading the answer
+
+    def close(self):
+        self.thread.join(5)
+        self.listener.close()
+
+
 def test_a_locked_up_testbed_kernel_is_noticed_from_its_console(top, tmp_path):
     testbed = load_testbed(top)
     log = tmp_path / "console.log"
@@ -149,17 +189,10 @@ def test_a_silent_testbed_kernel_is_noticed_by_its_missing_heartbeat(top, tmp_pa
     log.write_bytes(b"[    1.0] booting\n")
     now[0] = 1000.0
     assert watch.lockup() is None                      # no heartbeat yet: not armed
-
-    def beat(*cpus):
-        with open(log, "ab") as f:
-            for cpu in cpus:
-                f.write(b"testbed-init: heartbeat of CPU %d, up 30.0 s\n" % cpu)
-        assert watch.lockup() is None
-
-    beat(0, 1)
+    beat(log, watch, 0, 1)
     now[0] += testbed.ConsoleWatch.SILENCE - 1
     assert watch.lockup() is None
-    beat(0, 1)                                         # both went on beating
+    beat(log, watch, 0, 1)                             # both went on beating
     now[0] += testbed.ConsoleWatch.SILENCE - 1
     with open(log, "ab") as f:                         # a line still being written
         f.write(b"testbed-init: heartbeat of CP")
@@ -168,7 +201,7 @@ def test_a_silent_testbed_kernel_is_noticed_by_its_missing_heartbeat(top, tmp_pa
         f.write(b"U 1, up 90.0 s\n")
     assert watch.lockup() is None
     now[0] += 2
-    # CPU 0 stuck in the nested guest: its timers never fire, CPU 1 runs on.
+    # CPU 0 halted and never woken: nothing queued on it runs, CPU 1 goes on.
     assert watch.lockup() == f"no heartbeat from its CPU 0 for " \
                              f"{testbed.ConsoleWatch.SILENCE + 1} s"
 
@@ -211,11 +244,8 @@ def test_the_testbed_tier_resumes_with_the_tests_not_yet_passed(pytester, monkey
 
 def test_a_lock_up_report_says_where_each_vcpu_is(top, tmp_path):
     """On a lock-up scripts/testbed asks QEMU's monitor for each vCPU's
-    registers (a vCPU stuck in the nested guest shows the nested guest's
-    CR3 and a RIP that never moves); here a fake monitor answers as QEMU
-    7.2 does."""
-    import socket
-    import threading
+    registers (a vCPU halted for good shows HLT=1 and a RIP that never
+    moves); here a fake monitor answers as QEMU 7.2 does."""
     testbed = load_testbed(top)
     registers = "".join(
         f"CPU#{n}\r\nRAX=0000000000000000 RBX=0000000000000000\r\n"
@@ -224,20 +254,10 @@ def test_a_lock_up_report_says_where_each_vcpu_is(top, tmp_path):
         f"CR0=80050033 CR2=0000000000000000 CR3={cr3} CR4=00350ef0\r\n"
         for n, rip, cr3, hlt in [(0, "ffffffff8102c3a1", "0000000001a0a000", 0),
                                  (1, "ffffffff81a592eb", "0000000006cf0000", 1)])
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(tmp_path / "monitor"))
-    listener.listen(1)
-
-    def monitor():
-        conn, _ = listener.accept()
-        with conn:
-            conn.sendall(b"QEMU 7.2.0 monitor - type 'help' for more information\r\n(qemu) ")
-            while conn.recv(4096):
-                conn.sendall(b"info registers -a\r\n" + registers.encode() + b"(qemu) ")
-    thread = threading.Thread(target=monitor, daemon=True)
-    thread.start()
+    monitor = FakeMonitor(tmp_path, registers.encode())
     report = testbed.vcpu_states(tmp_path, samples=2)
-    listener.close()
+    monitor.close()
+    assert monitor.received == [b"info registers -a\n"] * 2
     assert report.splitlines() == [
         f"  | sample {s}: CPU#{line}" for s in (0, 1) for line in (
             "0 RIP=ffffffff8102c3a1 CS=0010 CR3=0000000001a0a000 RFL=00000246 HLT=0",
@@ -267,46 +287,25 @@ def test_a_silent_cpu_gets_one_nmi_before_the_vm_is_given_up(top, tmp_path):
     by an NMI, which ends a HLT: at WAKE seconds of silence scripts/testbed
     sends one (QEMU's monitor, `nmi`), once per silence, says so, and says
     when the CPU beats again; at SILENCE it gives the VM up as before."""
-    import socket
-    import threading
     testbed = load_testbed(top)
     log = tmp_path / "console.log"
     now = [1000.0]
     watch = testbed.ConsoleWatch(log, clock=lambda: now[0])
-
-    def beat(*cpus):
-        with open(log, "ab") as f:
-            for cpu in cpus:
-                f.write(b"testbed-init: heartbeat of CPU %d, up 30.0 s\n" % cpu)
-        assert watch.lockup() is None
-
     log.write_bytes(b"")
-    beat(0, 1)
+    beat(log, watch, 0, 1)
     now[0] += testbed.ConsoleWatch.WAKE - 1
-    beat(1)
+    beat(log, watch, 1)
     assert watch.to_wake() == []
     now[0] += 2
-    beat(1)
+    beat(log, watch, 1)
     assert watch.to_wake() == [0]
     assert watch.to_wake() == [] and watch.woken() == []     # one NMI per silence
-    beat(0)
+    beat(log, watch, 0)
     assert watch.woken() == [0]
     now[0] += testbed.ConsoleWatch.WAKE + 1
     assert watch.lockup() is None and watch.to_wake() == [0, 1]   # silent again: again
 
-    received = []
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(tmp_path / "monitor"))
-    listener.listen(1)
-
-    def monitor():
-        conn, _ = listener.accept()
-        with conn:
-            conn.sendall(b"QEMU 7.2.0 monitor - type 'help' for more information\r\n(qemu) ")
-            received.append(conn.recv(100))
-    thread = threading.Thread(target=monitor, daemon=True)
-    thread.start()
+    monitor = FakeMonitor(tmp_path)
     testbed.monitor_command(tmp_path, b"nmi")
-    thread.join(5)
-    listener.close()
-    assert received == [b"nmi\n"]
+    monitor.close()
+    assert monitor.received == [b"nmi\n"]
