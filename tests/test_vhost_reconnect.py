@@ -479,7 +479,8 @@ def test_the_guest_is_signalled_for_what_the_dead_back_end_published_unsignalled
     call eventfd leaves a completion the guest is never told of: the
     successor has nothing left to do, so it signals nothing either, and the
     guest waits forever (a stalled copy in the testbed). pyvmm signals every
-    queue's call eventfd once the successor has taken over."""
+    queue's call eventfd once the successor has taken over. (No rule of the
+    rulebook covers it: the replay it and QEMU describe ends at the kick.)"""
     import select
 
     from pyvmm.driver import vhost_user
@@ -523,8 +524,9 @@ QSD_POINTS = [
                          ids=[p[0] for p in QSD_POINTS])
 def test_qemu_storage_daemon_killed_completes_every_write_once(tmp_path, posted, kicked, done,
                                                               successor):
-    """qemu-storage-daemon keeps no inflight area: after a kill the next one
-    starts at the used index. Killed at ten points (idle; writes posted but
+    """BE-74's exactly-once, for a back-end with no inflight area:
+    qemu-storage-daemon keeps none, so after a kill the next one starts at
+    the used index. Killed at ten points (idle; writes posted but
     not kicked; k of 6 done and the rest taken and held by the throttle; all
     done; its throttled successor killed too, after one more write or at
     once), every write still completes once: it completes in order."""
