@@ -28,6 +28,7 @@ def test_command_sees_kvm_vhost_checkout_and_environment(top):
     script = r"""
         set -e
         test -c /dev/kvm && test -c /dev/vhost-net && test -c /dev/vhost-vsock && test -c /dev/net/tun
+        test "$(cat /sys/module/kvm_amd/parameters/npt)" = N     # no nested paging (issue 24)
         python3 -c 'import pyvmm'
         echo "cwd=$(pwd) var=$PYVMM_TEST_VAR"
         echo to-stderr >&2
@@ -38,6 +39,7 @@ def test_command_sees_kvm_vhost_checkout_and_environment(top):
         exit 3
     """
     env = dict(os.environ, PYVMM_TEST_VAR="it's passed")
+    env.pop("PYVMM_TESTBED_CPU", None)
     try:
         r = run_testbed(top, "--", "sh", "-c", script, env=env)
         assert r.returncode == 3, r.stderr

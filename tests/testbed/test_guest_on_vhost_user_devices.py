@@ -82,7 +82,9 @@ def test_virtiofsd_large_read_then_large_listing_repeated(tmp_path):
     queue) from threads of its own; with an irqfd per queue on the one
     edge-triggered line, KVM could inject both at once and drop one as
     coalesced, and the guest waited forever (hung 2 of 5 boots like this).
-    With one irqfd per device it cannot."""
+    With one irqfd per device it cannot. The triple faults and hangs that
+    remained (about 1 boot in 9) were the testbed's emulated nested paging,
+    now off (scripts/testbed, QEMU_CPU)."""
     shared, data = read_then_list_share(str(tmp_path))
     rounds = 6
     with virtiofsd(str(tmp_path), shared) as sock:
