@@ -1,7 +1,7 @@
 """The in-kernel vhost user API (<linux/vhost.h>, <linux/vhost_types.h>), as ctypes."""
 
 import ctypes
-from ctypes import c_int, c_uint, c_uint32, c_uint64
+from ctypes import c_char, c_int, c_uint, c_uint32, c_uint64, c_ushort
 
 from pyvmm.sys.ioctl import _IO, _IOR, _IOW, _IOWR
 
@@ -33,6 +33,17 @@ class vhost_memory_region(ctypes.Structure):
                 ("userspace_addr", c_uint64), ("flags_padding", c_uint64)]
 
 
+class vhost_scsi_target(ctypes.Structure):
+    """What VHOST_SCSI_SET_ENDPOINT binds to: a vhost target's WWPN in configfs
+    (/sys/kernel/config/target/vhost/WWPN). Since ABI 1 the kernel ignores
+    vhost_tpgt and gives the guest every TPG under the WWPN."""
+    _fields_ = [("abi_version", c_int), ("vhost_wwpn", c_char * 224),
+                ("vhost_tpgt", c_ushort), ("reserved", c_ushort)]
+
+
+VHOST_SCSI_ABI_VERSION = 1
+
+
 def vhost_memory(n):
     """struct vhost_memory with room for n regions (a flexible array in C)."""
     class vhost_memory(ctypes.Structure):
@@ -58,3 +69,10 @@ VHOST_SET_VRING_ERR = _IOW(VHOST_VIRTIO, 0x22, vhost_vring_file)
 VHOST_NET_SET_BACKEND = _IOW(VHOST_VIRTIO, 0x30, vhost_vring_file)
 VHOST_VSOCK_SET_GUEST_CID = _IOW(VHOST_VIRTIO, 0x60, c_uint64)
 VHOST_VSOCK_SET_RUNNING = _IOW(VHOST_VIRTIO, 0x61, c_int)
+# vhost-scsi. GET_ABI_VERSION is declared _IOW though the kernel writes the
+# int: "changing this breaks userspace" (vhost.h).
+VHOST_SCSI_SET_ENDPOINT = _IOW(VHOST_VIRTIO, 0x40, vhost_scsi_target)
+VHOST_SCSI_CLEAR_ENDPOINT = _IOW(VHOST_VIRTIO, 0x41, vhost_scsi_target)
+VHOST_SCSI_GET_ABI_VERSION = _IOW(VHOST_VIRTIO, 0x42, c_int)
+VHOST_SCSI_SET_EVENTS_MISSED = _IOW(VHOST_VIRTIO, 0x43, c_uint32)
+VHOST_SCSI_GET_EVENTS_MISSED = _IOW(VHOST_VIRTIO, 0x44, c_uint32)
