@@ -34,6 +34,7 @@ examples:
   pyvmm run -- uname -a
   pyvmm run --net vhost-kernel -- ping -c 3 10.10.0.1
   pyvmm run --vsock vhost-kernel,cid=5
+  pyvmm run --scsi vhost-kernel,image=disk.img -- cat /sys/block/sda/size
   pyvmm run --cpus 2 --mem 512M -- sh -c 'nproc; free -m'
   pyvmm run --stats -- true        # boot time and vCPU exits per reason
   pyvmm backend rng --socket-path /tmp/rng.sock &     # a vhost-user back-end
@@ -179,6 +180,28 @@ def parse_vsock(text):
         raise argparse.ArgumentTypeError(f"--vsock cid={opts['cid']}: not a number") from None
 
 
+def parse_scsi(text):
+    from pyvmm.vmm.virtio_devices import ScsiConfig
+    opts = parse_backend_options(text, "--scsi", {"image", "wwpn", "tpgt", "queues"})
+    cfg = ScsiConfig(image=opts.get("image") or None, wwpn=opts.get("wwpn") or None)
+    if not cfg.image and not cfg.wwpn:
+        raise argparse.ArgumentTypeError(
+            "--scsi: give image=PATH (pyvmm makes a target in configfs with that file as its "
+            "disk) or wwpn=NAME (a vhost target made beforehand)")
+    if cfg.wwpn and (len(cfg.wwpn.encode()) > 223 or "/" in cfg.wwpn):
+        raise argparse.ArgumentTypeError(f"--scsi wwpn={cfg.wwpn}: a target name has at most "
+                                         "223 bytes and no '/'")
+    if "tpgt" in opts:
+        if not cfg.image:
+            raise argparse.ArgumentTypeError(
+                "--scsi tpgt=N: only with image= (with wwpn= alone the kernel serves every "
+                "TPG of the target)")
+        cfg.tpgt = _number("--scsi", "tpgt", opts["tpgt"], 0, 255)
+    if "queues" in opts:
+        cfg.queues = _number("--scsi", "queues", opts["queues"], 1, 16)
+    return cfg
+
+
 def parse_blk(text):
     return parse_vhost_user(text, "--blk", "/tmp/vub.sock")[0]
 
@@ -298,6 +321,17 @@ def build_parser():
                      help="a virtio-vsock device served by the kernel's vhost-vsock (the "
                           "guest's CID is N, default 3; the host is CID 2) or by a vhost-user "
                           "back-end, which says the guest's CID itself (cid=N must agree)")
+    run.add_argument("--scsi", type=parse_scsi, action="append", default=[],
+                     metavar="vhost-kernel,image=PATH[,wwpn=NAME][,tpgt=N][,queues=N] "
+                             "| vhost-kernel,wwpn=NAME[,queues=N]",
+                     help="a virtio-scsi adapter whose commands the kernel's SCSI target "
+                          "(LIO) answers through vhost-scsi. With image=PATH, pyvmm makes a "
+                          "target in configfs (a fileio backstore on PATH as LUN 0 of target "
+                          "N, default 1; the name NAME, default a new naa.5001405...) and "
+                          "removes it at exit; the guest sees the file as a SCSI disk, sda. "
+                          "With wwpn=NAME alone, it serves a vhost target made beforehand "
+                          "(e.g. with targetcli). N request queues (default 1). Repeat for "
+                          "more adapters")
     run.add_argument("--blk", type=parse_blk, action="append", default=[],
                      metavar="vhost-user,socket=PATH[,server][,timeout=S][,reconnect=S]",
                      help="a virtio-blk disk (the guest's vda, vdb, ...) served by a "
@@ -422,7 +456,8 @@ def cmd_run(args, started_at):
     config = MachineConfig(kernel=args.kernel, initrd=None if args.initrd == "none" else args.initrd,
                            cmdline=cmdline, mem_size=args.mem, cpus=args.cpus,
                            hugepages=args.hugepages, nets=args.net, vsock=args.vsock,
-                           blks=args.blk, rngs=args.rng, generic=args.device, fss=args.fs)
+                           blks=args.blk, rngs=args.rng, generic=args.device, fss=args.fs,
+                           scsis=args.scsi)
 
     made = make_console(args, command)
     if made is None:

@@ -180,6 +180,13 @@ def test_missing_vhost_driver_is_one_clear_line(capfd, monkeypatch, tmp_path):
     status, lines = run_in_process(capfd, "--vsock", "vhost-kernel,cid=5", "--", "true")
     assert status == 1 and len(lines) == 1
     assert lines[0].endswith("load the driver with 'modprobe vhost_vsock'")
+    from pyvmm.vhost.kernel import VhostKernelScsi
+    monkeypatch.setattr(VhostKernelScsi, "device", str(tmp_path / "vhost-scsi"))
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    status, lines = run_in_process(capfd, "--scsi", f"vhost-kernel,image={image}", "--", "true")
+    assert status == 1 and len(lines) == 1
+    assert lines[0].endswith("load the driver with 'modprobe vhost_scsi'")
 
 
 @pytest.mark.parametrize("option,path,kind", [

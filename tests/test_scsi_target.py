@@ -51,3 +51,16 @@ def test_what_is_wrong_is_one_line(tmp_path, configfs):
         ScsiTarget(tmp_path, root=configfs).create()
     with pytest.raises(ScsiTargetError, match="tpgt=256"):
         ScsiTarget(image, tpgt=256, root=configfs).create()
+
+
+def test_a_target_made_beforehand_is_checked_before_the_vm_starts(configfs):
+    from pyvmm.vhost.kernel.scsi_target import check_target
+    with pytest.raises(ScsiTargetError, match="no such target"):
+        check_target("naa.5001405000000003", root=configfs)
+    tpg = configfs / "vhost" / "naa.5001405000000003" / "tpgt_1"
+    tpg.mkdir(parents=True)
+    (tpg / "nexus").write_text("\n")                # configfs reads an unset nexus as empty
+    with pytest.raises(ScsiTargetError, match="none of its 1 TPGs has a nexus"):
+        check_target("naa.5001405000000003", root=configfs)
+    (tpg / "nexus").write_text("naa.5001405000000004\n")
+    check_target("naa.5001405000000003", root=configfs)

@@ -11,13 +11,15 @@ vsock_packet) give the bytes of one request.
     fs:   fuse_init, fuse_lookup (pyvmm/virtio/fs.py)
     vsock: vsock_send, with net_post/net_receive's twins vsock_post and
           vsock_receive on the rx queue (pyvmm/virtio/vsock.py)
+    scsi: scsi_command (any CDB), scsi_inquiry, scsi_read_capacity, scsi_read10,
+          scsi_write10 (pyvmm/virtio/scsi.py)
 """
 
 import itertools
 import os
 
 from pyvmm.driver.queue import DriverError
-from pyvmm.virtio import fs, vsock
+from pyvmm.virtio import fs, scsi, vsock
 
 from pyvmm.virtio.blk import (OUTHDR, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_FLUSH,
                               VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT)
@@ -180,3 +182,67 @@ def vsock_receive(driver, rxq, posted, timeout=5.0):
                               f"than its {vsock.HDR.size}-byte header")
         packets.append((vsock.HDR.unpack_from(data), data[vsock.HDR.size:]))
     return packets
+
+
+# SCSI commands (SPC-4, SBC-3), as the guest's sd driver sends them.
+INQUIRY, READ_CAPACITY_10, READ_10, WRITE_10 = 0x12, 0x25, 0x28, 0x2A
+
+
+def scsi_command(driver, queue, cdb, target=1, lun=0, data_out=b"", data_in=0, timeout=5.0):
+    """One virtio-scsi request on a request queue: the header and data_out
+    (device-readable), then the response and data_in bytes (device-writable).
+    (response, SCSI status, sense bytes, the data read)."""
+    header = scsi.CMD_REQ.pack(scsi.lun_bytes(target, lun), next(_tags),
+                               scsi.VIRTIO_SCSI_S_SIMPLE, 0, 0, bytes(cdb))
+    head, places = post(driver, queue, [header + bytes(data_out)],
+                        [scsi.CMD_RESP.size] + ([data_in] if data_in else []))
+    queue.wait(head, timeout)
+    sense_len, resid, _, status, response, sense = scsi.CMD_RESP.unpack(
+        driver.read(places[0], scsi.CMD_RESP.size))
+    data = driver.read(places[1], max(0, data_in - resid)) if data_in else b""
+    return response, status, sense[:min(sense_len, len(sense))], data
+
+
+_tags = itertools.count(1)
+
+
+def _checked(what, result):
+    response, status, sense, data = result
+    if response != scsi.VIRTIO_SCSI_S_OK:
+        raise DriverError(f"{what}: virtio-scsi response {scsi.RESPONSES.get(response, response)}")
+    if status != scsi.SAM_STAT_GOOD:
+        raise DriverError(f"{what}: SCSI status {status:#04x}, sense {sense.hex()}")
+    return data
+
+
+def scsi_inquiry(driver, queue, target=1, lun=0, timeout=5.0):
+    """INQUIRY: (peripheral device type, vendor, product), e.g. (0, 'LIO-ORG', ...)."""
+    data = _checked("INQUIRY", scsi_command(driver, queue, [INQUIRY, 0, 0, 0, 96, 0],
+                                            target, lun, data_in=96, timeout=timeout))
+    return data[0] & 0x1F, data[8:16].decode().strip(), data[16:32].decode().strip()
+
+
+def scsi_read_capacity(driver, queue, target=1, lun=0, timeout=5.0):
+    """READ CAPACITY(10): (number of blocks, block size)."""
+    data = _checked("READ CAPACITY(10)", scsi_command(
+        driver, queue, [READ_CAPACITY_10] + [0] * 9, target, lun, data_in=8, timeout=timeout))
+    last, size = int.from_bytes(data[:4], "big"), int.from_bytes(data[4:8], "big")
+    return last + 1, size
+
+
+def _rw10(opcode, lba, blocks):
+    return [opcode, 0, *lba.to_bytes(4, "big"), 0, *blocks.to_bytes(2, "big"), 0]
+
+
+def scsi_read10(driver, queue, lba, blocks, block_size=512, target=1, lun=0, timeout=5.0):
+    """READ(10): the bytes of blocks blocks from lba."""
+    return _checked("READ(10)", scsi_command(
+        driver, queue, _rw10(READ_10, lba, blocks), target, lun,
+        data_in=blocks * block_size, timeout=timeout))
+
+
+def scsi_write10(driver, queue, lba, data, block_size=512, target=1, lun=0, timeout=5.0):
+    """WRITE(10): data (whole blocks) at lba."""
+    _checked("WRITE(10)", scsi_command(
+        driver, queue, _rw10(WRITE_10, lba, len(data) // block_size), target, lun,
+        data_out=data, timeout=timeout))

@@ -8,6 +8,7 @@ kernel's vhost-net and any vhost-user back-end.
         status, data = blk_read(d, q, sector=0, length=4096)   # devices.py
 """
 
+import os
 
 from pyvmm.devices.virtio.device import Queue
 from pyvmm.driver.queue import DriverError, DriverQueue
@@ -183,4 +184,26 @@ def vhost_net(tap_name, address=None):
     return Driver(backend)
 
 
-__all__ = ["Driver", "DriverError", "vhost_net", "vhost_user"]
+def vhost_scsi(image=None, wwpn=None, tpgt=1):
+    """A Driver on the kernel's vhost-scsi: on a target made in configfs with
+    image as LUN 0 of target tpgt (taken away at close), or on the existing
+    target wwpn. Start it with queues 0, 1 and 2 (control, events, requests)."""
+    from pyvmm.devices.virtio.vhost_kernel import VhostKernelScsiBackend
+    from pyvmm.vhost.kernel import VhostKernelScsi
+    from pyvmm.vhost.kernel.scsi_target import ScsiTarget
+    vhost = VhostKernelScsi()
+    target = None
+    try:
+        if image is not None:
+            target = ScsiTarget(image, wwpn, tpgt, name=f"pyvmm{os.getpid()}_driver")
+            target.create()
+        backend = VhostKernelScsiBackend(vhost, target.wwpn if target else wwpn, target)
+    except BaseException:
+        vhost.close()
+        if target:
+            target.close()
+        raise
+    return Driver(backend)
+
+
+__all__ = ["Driver", "DriverError", "vhost_net", "vhost_scsi", "vhost_user"]

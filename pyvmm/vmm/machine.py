@@ -46,6 +46,7 @@ class MachineConfig:
     rngs: list = field(default_factory=list)   # VhostUserConfig per --rng
     fss: list = field(default_factory=list)    # VhostUserConfig per --fs
     generic: list = field(default_factory=list)  # VhostUserConfig per --device
+    scsis: list = field(default_factory=list)  # ScsiConfig per --scsi
     tracer: object = None                      # a vhost-user Tracer (--trace vhost-user)
 
 
@@ -86,7 +87,7 @@ class Machine:
         self.devices = plan_devices(config.nets, config.vsock, config.blks,
                                     tracer=config.tracer.for_device if config.tracer else None,
                                     rngs=config.rngs, generic=config.generic,
-                                    fss=config.fss)
+                                    fss=config.fss, scsis=config.scsis)
         for planned in self.devices:
             self._closers.append(planned.device.close)
         self.mark("guest memory and the devices' host side")

@@ -7,12 +7,13 @@ announce the device and configure the guest's end. After: the virtio-mmio
 transport, whose eventfds KVM wires up.
 
 Each device is a model (devices/virtio/net.py, vsock.py, blk.py, fs.py,
-rng.py, generic.py) on a queue back-end: the kernel's vhost (vhost_kernel.py) or a vhost-user
+rng.py, scsi.py, generic.py) on a queue back-end: the kernel's vhost (vhost_kernel.py) or a vhost-user
 back-end process (vhost_user.py).
 """
 
 import contextlib
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 
@@ -46,6 +47,15 @@ class NetConfig:
 class VsockConfig:
     """--vsock vhost-kernel[,cid=N]"""
     cid: int = 3
+
+
+@dataclass
+class ScsiConfig:
+    """--scsi vhost-kernel,image=PATH[,wwpn=NAME][,tpgt=N][,queues=N] or vhost-kernel,wwpn=NAME"""
+    image: str = None           # pyvmm makes a target with this file as LUN 0 (and removes it)
+    wwpn: str = None            # the target's name; without image, a target that exists
+    tpgt: int = 1               # with image: the TPG pyvmm makes, the guest's target number
+    queues: int = 1             # request queues
 
 
 @dataclass
@@ -185,6 +195,36 @@ def plan_vsock(cfg):
         vhost.close()
         raise
     return device, [], f"vsock CID {cfg.cid} via vhost-vsock"
+
+
+def plan_scsi(cfg, index):
+    """One --scsi vhost-kernel: a virtio-scsi adapter on /dev/vhost-scsi, on a
+    target pyvmm makes in configfs (image=) or one made beforehand (wwpn=)."""
+    from pyvmm.devices.virtio.scsi import VirtioScsi
+    from pyvmm.devices.virtio.vhost_kernel import VhostKernelScsiBackend
+    from pyvmm.vhost.kernel import VhostKernelScsi
+    from pyvmm.vhost.kernel.scsi_target import ScsiTarget, check_target
+    vhost = VhostKernelScsi()
+    target = None
+    try:
+        if cfg.image:
+            target = ScsiTarget(cfg.image, cfg.wwpn, cfg.tpgt, name=f"pyvmm{os.getpid()}_{index}")
+            target.create()
+        else:
+            check_target(cfg.wwpn)
+        wwpn = target.wwpn if target else cfg.wwpn
+        device = VirtioScsi(VhostKernelScsiBackend(vhost, wwpn, target), cfg.queues,
+                            name=f"virtio-scsi{index}")
+    except BaseException:
+        vhost.close()
+        if target:
+            target.close()
+        raise
+    what = (f"LUN 0 of target {cfg.tpgt} is {cfg.image} "
+            f"({os.path.getsize(cfg.image) / (1 << 20):g} MiB, the guest's sda if it is the "
+            f"first SCSI disk)" if cfg.image else "the LUNs of its TPGs")
+    return device, [], (f"SCSI adapter {index}: vhost-scsi target {wwpn}; {what}"
+                        + (f", {cfg.queues} request queues" if cfg.queues > 1 else ""))
 
 
 # How long server mode waits for a back-end to connect.
@@ -361,7 +401,7 @@ def plan_generic(cfg, index, tracer):
                         f"via vhost-user {cfg.socket}")
 
 
-def plan_devices(nets, vsock, blks=(), tracer=None, rngs=(), generic=(), fss=()):
+def plan_devices(nets, vsock, blks=(), tracer=None, rngs=(), generic=(), fss=(), scsis=()):
     """Host side of every device, in the order the guest will find them.
 
     vsock: a VsockConfig (vhost-vsock) or a VhostUserConfig; tracer(device
@@ -369,7 +409,7 @@ def plan_devices(nets, vsock, blks=(), tracer=None, rngs=(), generic=(), fss=())
     (--trace vhost-user), or None.
     """
     count = (len(nets) + (vsock is not None) + len(blks) + len(rngs) + len(generic)
-             + len(fss))
+             + len(fss) + len(scsis))
     if count > len(VIRTIO_GSIS):
         raise DeviceError(f"at most {len(VIRTIO_GSIS)} virtio devices")
     planned = []
@@ -385,6 +425,8 @@ def plan_devices(nets, vsock, blks=(), tracer=None, rngs=(), generic=(), fss=())
             planned.append(plan_vsock_user(vsock, tracer))
         elif vsock is not None:
             planned.append(plan_vsock(vsock))
+        for i, cfg in enumerate(scsis):
+            planned.append(plan_scsi(cfg, i))
         for i, cfg in enumerate(fss):
             planned.append(plan_fs(cfg, i, tracer))
         for i, cfg in enumerate(rngs):

@@ -1,4 +1,4 @@
-"""Queue back-ends in the kernel: vhost-net with a tap, and vhost-vsock.
+"""Queue back-ends in the kernel: vhost-net with a tap, vhost-vsock and vhost-scsi.
 
 pyvmm only answers the control plane. At DRIVER_OK it hands the rings to
 the kernel (memory table, ring addresses, the kick ioeventfd and the call
@@ -24,6 +24,7 @@ import logging
 from pyvmm.devices.virtio.device import QueueBackend
 from pyvmm.sys.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO
 from pyvmm.vhost.backend import VhostError, VringAddr
+from pyvmm.vhost.kernel import uapi
 from pyvmm.virtio import spec
 
 log = logging.getLogger("pyvmm.vhost")
@@ -37,6 +38,9 @@ TAP_FEATURES = spec.bits(
     spec.VIRTIO_NET_F_GUEST_CSUM, spec.VIRTIO_NET_F_GUEST_TSO4, spec.VIRTIO_NET_F_GUEST_TSO6)
 VHOST_VSOCK_RING_FEATURES = spec.bits(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_RING_F_INDIRECT_DESC,
                                       spec.VIRTIO_RING_F_EVENT_IDX)
+# vhost-scsi also offers HOTPLUG and T10_PI; pyvmm hot-plugs nothing and
+# passes no protection information.
+VHOST_SCSI_RING_FEATURES = VHOST_VSOCK_RING_FEATURES
 
 # Guest feature -> what the tap may then hand the guest.
 TAP_OFFLOADS = {
@@ -173,3 +177,56 @@ class VhostKernelVsockBackend(QueueBackend):
     def close(self):
         self.stop()
         self.vhost.close()
+
+
+class VhostKernelScsiBackend(QueueBackend):
+    def __init__(self, vhost, wwpn, target=None):
+        """vhost: an open VhostKernelScsi, now the back-end's; wwpn: the configfs
+        target whose TPGs it serves; target: the ScsiTarget pyvmm made for it,
+        if any, taken away after the fd is closed (the kernel holds the TPG
+        while the fd is open)."""
+        self.vhost = vhost
+        self.wwpn = wwpn
+        self.target = target
+        self.description = f"vhost-scsi (target {wwpn})"
+        self.vhost.set_owner()
+        abi = self.vhost.get_abi_version()
+        if abi != uapi.VHOST_SCSI_ABI_VERSION:
+            raise VhostError(f"vhost-scsi speaks ABI version {abi}; pyvmm knows "
+                             f"{uapi.VHOST_SCSI_ABI_VERSION}")
+        self.vhost_features = self.vhost.get_features()
+        self._started = []
+        self._endpoint = False
+
+    def features(self):
+        return self.vhost_features & VHOST_SCSI_RING_FEATURES
+
+    def start(self, memory, features, queues):
+        try:
+            self.vhost.set_features(features & self.vhost_features)
+            self.vhost.set_mem_table(memory)
+            start_vrings(self.vhost, queues, self._started)
+            # Last: the kernel checks the rings it is to serve, then serves them.
+            self.vhost.set_endpoint(self.wwpn)
+            self._endpoint = True
+        except BaseException:
+            self.stop()
+            raise
+        log.debug("vhost-scsi serving target %s", self.wwpn)
+
+    def stop(self):
+        try:
+            if self._endpoint:
+                self._endpoint = False
+                self.vhost.clear_endpoint(self.wwpn)
+            for vhost, index in self._started:
+                vhost.get_vring_base(index)
+        except VhostError as e:
+            log.warning("%s: stopping: %s", self.description, e)
+        self._started = []
+
+    def close(self):
+        self.stop()
+        self.vhost.close()
+        if self.target is not None:
+            self.target.close()

@@ -3,9 +3,9 @@ queues.
 
 drivers/vhost/scsi.c. The target is made beforehand in configfs (a
 backstore, /sys/kernel/config/target/vhost/WWPN/tpgt_N with a nexus and
-LUNs; scripts/scsi-target does it); VHOST_SCSI_SET_ENDPOINT then binds the
-device to every TPG under WWPN, once its rings are set up (the kernel
-checks each ring it will serve). The guest device's queues are 0 control,
+LUNs; scsi_target.py does it for `--scsi vhost-kernel,image=PATH`).
+VHOST_SCSI_SET_ENDPOINT then binds the device to every TPG under WWPN,
+once its rings are set up (the kernel checks each ring it will serve). The guest device's queues are 0 control,
 1 events, 2 and on requests, all of them served by vhost-scsi; the guest
 addresses target tpgt, LUN N.
 """
@@ -45,14 +45,14 @@ class VhostKernelScsi(VhostKernelBackend):
             ioctl(self.fd, uapi.VHOST_SCSI_SET_ENDPOINT, scsi_target(wwpn),
                   name="VHOST_SCSI_SET_ENDPOINT")
         except OSError as e:
-            if e.errno == errno.EEXIST:
-                # The kernel says EEXIST for all of these alike.
+            if e.errno in (errno.ENODEV, errno.EEXIST):
+                # No TPG matched: the kernel does not say why (ENODEV in
+                # Linux 6.1, EEXIST in older kernels).
                 raise VhostError(
                     f"vhost-scsi target {wwpn}: no usable TPG (is there "
                     f"{TARGET_ROOT}/{wwpn}/tpgt_N with a nexus, not in use by another VM?)"
                 ) from None
-            raise VhostError(f"{self.path}: VHOST_SCSI_SET_ENDPOINT {wwpn}: {e.strerror}") \
-                from None
+            raise VhostError(f"{self.path}: {e.strerror} (target {wwpn})") from None
 
     def clear_endpoint(self, wwpn):
         """VHOST_SCSI_CLEAR_ENDPOINT: let the target go (closing the fd does too)."""

@@ -36,6 +36,28 @@ def new_wwpn():
     return "naa.5001405" + secrets.token_hex(5)[:9]
 
 
+def check_target(wwpn, root=TARGET):
+    """A target made beforehand: is there one by that name, with a TPG the
+    kernel can serve (one with a nexus)? Said before the VM starts, since
+    the kernel only tells at the guest's DRIVER_OK, and then only as ENODEV."""
+    target = Path(root) / "vhost" / wwpn
+    if not target.is_dir():
+        raise ScsiTargetError(f"vhost-scsi target {wwpn}: no such target in {target.parent} "
+                              f"(make it first, e.g. with targetcli, or give image=PATH)")
+    tpgs = sorted(target.glob("tpgt_*"))
+    if not any(_has_nexus(tpg) for tpg in tpgs):
+        raise ScsiTargetError(f"vhost-scsi target {wwpn}: none of its "
+                              f"{len(tpgs)} TPGs has a nexus (write an initiator name to "
+                              f"{target}/tpgt_N/nexus)")
+
+
+def _has_nexus(tpg):
+    try:
+        return bool((tpg / "nexus").read_text().strip())
+    except OSError:                 # (vhost-scsi answers ENODEV for a TPG without one)
+        return False
+
+
 class ScsiTarget:
     def __init__(self, image, wwpn=None, tpgt=1, name="pyvmm", root=TARGET):
         """image: a regular file, LUN 0's contents; wwpn: the target's name
