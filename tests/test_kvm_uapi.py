@@ -1,10 +1,9 @@
 """pyvmm/kvm/uapi.py against the kernel headers: compile a C probe and compare."""
 
 import ctypes
-import shutil
-import subprocess
 
 import pytest
+from cprobe import c_values
 
 from pyvmm.kvm import uapi
 from pyvmm.loader import bootparams
@@ -34,30 +33,10 @@ SETUP_HEADER_OFFSETS = ["cmd_line_ptr", "ramdisk_image", "xloadflags", "init_siz
 @pytest.fixture(scope="module")
 def kernel_values(tmp_path_factory):
     """name -> value, as the C compiler sees <linux/kvm.h> and <asm/bootparam.h>."""
-    if not shutil.which("gcc"):
-        pytest.fail("gcc is needed (scripts/setup installs it)")
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>",
-             "#include <asm/bootparam.h>", "int main(void) {"]
-    for name in IOCTLS:
-        lines.append(f'printf("{name} %lu\\n", (unsigned long)({name}));')
-    for name in STRUCTS:
-        lines.append(f'printf("sizeof {name} %zu\\n", sizeof(struct {name}));')
-    for struct, field in OFFSETS:
-        lines.append(f'printf("offsetof {struct}.{field} %zu\\n", offsetof(struct {struct}, {field}));')
-    for field in BOOTPARAM_OFFSETS:
-        lines.append(f'printf("offsetof boot_params.{field} %zu\\n", '
-                     f'offsetof(struct boot_params, {field}));')
-    for field in SETUP_HEADER_OFFSETS:
-        lines.append(f'printf("offsetof setup_header.{field} %zu\\n", '
-                     f'offsetof(struct setup_header, {field}));')
-    lines.append('printf("sizeof boot_params %zu\\n", sizeof(struct boot_params));')
-    lines.append('printf("sizeof setup_header %zu\\n", sizeof(struct setup_header));')
-    lines.append("return 0; }")
-    d = tmp_path_factory.mktemp("uapi")
-    (d / "probe.c").write_text("\n".join(lines))
-    subprocess.run(["gcc", "-o", str(d / "probe"), str(d / "probe.c")], check=True)
-    out = subprocess.run([str(d / "probe")], capture_output=True, text=True, check=True).stdout
-    return {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in out.splitlines()}
+    offsets = (OFFSETS + [("boot_params", f) for f in BOOTPARAM_OFFSETS]
+               + [("setup_header", f) for f in SETUP_HEADER_OFFSETS])
+    return c_values(tmp_path_factory.mktemp("uapi"), ["linux/kvm.h", "asm/bootparam.h"],
+                    IOCTLS, STRUCTS + ["boot_params", "setup_header"], offsets, signed=False)
 
 
 @pytest.mark.parametrize("name", IOCTLS)

@@ -3,10 +3,9 @@ compare every ioctl number and struct layout (as tests/test_kvm_uapi.py does
 for KVM)."""
 
 import ctypes
-import shutil
-import subprocess
 
 import pytest
+from cprobe import c_values
 
 from pyvmm.vhost.kernel import uapi
 
@@ -21,23 +20,8 @@ OFFSETS = [("vhost_scsi_target", "vhost_wwpn"), ("vhost_scsi_target", "vhost_tpg
 
 @pytest.fixture(scope="module")
 def kernel_values(tmp_path_factory):
-    if not shutil.which("gcc"):
-        pytest.fail("gcc is needed (scripts/setup installs it)")
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/vhost.h>",
-             "int main(void) {"]
-    for name in IOCTLS:
-        lines.append(f'printf("{name} %ld\\n", (long)({name}));')
-    for name in STRUCTS:
-        lines.append(f'printf("sizeof {name} %zu\\n", sizeof(struct {name}));')
-    for struct, field in OFFSETS:
-        lines.append(f'printf("offsetof {struct}.{field} %zu\\n", '
-                     f'offsetof(struct {struct}, {field}));')
-    lines.append("return 0; }")
-    d = tmp_path_factory.mktemp("vhost-uapi")
-    (d / "probe.c").write_text("\n".join(lines))
-    subprocess.run(["gcc", "-o", str(d / "probe"), str(d / "probe.c")], check=True)
-    out = subprocess.run([str(d / "probe")], capture_output=True, text=True, check=True).stdout
-    return {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in out.splitlines()}
+    return c_values(tmp_path_factory.mktemp("vhost-uapi"), ["linux/vhost.h"],
+                    IOCTLS, STRUCTS, OFFSETS)
 
 
 def test_every_ioctl_is_probed():

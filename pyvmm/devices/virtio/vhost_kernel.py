@@ -140,85 +140,35 @@ class VhostKernelNetBackend(QueueBackend):
         self.tap.close()
 
 
-class VhostKernelVsockBackend(QueueBackend):
-    def __init__(self, vhost, cid):
-        """vhost: an open VhostKernelVsock, now the back-end's."""
-        self.vhost = vhost
-        self.description = f"vhost-vsock (CID {cid})"
-        self.vhost.set_owner()
-        self.vhost.set_guest_cid(cid)
-        self.vhost_features = self.vhost.get_features()
-        self._started = []
+class OneVhostBackend(QueueBackend):
+    """A device served by one /dev/vhost-* fd: its rings, then a switch of
+    the device's own that starts serving them (_serve), and at reset the
+    switch off (_unserve) before the rings are stopped."""
 
-    def features(self):
-        return self.vhost_features & VHOST_VSOCK_RING_FEATURES
+    vhost_features = 0                     # what the fd offers (GET_FEATURES)
+
+    def __init__(self, vhost):
+        self.vhost = vhost
+        self._started = []                 # (vhost, ring index) handed to the kernel
+        self._serving = False
 
     def start(self, memory, features, queues):
         try:
             self.vhost.set_features(features & self.vhost_features)
             self.vhost.set_mem_table(memory)
             start_vrings(self.vhost, queues, self._started)
-            self.vhost.set_running(True)
+            self._serve()
+            self._serving = True
         except BaseException:
             self.stop()
             raise
-        log.debug("vhost-vsock running")
-
-    def stop(self):
-        if self._started:
-            try:
-                self.vhost.set_running(False)
-                for vhost, index in self._started:
-                    vhost.get_vring_base(index)
-            except VhostError as e:
-                log.warning("%s: stopping: %s", self.description, e)
-        self._started = []
-
-    def close(self):
-        self.stop()
-        self.vhost.close()
-
-
-class VhostKernelScsiBackend(QueueBackend):
-    def __init__(self, vhost, wwpn, target=None):
-        """vhost: an open VhostKernelScsi, now the back-end's; wwpn: the configfs
-        target whose TPGs it serves; target: the ScsiTarget pyvmm made for it,
-        if any, taken away after the fd is closed (the kernel holds the TPG
-        while the fd is open)."""
-        self.vhost = vhost
-        self.wwpn = wwpn
-        self.target = target
-        self.description = f"vhost-scsi (target {wwpn})"
-        self.vhost.set_owner()
-        abi = self.vhost.get_abi_version()
-        if abi != uapi.VHOST_SCSI_ABI_VERSION:
-            raise VhostError(f"vhost-scsi speaks ABI version {abi}; pyvmm knows "
-                             f"{uapi.VHOST_SCSI_ABI_VERSION}")
-        self.vhost_features = self.vhost.get_features()
-        self._started = []
-        self._endpoint = False
-
-    def features(self):
-        return self.vhost_features & VHOST_SCSI_RING_FEATURES
-
-    def start(self, memory, features, queues):
-        try:
-            self.vhost.set_features(features & self.vhost_features)
-            self.vhost.set_mem_table(memory)
-            start_vrings(self.vhost, queues, self._started)
-            # Last: the kernel checks the rings it is to serve, then serves them.
-            self.vhost.set_endpoint(self.wwpn)
-            self._endpoint = True
-        except BaseException:
-            self.stop()
-            raise
-        log.debug("vhost-scsi serving target %s", self.wwpn)
+        log.debug("%s running", self.description)
 
     def stop(self):
         try:
-            if self._endpoint:
-                self._endpoint = False
-                self.vhost.clear_endpoint(self.wwpn)
+            if self._serving:
+                self._serving = False
+                self._unserve()
             for vhost, index in self._started:
                 vhost.get_vring_base(index)
         except VhostError as e:
@@ -228,5 +178,55 @@ class VhostKernelScsiBackend(QueueBackend):
     def close(self):
         self.stop()
         self.vhost.close()
+
+
+class VhostKernelVsockBackend(OneVhostBackend):
+    def __init__(self, vhost, cid):
+        """vhost: an open VhostKernelVsock, now the back-end's."""
+        super().__init__(vhost)
+        self.description = f"vhost-vsock (CID {cid})"
+        self.vhost.set_owner()
+        self.vhost.set_guest_cid(cid)
+        self.vhost_features = self.vhost.get_features()
+
+    def features(self):
+        return self.vhost_features & VHOST_VSOCK_RING_FEATURES
+
+    def _serve(self):
+        self.vhost.set_running(True)
+
+    def _unserve(self):
+        self.vhost.set_running(False)
+
+
+class VhostKernelScsiBackend(OneVhostBackend):
+    def __init__(self, vhost, wwpn, target=None):
+        """vhost: an open VhostKernelScsi, now the back-end's; wwpn: the configfs
+        target whose TPGs it serves; target: the ScsiTarget pyvmm made for it,
+        if any, taken away after the fd is closed (the kernel holds the TPG
+        while the fd is open)."""
+        super().__init__(vhost)
+        self.wwpn = wwpn
+        self.target = target
+        self.description = f"vhost-scsi (target {wwpn})"
+        self.vhost.set_owner()
+        abi = self.vhost.get_abi_version()
+        if abi != uapi.VHOST_SCSI_ABI_VERSION:
+            raise VhostError(f"vhost-scsi speaks ABI version {abi}; pyvmm knows "
+                             f"{uapi.VHOST_SCSI_ABI_VERSION}")
+        self.vhost_features = self.vhost.get_features()
+
+    def features(self):
+        return self.vhost_features & VHOST_SCSI_RING_FEATURES
+
+    def _serve(self):
+        # The kernel checks the rings it is to serve, then serves them.
+        self.vhost.set_endpoint(self.wwpn)
+
+    def _unserve(self):
+        self.vhost.clear_endpoint(self.wwpn)
+
+    def close(self):
+        super().close()
         if self.target is not None:
             self.target.close()
