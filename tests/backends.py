@@ -162,8 +162,10 @@ def dpdk_testpmd(directory, mode="icmpecho", client=False, queues=1, procs=None)
 
 class LibraryRig:
     """pyvmm's front-end driving a back-end of pyvmm's library served in a
-    thread over a socketpair, each queue started on a DriverRing in memory.
-    The test plays the guest's driver (ring.add) and KVM (the eventfds)."""
+    thread over a socketpair, each queue a guest-less driver's DriverQueue
+    (pyvmm/driver/queue.py) started message by message. The test plays the
+    guest's driver (ring.add) and KVM (the eventfds), down to single
+    interrupts, which pyvmm.driver's own helpers hide."""
 
     RINGS = 0x10000          # ring i at RINGS + i * 0x4000
 
@@ -174,11 +176,11 @@ class LibraryRig:
         import socket
         import threading
 
+        from pyvmm.driver import DriverQueue
         from pyvmm.vhost import VringAddr
         from pyvmm.vhost.user.backend.daemon import serve_connection
         from pyvmm.vhost.user.channel import Connection
         from pyvmm.vhost.user.frontend import VhostUserFrontend
-        from pyvmm.virtio.splitring import DriverRing
         ours, theirs = socket.socketpair()
         self.thread = threading.Thread(target=serve_connection,
                                        args=(device, Connection(theirs, "pyvmm")), daemon=True)
@@ -193,17 +195,17 @@ class LibraryRig:
         self.fe.set_mem_table(memory)
         if inflight is not None:
             inflight(self.fe)            # GET/SET_INFLIGHT_FD, before the rings start
-        self.rings, self.kicks, self.calls, self.errs = [], [], [], []
-        for i in range(queues):
-            ring = rings[i] if rings else DriverRing(memory, self.RINGS + i * 0x4000, size)
-            kick, call, err = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3))
-            self.fe.start_vring(i, size, VringAddr(ring.desc_addr, ring.avail_addr,
-                                                   ring.used_addr), kick, call, err, base)
-            self.fe.set_vring_enable(i, True)
-            self.rings.append(ring)
-            self.kicks.append(kick)
-            self.calls.append(call)
-            self.errs.append(err)
+        self.queues = [DriverQueue(memory, i, self.RINGS + i * 0x4000, size,
+                                   ring=rings[i] if rings else None) for i in range(queues)]
+        for q in self.queues:
+            r = q.ring
+            self.fe.start_vring(q.index, size, VringAddr(r.desc_addr, r.avail_addr, r.used_addr),
+                                q.kick, q.call, q.err, base)
+            self.fe.set_vring_enable(q.index, True)
+        self.rings = [q.ring for q in self.queues]
+        self.kicks, self.calls, self.errs = ([q.kick for q in self.queues],
+                                             [q.call for q in self.queues],
+                                             [q.err for q in self.queues])
         self.ring, self.kick, self.call, self.err = (self.rings[0], self.kicks[0],
                                                      self.calls[0], self.errs[0])
 
@@ -214,11 +216,12 @@ class LibraryRig:
         return os.eventfd_read(fd)
 
     def submit(self, buffers, queue=0):
-        """Make one chain available, kick, wait for its interrupt; (head, used length)."""
-        head = self.rings[queue].add(buffers)
-        os.eventfd_write(self.kicks[queue], 1)
-        self.wait(self.calls[queue])
-        used = self.rings[queue].pop_used()
+        """Make one chain available, kick, wait for its interrupt; (head, used
+        length), checked as a careful driver would (DriverQueue.used)."""
+        q = self.queues[queue]
+        head = q.send(buffers)
+        self.wait(q.call)
+        used = q.used()
         assert [h for h, _ in used] == [head]
         return used[0]
 
@@ -226,5 +229,5 @@ class LibraryRig:
         self.fe.close()
         self.thread.join(5)
         assert not self.thread.is_alive()
-        for fd in self.kicks + self.calls + self.errs:
-            os.close(fd)
+        for q in self.queues:
+            q.close()

@@ -175,6 +175,16 @@ def _start_on_enable(self, msg):
 def _ignore_disable(self, msg):
     if msg.payload.num:
         Daemon._set_vring_enable(self, msg)
+    else:
+        self.session.negotiated.ring(msg.payload.index).enabled = True   # (the session's record)
+
+
+def _reset_status_only(self, msg):
+    """RESET_DEVICE clears the status and nothing else: the rings run on as
+    they were (the session, playing by the rules, had disabled them)."""
+    for index, ring in self._negotiated_before.rings.items():
+        self.session.negotiated.ring(index).enabled = ring.enabled
+    self.status = 0
 
 
 def _pad_config(self, msg):
@@ -205,19 +215,29 @@ def _no_look_at_start(self, msg):
         del self._process
 
 
+# The daemon keeps what the messages said of a ring in its session's record
+# (Vring reads it there): a broken back-end changes the record.
+
+def _ring_state(self, msg):
+    return self.session.negotiated.ring(msg.payload.index)
+
+
 def _enabled_at_start(self, msg):
-    self._ring(msg.payload.index).enabled = True
+    _ring_state(self, msg).enabled = True
     Daemon._set_vring_kick(self, msg)
 
 
 def _forget_enable_at_start(self, msg):
-    self._ring(msg.payload.index).enabled = False
+    _ring_state(self, msg).enabled = False
     Daemon._set_vring_kick(self, msg)
 
 
 def _features_without_enabling(self, msg):
-    self.features = msg.payload.value
-    self.device.start(self.features & ~(1 << 30))
+    """Without bit 30, leaves the rings disabled (the session, playing by the
+    rules, has enabled them)."""
+    Daemon._set_features(self, msg)
+    for ring in self.session.negotiated.rings.values():
+        ring.enabled = False
 
 
 def _keep_first_call_fd(self, msg):
@@ -230,7 +250,7 @@ def _keep_first_call_fd(self, msg):
 
 
 def _base_always_0(self, msg):
-    self._ring(msg.payload.index).base = 0
+    _ring_state(self, msg).base = 0
 
 
 def _no_fd_breaks_ring(self, msg):
@@ -423,7 +443,7 @@ BROKEN = {
     "BE-45": overriding(_set_vring_enable=_start_on_enable),
     "BE-55": overriding(_set_vring_enable=_ignore_disable),
     "BE-76": overriding(_get_config=_pad_config),
-    "BE-92": overriding(_reset_device=lambda self, msg: setattr(self, "status", 0)),
+    "BE-92": overriding(_reset_device=_reset_status_only),
     "BE-75": mangling(only(R.GET_CONFIG, lambda r, f, p: (r, f, p[:8] + bytes([4, 0, 0, 0])
                                                           + p[12:16]))),
     "BE-93": overriding(_get_status=lambda self, msg: U64(0)),
@@ -434,7 +454,8 @@ BROKEN = {
     "BE-49": overriding(_set_vring_base=_base_always_0),
     "BE-50": overriding(_set_vring_kick=_enabled_at_start),
     "BE-52": overriding(_set_vring_kick=_enabled_at_start),
-    "BE-53": overriding(_set_features=_features_without_enabling),
+    "BE-53": overriding(_set_features=_features_without_enabling,
+                        _set_vring_kick=_forget_enable_at_start),
     "BE-54": overriding(_set_vring_kick=_forget_enable_at_start),
     "BE-56": overriding(_set_vring_base=_base_always_0),
     "BE-60": Silent,

@@ -21,10 +21,12 @@ class DriverError(PyvmmError):
 
 
 class DriverQueue:
-    def __init__(self, memory, index, gpa, size):
+    def __init__(self, memory, index, gpa, size, ring=None):
+        """A new ring of size entries at gpa, or ring: a DriverRing already in
+        use there (left by an earlier driver, for a back-end to take over)."""
         self.index = index
         self.size = size
-        self.ring = DriverRing(memory, gpa, size)
+        self.ring = ring if ring is not None else DriverRing(memory, gpa, size)
         self.kick, self.call, self.err = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                           for _ in range(3))
         self.in_flight = {}          # head -> device-writable bytes of its chain

@@ -86,7 +86,7 @@ class Daemon:
         self.session = Session(Role.BACKEND)
         self.allow_unsealed_memory = allow_unsealed_memory
         self.memory = MappedMemory(allow_unsealed=allow_unsealed_memory)
-        self.rings = [Vring(i) for i in range(device.num_queues)]
+        self.rings = [Vring(i, self.session.negotiated) for i in range(device.num_queues)]
         self._fds = []                    # the fds of the request being applied, not kept
         self._negotiated_before = None    # the session's record before that request
         self._pending = []                # rings to run (_process), in order
@@ -210,10 +210,8 @@ class Daemon:
         unknown = msg.payload.value & ~self.offered_features
         if unknown:
             raise Refused(f"SET_FEATURES acks bits {unknown:#x} that were not offered", "FE-10")
+        # Without bit 30 every ring is enabled (BE-53): the session's record says so.
         self.features = msg.payload.value
-        if not self.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
-            for ring in self.rings:          # BE-53
-                ring.enabled = True
         self.device.start(self.features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))
 
     def _get_protocol_features(self, msg):
@@ -257,9 +255,8 @@ class Daemon:
 
     def _reset_device(self, msg):
         """BE-92: every ring stopped and disabled, the device as new, ownership kept."""
-        for ring in self.rings:
+        for ring in self.rings:               # (the session disables them)
             self._stop(ring)
-            ring.enabled = False
         self.status = 0
         self._drop_inflight()             # a reset device starts with a new area
         self.device.reset()
@@ -344,13 +341,15 @@ class Daemon:
             check_queue_size(msg.payload.num, self.device.max_queue_size)
         except RingError as e:
             raise Refused(f"queue {ring.index}: {e}") from None
-        ring.num = msg.payload.num
+
+    # The session has recorded the new size, base or addresses (and takes
+    # them back if the daemon refuses).
 
     def _set_vring_base(self, msg):
-        self._stopped_ring(msg.payload.index, "a new base").base = msg.payload.num
+        self._stopped_ring(msg.payload.index, "a new base")
 
     def _set_vring_addr(self, msg):
-        self._ring(msg.payload.index).addr = msg.payload
+        self._ring(msg.payload.index)
 
     def _device_ring(self, ring):
         """A DeviceRing at ring's addresses, from its base (Vring.start keeps
@@ -399,8 +398,7 @@ class Daemon:
 
     def _set_vring_enable(self, msg):
         ring = self._ring(msg.payload.index)
-        ring.enabled = bool(msg.payload.num)
-        if ring.enabled:
+        if ring.enabled:                      # (as the session has it now)
             self._process(ring)
 
     def _get_vring_base(self, msg):

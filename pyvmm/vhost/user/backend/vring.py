@@ -1,9 +1,11 @@
 """One queue as the back-end library keeps it, and what a device's
 handle_queue() gets: pop() a chain, push() it back as used.
 
-State from the control messages (size, base, addresses, the three
-eventfds, enabled), the DeviceRing while the ring is started, and, when
-the front-end gave an inflight area, the tracking that lets a successor
+What the control messages said of the ring (size, base, addresses,
+enabled) is the connection's Session's record (session.RingState), kept
+once; a Vring reads it there and adds what serving the ring takes: the
+three eventfds, the DeviceRing while the ring is started, and, when the
+front-end gave an inflight area, the tracking that lets a successor
 resubmit what this back-end took but never completed (inflight.py).
 """
 
@@ -16,17 +18,34 @@ log = logging.getLogger("pyvmm.backend")
 
 
 class Vring:
-    def __init__(self, index):
+    def __init__(self, index, negotiated):
+        """negotiated: the session's record of the connection (session.Negotiated)."""
         self.index = index
-        self.num = None
-        self.base = 0
-        self.addr = None          # the VringAddress as sent
+        self._negotiated = negotiated
         self.kick = self.call = self.err = None
-        self.enabled = False
         self.device_ring = None   # a DeviceRing while started
         self.broken = False
         self.inflight = None      # an InflightQueue, with an inflight area
         self.resubmit = []        # heads to run again first, oldest first
+
+    # What the front-end's messages set, as the session accepted them (a
+    # request the daemon refuses is taken back out of the record).
+    @property
+    def num(self):
+        return self._negotiated.ring(self.index).num
+
+    @property
+    def base(self):
+        return self._negotiated.ring(self.index).base
+
+    @property
+    def addr(self):
+        """The VringAddress as sent."""
+        return self._negotiated.ring(self.index).addr
+
+    @property
+    def enabled(self):
+        return self._negotiated.ring(self.index).enabled
 
     @property
     def started(self):
@@ -62,11 +81,11 @@ class Vring:
                 device_ring.next_avail = (used + len(left)) & 0xFFFF
 
     def stop(self):
-        """Where the next request starts (GET_VRING_BASE's answer)."""
-        if self.device_ring is not None:
-            self.base = self.device_ring.next_avail
+        """Where the next request starts (GET_VRING_BASE's answer, which the
+        session records as the ring's base)."""
+        base = self.base if self.device_ring is None else self.device_ring.next_avail
         self.device_ring = None
-        return self.base
+        return base
 
     def available(self):
         """Whether pop() would return a chain (for a device that has something to
