@@ -53,6 +53,24 @@ def test_what_is_wrong_is_one_line(tmp_path, configfs):
         ScsiTarget(image, tpgt=256, root=configfs).create()
 
 
+
+def test_a_lun_the_kernel_will_not_link_is_one_line(tmp_path, configfs, monkeypatch):
+    """(configfs refuses a link to a backstore that is not enabled, say.)"""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"x")
+    before = tree(configfs)
+
+    def refuse(src, dst):
+        raise OSError(13, "Permission denied")
+    monkeypatch.setattr("pyvmm.vhost.kernel.scsi_target.os.symlink", refuse)
+    # (configfs's attribute files go with their directory; the stand-in's would not)
+    monkeypatch.setattr(ScsiTarget, "_write", lambda self, path, text: None)
+    with pytest.raises(ScsiTargetError, match=r"cannot link LUN 0 \(.*lun_0/pyvmm\) to .*: "
+                                              "Permission denied"):
+        ScsiTarget(image, root=configfs).__enter__()
+    assert tree(configfs) == before
+
+
 def test_a_target_made_beforehand_is_checked_before_the_vm_starts(configfs):
     from pyvmm.vhost.kernel.scsi_target import check_target
     with pytest.raises(ScsiTargetError, match="no such target"):

@@ -109,7 +109,11 @@ class ScsiTarget:
         self._mkdir(lun.parent)     # (configfs makes it with the TPG)
         self._mkdir(lun)
         link = lun / self.name
-        os.symlink(backstore, link)
+        try:
+            os.symlink(backstore, link)
+        except OSError as e:
+            raise ScsiTargetError(f"cannot link LUN 0 ({link}) to {backstore}: "
+                                  f"{e.strerror}") from None
         self._made.append(link)
         log.info("vhost-scsi target %s: tpgt %d, LUN 0 on %s", self.wwpn, self.tpgt, self.image)
 
