@@ -17,15 +17,12 @@ CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE = 0, 1, 2
 VIRTIO_SCSI_F_INOUT = 0          # one request may both write and read data
 VIRTIO_SCSI_F_HOTPLUG = 1        # the event queue reports targets coming and going
 VIRTIO_SCSI_F_CHANGE = 2
-VIRTIO_SCSI_F_T10_PI = 3
-SCSI_FEATURE_NAMES = {VIRTIO_SCSI_F_INOUT: "INOUT", VIRTIO_SCSI_F_HOTPLUG: "HOTPLUG",
-                      VIRTIO_SCSI_F_CHANGE: "CHANGE", VIRTIO_SCSI_F_T10_PI: "T10_PI"}
+VIRTIO_SCSI_F_T10_PI = 3         # protection information with each request
 
 # struct virtio_scsi_config: num_queues, seg_max, max_sectors, cmd_per_lun,
 # event_info_size, sense_size, cdb_size, max_channel, max_target, max_lun.
 # The driver may write sense_size and cdb_size; Linux writes the defaults.
 CONFIG = struct.Struct("<IIIIIIIHHI")        # 36 bytes
-SENSE_SIZE_OFFSET, CDB_SIZE_OFFSET = 20, 24
 VIRTIO_SCSI_CDB_SIZE = 32
 VIRTIO_SCSI_SENSE_SIZE = 96
 VIRTIO_SCSI_MAX_TARGET = 255                 # a target is one byte of the LUN field
