@@ -101,3 +101,13 @@ def test_streams_in_parallel_give_their_results_or_the_first_failure():
         raise bench.RunFailed("stream 1 broke")
     with pytest.raises(bench.RunFailed, match="stream 1 broke"):
         bench.in_parallel([lambda: time.sleep(0.2), fails])
+
+
+def test_the_ring_benchmark_runs_here_with_no_vm(capsys):
+    """`scripts/bench ring` is the back-end's request path alone: it needs no
+    KVM, serves every request (bench_ring checks each used element) and says
+    what a descriptor costs."""
+    bench.bench_ring(1)
+    out = capsys.readouterr().out
+    assert "86-descriptor read chains" in out
+    assert float(out.split("Python's part")[1].split(",")[1].split()[0]) > 0, out
