@@ -83,3 +83,40 @@ def test_irqchip_irqfd_and_cpuid():
         os.close(efd)
         vm.close()
         kvm.close()
+
+
+def test_vms_come_and_go_without_the_kernel_patching_its_text():
+    """scripts/testbed-init's two idle VMs hold KVM's static keys
+    (apic_sw_disabled, kvm_has_noapic_vcpu) at 1: a VM with an in-kernel
+    APIC and one without, made and closed, patch no kernel text (4 patches
+    per pyvmm boot before; patching text under TCG is where lock-ups were
+    found). Counted with ftrace on text_poke_bp_batch."""
+    import time
+    tracing = "/sys/kernel/tracing"
+    if not os.path.exists(f"{tracing}/trace"):
+        assert os.system(f"mount -t tracefs none {tracing}") == 0
+    with open(f"{tracing}/set_ftrace_filter", "w") as f:
+        f.write("text_poke_bp_batch\n")
+    with open(f"{tracing}/current_tracer", "w") as f:
+        f.write("function\n")
+    try:
+        with open(f"{tracing}/trace", "w"):
+            pass                                    # (empties it)
+        kvm = Kvm()
+        for irqchip in (True, False):
+            vm = kvm.create_vm()
+            if irqchip:
+                vm.create_irqchip()
+            vcpu = vm.create_vcpu(0)
+            vcpu.close()
+            vm.close()
+        kvm.close()
+        time.sleep(2)        # KVM's APIC keys are deferred: they drop 1 s after the last user
+        with open(f"{tracing}/trace") as f:
+            pokes = [line for line in f if "text_poke_bp_batch" in line]
+    finally:
+        with open(f"{tracing}/current_tracer", "w") as f:
+            f.write("nop\n")
+        with open(f"{tracing}/set_ftrace_filter", "w") as f:
+            f.write("\n")
+    assert pokes == [], "".join(pokes)
