@@ -159,3 +159,30 @@ def test_connect_waits_while_the_listener_s_backlog_is_full(tmp_path):
     for s in queued + accepted:
         s.close()
     server.close()
+
+
+def test_a_client_that_connects_as_soon_as_the_socket_file_appears_is_never_refused(tmp_path):
+    """Listener's file appears only once it listens (bound under another
+    name, then renamed). Bound in place, the file existed before listen(),
+    and a client waiting for it could be refused in between (the proxy's
+    tests were, in CI)."""
+    tried, refused = 300, []
+    for i in range(tried):
+        path = str(tmp_path / f"s{i}")
+
+        def client():
+            deadline = time.monotonic() + 5
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                pass
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(path)
+                except ConnectionRefusedError:
+                    refused.append(i)
+        thread = threading.Thread(target=client)
+        thread.start()
+        listener = Listener(path)
+        thread.join(5)
+        listener.close()
+    assert not refused, f"{len(refused)} of {tried} connections refused"
+    assert os.listdir(tmp_path) == []          # no temporary names left behind

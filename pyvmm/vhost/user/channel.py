@@ -184,14 +184,27 @@ class Listener:
         try:
             # The socket file gets this mode (less the umask) when bound.
             os.fchmod(self.sock.fileno(), 0o600)
+            if os.path.lexists(self.path) and not _stale(self.path):
+                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+            # Bound and listening under another name first, then renamed
+            # into place (over a stale socket file, if any): a client that
+            # waits for the file to appear can connect at once. Bound under
+            # its own name, the file would exist before listen(), and such
+            # a client got ECONNREFUSED in between.
+            temporary = f"{self.path}.{os.getpid()}~"
+            if len(os.fsencode(temporary)) >= MAX_SOCKET_PATH:
+                temporary = None          # (no room for a longer name: bind in place)
+                if os.path.lexists(self.path):
+                    os.unlink(self.path)  # a socket file nobody listens on any more
+            self.sock.bind(temporary or self.path)
             try:
-                self.sock.bind(self.path)
-            except OSError as e:
-                if e.errno != errno.EADDRINUSE or not _stale(self.path):
-                    raise
-                os.unlink(self.path)      # a socket file nobody listens on any more
-                self.sock.bind(self.path)
-            self.sock.listen(1)
+                self.sock.listen(1)
+                if temporary:
+                    os.rename(temporary, self.path)
+            except OSError:
+                if temporary:
+                    os.unlink(temporary)
+                raise
         except OSError as e:
             self.sock.close()
             raise ChannelError(f"cannot listen on {self.path}: {e.strerror or e}") from None
@@ -216,6 +229,10 @@ class Listener:
                 os.unlink(self.path)
             except OSError:
                 pass
+
+
+# sun_path: 108 bytes with the NUL.
+MAX_SOCKET_PATH = 108
 
 
 def _stale(path):
