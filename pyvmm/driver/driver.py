@@ -189,21 +189,8 @@ def vhost_scsi(image=None, wwpn=None, tpgt=1):
     image as LUN 0 of target tpgt (taken away at close), or on the existing
     target wwpn. Start it with queues 0, 1 and 2 (control, events, requests)."""
     from pyvmm.devices.virtio.vhost_kernel import VhostKernelScsiBackend
-    from pyvmm.vhost.kernel import VhostKernelScsi
-    from pyvmm.vhost.kernel.scsi_target import ScsiTarget
-    vhost = VhostKernelScsi()
-    target = None
-    try:
-        if image is not None:
-            target = ScsiTarget(image, wwpn, tpgt, name=f"pyvmm{os.getpid()}_driver")
-            target.create()
-        backend = VhostKernelScsiBackend(vhost, target.wwpn if target else wwpn, target)
-    except BaseException:
-        vhost.close()
-        if target:
-            target.close()
-        raise
-    return Driver(backend)
+    return Driver(VhostKernelScsiBackend.open(image, wwpn, tpgt,
+                                              name=f"pyvmm{os.getpid()}_driver"))
 
 
 __all__ = ["Driver", "DriverError", "vhost_net", "vhost_scsi", "vhost_user"]

@@ -202,24 +202,11 @@ def plan_scsi(cfg, index):
     target pyvmm makes in configfs (image=) or one made beforehand (wwpn=)."""
     from pyvmm.devices.virtio.scsi import VirtioScsi
     from pyvmm.devices.virtio.vhost_kernel import VhostKernelScsiBackend
-    from pyvmm.vhost.kernel import VhostKernelScsi
-    from pyvmm.vhost.kernel.scsi_target import ScsiTarget, check_target
-    vhost = VhostKernelScsi()
-    target = None
-    try:
-        if cfg.image:
-            target = ScsiTarget(cfg.image, cfg.wwpn, cfg.tpgt, name=f"pyvmm{os.getpid()}_{index}")
-            target.create()
-        else:
-            check_target(cfg.wwpn)
-        wwpn = target.wwpn if target else cfg.wwpn
-        device = VirtioScsi(VhostKernelScsiBackend(vhost, wwpn, target), cfg.queues,
-                            name=f"virtio-scsi{index}")
-    except BaseException:
-        vhost.close()
-        if target:
-            target.close()
-        raise
+    backend = VhostKernelScsiBackend.open(cfg.image, cfg.wwpn, cfg.tpgt,
+                                          name=f"pyvmm{os.getpid()}_{index}")
+    with _owned(backend):
+        device = VirtioScsi(backend, cfg.queues, name=f"virtio-scsi{index}")
+    wwpn = backend.wwpn
     what = (f"LUN 0 of target {cfg.tpgt} is {cfg.image} "
             f"({os.path.getsize(cfg.image) / (1 << 20):g} MiB, the guest's sda if it is the "
             f"first SCSI disk)" if cfg.image else "the LUNs of its TPGs")

@@ -216,6 +216,29 @@ class VhostKernelScsiBackend(OneVhostBackend):
                              f"{uapi.VHOST_SCSI_ABI_VERSION}")
         self.vhost_features = self.vhost.get_features()
 
+    @classmethod
+    def open(cls, image=None, wwpn=None, tpgt=1, name="pyvmm"):
+        """/dev/vhost-scsi on a target pyvmm makes in configfs (image: LUN 0 of
+        target tpgt, under wwpn or a new name; its backstore called name), or
+        on the target wwpn made beforehand (checked now: the kernel would only
+        tell at DRIVER_OK). Nothing is left open or made if it fails."""
+        from pyvmm.vhost.kernel import VhostKernelScsi
+        from pyvmm.vhost.kernel.scsi_target import ScsiTarget, check_target
+        vhost = VhostKernelScsi()
+        target = None
+        try:
+            if image:
+                target = ScsiTarget(image, wwpn, tpgt, name=name)
+                target.create()
+            else:
+                check_target(wwpn)
+            return cls(vhost, target.wwpn if target else wwpn, target)
+        except BaseException:
+            vhost.close()
+            if target:
+                target.close()
+            raise
+
     def features(self):
         return self.vhost_features & VHOST_SCSI_RING_FEATURES
 

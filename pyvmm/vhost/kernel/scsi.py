@@ -5,9 +5,9 @@ drivers/vhost/scsi.c. The target is made beforehand in configfs (a
 backstore, /sys/kernel/config/target/vhost/WWPN/tpgt_N with a nexus and
 LUNs; scsi_target.py does it for `--scsi vhost-kernel,image=PATH`).
 VHOST_SCSI_SET_ENDPOINT then binds the device to every TPG under WWPN,
-once its rings are set up (the kernel checks each ring it will serve). The guest device's queues are 0 control,
-1 events, 2 and on requests, all of them served by vhost-scsi; the guest
-addresses target tpgt, LUN N.
+once its rings are set up (the kernel checks each ring it will serve).
+The guest device's queues are 0 control, 1 events, 2 and on requests, all
+of them served by vhost-scsi; the guest addresses target tpgt, LUN N.
 """
 
 import ctypes
@@ -17,8 +17,7 @@ from pyvmm.sys.ioctl import ioctl
 from pyvmm.vhost.backend import VhostError
 from pyvmm.vhost.kernel import uapi
 from pyvmm.vhost.kernel.base import VhostKernelBackend
-
-TARGET_ROOT = "/sys/kernel/config/target/vhost"
+from pyvmm.vhost.kernel.scsi_target import TARGET
 
 
 def scsi_target(wwpn):
@@ -50,7 +49,7 @@ class VhostKernelScsi(VhostKernelBackend):
                 # Linux 6.1, EEXIST in older kernels).
                 raise VhostError(
                     f"vhost-scsi target {wwpn}: no usable TPG (is there "
-                    f"{TARGET_ROOT}/{wwpn}/tpgt_N with a nexus, not in use by another VM?)"
+                    f"{TARGET}/vhost/{wwpn}/tpgt_N with a nexus, not in use by another VM?)"
                 ) from None
             raise VhostError(f"{self.path}: {e.strerror} (target {wwpn})") from None
 
