@@ -46,6 +46,16 @@ This host's KVM may be unable to boot Linux (a paravirtual KVM, no
   scripts/testbed -- python3 -m pyvmm run -- uname -a
 """
 
+TRANSPORTS = ("pci", "mmio")
+DEFAULT_TRANSPORT = "pci"
+
+
+def parse_transport(text):
+    if text not in TRANSPORTS:
+        raise argparse.ArgumentTypeError(f"{text!r}: pci or mmio")
+    return text
+
+
 SIZE_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -362,6 +372,17 @@ def build_parser():
                           "pyvmm has no model: the device id N, the queue count (default: the "
                           "back-end's) and size (default 256) from here, the config space from "
                           "the back-end (config-size bytes; known for common types)")
+    run.add_argument("--transport", type=parse_transport,
+                     default=os.environ.get("PYVMM_TRANSPORT", DEFAULT_TRANSPORT),
+                     metavar="pci|mmio",
+                     help="how the guest finds and drives the virtio devices. pci: each "
+                          "device a PCI function on bus 0 (found through ports 0xCF8/0xCFC, "
+                          "no ACPI), one MSI-X vector per queue routed by KVM: no exit to "
+                          "pyvmm per request or interrupt. mmio: virtio-mmio registers "
+                          "announced on the kernel command line, one interrupt line per "
+                          "device: smaller, but each interrupt costs the guest an exit (its "
+                          f"InterruptStatus read). Default {DEFAULT_TRANSPORT}, or "
+                          "$PYVMM_TRANSPORT")
     run.add_argument("--trace", type=parse_trace, metavar="vhost-user",
                      help="print every vhost-user message, both ways, decoded, one line "
                           "each (to stderr, or --trace-file)")
@@ -457,7 +478,7 @@ def cmd_run(args, started_at):
                            cmdline=cmdline, mem_size=args.mem, cpus=args.cpus,
                            hugepages=args.hugepages, nets=args.net, vsock=args.vsock,
                            blks=args.blk, rngs=args.rng, generic=args.device, fss=args.fs,
-                           scsis=args.scsi)
+                           scsis=args.scsi, transport=args.transport)
 
     made = make_console(args, command)
     if made is None:

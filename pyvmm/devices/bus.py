@@ -55,26 +55,37 @@ class RateLimitedLog:
 
 
 class Bus:
+    """Entries sorted by base. The table is replaced whole on a change (rare: a
+    guest moving a PCI BAR), never changed in place, so a vCPU looking up an
+    address meanwhile sees either the old table or the new one."""
+
     def __init__(self, name):
         self.name = name
-        self._starts = []    # sorted base addresses
-        self._entries = []   # BusEntry, in the same order
+        self._table = ((), ())   # (sorted base addresses, BusEntry in the same order)
         self._log_unclaimed = RateLimitedLog(log)
 
     def add(self, base, size, device, name):
-        i = bisect.bisect_right(self._starts, base)
-        before = self._entries[i - 1] if i > 0 else None
-        after = self._entries[i] if i < len(self._entries) else None
+        starts, entries = self._table
+        i = bisect.bisect_right(starts, base)
+        before = entries[i - 1] if i > 0 else None
+        after = entries[i] if i < len(entries) else None
         if (before and before.base + before.size > base) or (after and base + size > after.base):
             raise BusConflict(f"{name}: {self.name} range {base:#x}+{size:#x} overlaps another device")
-        self._starts.insert(i, base)
-        self._entries.insert(i, BusEntry(base, size, device, name))
+        entry = BusEntry(base, size, device, name)
+        self._table = (starts[:i] + (base,) + starts[i:], entries[:i] + (entry,) + entries[i:])
+
+    def remove(self, base):
+        """Take away the entry that starts at base."""
+        starts, entries = self._table
+        i = starts.index(base)
+        self._table = (starts[:i] + starts[i + 1:], entries[:i] + entries[i + 1:])
 
     def find(self, addr):
         """The BusEntry covering addr, or None."""
-        i = bisect.bisect_right(self._starts, addr) - 1
-        if i >= 0 and addr < self._entries[i].base + self._entries[i].size:
-            return self._entries[i]
+        starts, entries = self._table
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0 and addr < entries[i].base + entries[i].size:
+            return entries[i]
         return None
 
     def read(self, entry, addr, size):

@@ -131,6 +131,42 @@ KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
 KVM_PIT_SPEAKER_DUMMY = 1
 
 
+# GSI routing: which interrupt a GSI (an irqfd's, say) raises. KVM_SET_GSI_ROUTING
+# replaces the whole table, so the IOAPIC and PIC routes go with the MSI ones.
+class kvm_irq_routing_irqchip(ctypes.Structure):
+    _fields_ = [("irqchip", c_uint32), ("pin", c_uint32)]
+
+
+class kvm_irq_routing_msi(ctypes.Structure):
+    _fields_ = [("address_lo", c_uint32), ("address_hi", c_uint32), ("data", c_uint32),
+                ("devid", c_uint32)]
+
+
+class _kvm_irq_routing_u(ctypes.Union):
+    _fields_ = [("irqchip", kvm_irq_routing_irqchip), ("msi", kvm_irq_routing_msi),
+                ("pad", c_uint32 * 8)]
+
+
+class kvm_irq_routing_entry(ctypes.Structure):
+    _fields_ = [("gsi", c_uint32), ("type", c_uint32), ("flags", c_uint32), ("pad", c_uint32),
+                ("u", _kvm_irq_routing_u)]
+
+
+def kvm_irq_routing(n):
+    """struct kvm_irq_routing with room for n entries (a flexible array in C)."""
+    class kvm_irq_routing(ctypes.Structure):
+        _fields_ = [("nr", c_uint32), ("flags", c_uint32), ("entries", kvm_irq_routing_entry * n)]
+    return kvm_irq_routing
+
+
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+KVM_IOAPIC_NUM_PINS = 24
+
+
 # --- linux/kvm.h: struct kvm_run, shared with the kernel through mmap ----------
 
 KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
@@ -228,6 +264,7 @@ KVM_CAP_USER_MEMORY = 3
 KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_VCPUS = 9
+KVM_CAP_IRQ_ROUTING = 25
 KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
 KVM_CAP_IOEVENTFD = 36
@@ -252,6 +289,7 @@ KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, c_uint64)
 KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_IRQ_LINE = _IOW(KVMIO, 0x61, kvm_irq_level)
+KVM_SET_GSI_ROUTING = _IOW(KVMIO, 0x6A, kvm_irq_routing(0))
 KVM_IRQFD = _IOW(KVMIO, 0x76, kvm_irqfd)
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
 KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, kvm_pit_config)

@@ -75,6 +75,13 @@ class Vm:
         flags = uapi.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
         self._ioctl(uapi.KVM_IRQFD, uapi.kvm_irqfd(fd=fd, gsi=gsi, flags=flags), "KVM_IRQFD")
 
+    def set_gsi_routing(self, entries):
+        """KVM_SET_GSI_ROUTING: the whole routing table at once (kvm_irq_routing_entry list)."""
+        table = uapi.kvm_irq_routing(len(entries))(nr=len(entries))
+        for i, entry in enumerate(entries):
+            table.entries[i] = entry
+        self._ioctl(uapi.KVM_SET_GSI_ROUTING, table, "KVM_SET_GSI_ROUTING")
+
     def create_vcpu(self, vcpu_id):
         """KVM_CREATE_VCPU: vcpu_id is also its local APIC id."""
         fd = self._ioctl(uapi.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")

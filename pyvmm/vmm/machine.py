@@ -27,7 +27,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.vmm.cpu import configure_vcpu
 from pyvmm.vmm.lifecycle import Lifecycle, MachineExit
 from pyvmm.vmm.vcpu_thread import VcpuThread
-from pyvmm.vmm.virtio_devices import plan_devices
+from pyvmm.vmm.virtio_devices import VIRTIO_PCI_BAR_BASE, plan_devices
 
 log = logging.getLogger("pyvmm.machine")
 
@@ -48,6 +48,7 @@ class MachineConfig:
     generic: list = field(default_factory=list)  # VhostUserConfig per --device
     scsis: list = field(default_factory=list)  # ScsiConfig per --scsi
     tracer: object = None                      # a vhost-user Tracer (--trace vhost-user)
+    transport: str = "mmio"                    # how the guest finds virtio devices: mmio or pci
 
 
 class Machine:
@@ -91,8 +92,14 @@ class Machine:
         for planned in self.devices:
             self._closers.append(planned.device.close)
         self.mark("guest memory and the devices' host side")
-        cmdline = " ".join([config.cmdline] + [
-            arg for p in self.devices for arg in [mmio_cmdline(p.base, p.gsi), *p.guest_args]])
+        if config.transport == "pci":
+            # The guest finds the devices by scanning PCI bus 0.
+            announce = []
+        else:
+            # Each device on the command line; and no PCI bus to probe for.
+            announce = [mmio_cmdline(p.base, p.gsi) for p in self.devices] + ["pci=off"]
+        cmdline = " ".join([config.cmdline] + announce
+                           + [arg for p in self.devices for arg in p.guest_args])
         self.boot = load_linux(self.memory, config.kernel, config.initrd, cmdline, config.cpus)
         self.mark("kernel and initrd loaded")
 
@@ -124,11 +131,15 @@ class Machine:
                      I8042(self._i8042_reset), "i8042")
         self.pio.add(EXIT_PORT, 1, ExitPort(self._guest_exit), "exit-port")
         self.pio.add(INIT_MARK_PORT, 1, DebugCon(self._debugcon), "debugcon")
-        for planned in self.devices:
-            transport = VirtioMmio(planned.device, self.vm, self.memory, planned.base, planned.gsi)
-            self._closers.append(transport.close)
-            self.mmio.add(planned.base, MMIO_SIZE, transport, planned.device.name)
-            self.transports.append(transport)
+        if config.transport == "pci":
+            self._add_pci_devices()
+        else:
+            for planned in self.devices:
+                transport = VirtioMmio(planned.device, self.vm, self.memory, planned.base,
+                                       planned.gsi)
+                self._closers.append(transport.close)
+                self.mmio.add(planned.base, MMIO_SIZE, transport, planned.device.name)
+                self.transports.append(transport)
 
         supported = self.kvm.supported_cpuid()
         for i in range(config.cpus):
@@ -137,6 +148,23 @@ class Machine:
             configure_vcpu(vcpu, supported, config.cpus, boot=self.boot if i == 0 else None)
             self.threads.append(VcpuThread(vcpu, self))
         self.mark("devices and vCPUs set up")
+
+    def _add_pci_devices(self):
+        """A PCI root bus on ports 0xCF8-0xCFF and each device as a function on
+        it, its BAR placed from VIRTIO_PCI_BAR_BASE up, its MSI-X vectors GSIs
+        routed by the guest's messages."""
+        from pyvmm.devices.pci.root import PCI_CONFIG_PORT, PCI_CONFIG_PORTS, PciRoot
+        from pyvmm.devices.virtio.pci import BAR_SIZE, VirtioPci
+        from pyvmm.kvm.irq_routing import GsiRoutes
+        self.gsi_routes = GsiRoutes(self.vm)
+        self.pci = PciRoot()
+        self.pio.add(PCI_CONFIG_PORT, PCI_CONFIG_PORTS, self.pci, "PCI config")
+        for i, planned in enumerate(self.devices):
+            transport = VirtioPci(planned.device, self.vm, self.memory, self.gsi_routes,
+                                  self.mmio, VIRTIO_PCI_BAR_BASE + i * BAR_SIZE)
+            self._closers.append(transport.close)
+            self.pci.add(transport)
+            self.transports.append(transport)
 
     # --- how the run ends (any thread) -------------------------------------
 

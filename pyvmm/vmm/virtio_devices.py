@@ -30,6 +30,10 @@ VIRTIO_MMIO_BASE = 0xD000_0000
 # COM2, COM1, RTC), which a guest may assume are the legacy devices'.
 VIRTIO_GSIS = [5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]
 
+# With --transport pci, each device's 32 KiB BAR, one after the other, above
+# the virtio-mmio pages.
+VIRTIO_PCI_BAR_BASE = 0xE000_0000
+
 DEFAULT_TAP = "pyvmm%d"
 
 
