@@ -1,1 +1,1 @@
-"""Device models: legacy PC devices today, virtio-mmio next."""
+"""Device models: the legacy PC devices a guest expects, PCI, and virtio."""

@@ -4,7 +4,8 @@ Guest-physical layout (x86):
 
     0           .. min(size, 3 GiB)    RAM, region 0 (memfd offset 0)
     3 GiB       .. 4 GiB               MMIO hole: virtio-mmio devices,
-                                       IOAPIC, local APIC, KVM's TSS pages
+                                       virtio-pci BARs, IOAPIC, local
+                                       APIC, KVM's TSS pages
     4 GiB       .. 4 GiB + the rest    RAM, region 1 (memfd offset 3 GiB)
 
 The memfd is what makes vhost possible: a vhost-user back-end receives the

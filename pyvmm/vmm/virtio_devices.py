@@ -3,8 +3,8 @@
 Building one happens in two steps. Before the VM exists: the host side
 (tap, /dev/vhost-*, the connection to a vhost-user back-end), which is
 where most user errors show up, and the kernel command line entries that
-announce the device and configure the guest's end. After: the virtio-mmio
-transport, whose eventfds KVM wires up.
+announce the device and configure the guest's end. After: the transport
+(virtio-pci or virtio-mmio), whose eventfds KVM wires up.
 
 Each device is a model (devices/virtio/net.py, vsock.py, blk.py, fs.py,
 rng.py, scsi.py, generic.py) on a queue back-end: the kernel's vhost (vhost_kernel.py) or a vhost-user

@@ -175,3 +175,27 @@ def drain(proc, seen):
             break
         seen += chunk.decode(errors="replace")
     return seen
+
+
+# The registers a guest touches per request or interrupt, when it does.
+DATA_PATH_REGISTERS = {"mmio": ("QueueNotify", "InterruptStatus", "InterruptACK"),
+                       "pci": ("notify", "ISR")}
+
+
+def data_path_exits(err, device, transport):
+    """{register: exits} that pyvmm's --stats counted on device's data-path
+    registers (virtio-mmio: QueueNotify, InterruptStatus, InterruptACK;
+    virtio-pci: the notify and ISR structures)."""
+    mmio = next((line for line in err.splitlines() if line.strip().startswith("mmio")), "")
+    return {register: int(n) for register in DATA_PATH_REGISTERS[transport]
+            for n in re.findall(rf"{device} {register} (\d+)", mmio)}
+
+
+def msix_interrupts(out, name):
+    """The guest's count of MSI-X interrupts on the vector called name
+    (e.g. virtio0-input.0), from a `cat /proc/interrupts` in its output."""
+    for line in out.splitlines():
+        fields = line.split()
+        if fields and fields[-1] == name and "PCI-MSIX" in line:
+            return sum(int(f) for f in fields[1:] if f.isdigit())
+    raise AssertionError(f"no MSI-X vector {name} in the guest's /proc/interrupts:\n{out}")

@@ -14,7 +14,7 @@ import pytest
 from backends import blk_backend, storage_daemon
 from guestvm import drain, finish, start, wait_for_line
 
-pytestmark = pytest.mark.testbed
+pytestmark = [pytest.mark.testbed, pytest.mark.usefixtures("transport")]
 
 MiB = 1 << 20
 

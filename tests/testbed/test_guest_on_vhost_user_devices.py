@@ -13,7 +13,7 @@ from backends import (dpdk_testpmd, pyvmm_backend, read_then_list_share, storage
 from guestvm import (HybridVsockHost, drain, finish, guest_sha256, start,
                      wait_for_line)
 
-pytestmark = pytest.mark.testbed
+pytestmark = [pytest.mark.testbed, pytest.mark.usefixtures("transport")]
 
 MiB = 1 << 20
 

@@ -20,7 +20,7 @@ from pyvmm.vhost.kernel.scsi import VhostKernelScsi
 from pyvmm.vhost.kernel.scsi_target import TARGET, ScsiTarget
 from pyvmm.virtio import scsi
 
-pytestmark = pytest.mark.testbed
+pytestmark = [pytest.mark.testbed, pytest.mark.usefixtures("transport")]
 
 MiB = 1 << 20
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from guestvm import PYVMM, TOP, connect_with_retry, finish, guest_sha256, start
 
-pytestmark = pytest.mark.testbed
+pytestmark = [pytest.mark.testbed, pytest.mark.usefixtures("transport")]
 
 CID = 7
 SIZE = 2 << 20

@@ -1,1 +1,1 @@
-"""Virtio devices on the virtio-mmio transport, their data paths in vhost."""
+"""Virtio devices on the virtio-pci or virtio-mmio transport, their data paths in vhost."""

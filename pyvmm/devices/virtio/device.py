@@ -1,7 +1,7 @@
 """A virtio device: the model the guest sees, and the back-end that serves its queues.
 
-The transport (mmio.py) owns the registers, the status state machine and
-the queues' addresses. A VirtioDevice is the device model: its id, how many
+The transport (pci.py or mmio.py, on transport.py) owns the registers,
+the status state machine and the queues' addresses. A VirtioDevice is the device model: its id, how many
 queues, its config space, which feature bits it offers and the rules
 between them. What moves the data is a QueueBackend: the kernel's vhost
 driver, or a vhost-user back-end in another process. A model never knows
@@ -24,7 +24,7 @@ from pyvmm.virtio import spec
 # (SET_VRING_KICK/CALL/ERR), so a back-end's count is no bound by itself.
 MAX_QUEUES = 64
 
-# Ring layout features pyvmm's virtio-mmio transport passes on (split rings).
+# Ring layout features pyvmm's transports pass on (split rings).
 RING_FEATURES = spec.bits(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_RING_F_INDIRECT_DESC,
                           spec.VIRTIO_RING_F_EVENT_IDX)
 

@@ -5,7 +5,7 @@ config space is the back-end's own (GET_CONFIG, cached, refreshed when it
 says it changed) and guest writes to it go to the back-end (SET_CONFIG).
 The feature bits offered are the back-end's: its device-specific bits
 (0-23 and 41 up) as they are, and of the transport's (24-40) only those
-pyvmm's virtio-mmio serves.
+pyvmm's transports serve.
 """
 
 from pyvmm.devices.virtio.device import RING_FEATURES, VirtioDevice
