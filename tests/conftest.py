@@ -90,6 +90,17 @@ def memory16():
     m.close()
 
 
+@pytest.fixture(params=["pci", "mmio"])
+def transport(request, monkeypatch):
+    """The testbed's device suites run on both virtio transports: a module
+    with `pytest.mark.usefixtures("transport")` in its pytestmark runs each
+    test with the guest's devices on virtio-pci (MSI-X), then on
+    virtio-mmio. `pyvmm run` takes its --transport default from
+    $PYVMM_TRANSPORT, which every pyvmm a test starts inherits."""
+    monkeypatch.setenv("PYVMM_TRANSPORT", request.param)
+    return request.param
+
+
 def pytest_terminal_summary(terminalreporter):
     """Why each rerun test failed the first time (the summary only names it):
     in a CI log, that tells a nested guest's reset from a real failure."""

@@ -1,6 +1,6 @@
 """What only virtio-pci has, with a real guest: MSI-X vectors the guest moves.
 
-(The device suites run on both transports; see conftest.py.)
+(The device suites run on both transports: the transport fixture in tests/conftest.py.)
 """
 
 import pytest
