@@ -389,3 +389,31 @@ def test_garbage_in_config_space_the_bar_and_the_msix_table_is_survived(memory):
         t.close()
     print(f"virtio-pci garbage: {tried} accesses tried, {tried} survived")
     assert tried == 20000
+
+
+class RefusingVm(RecordingVm):
+    """A KVM that says no to every ioeventfd and routing table."""
+
+    def ioeventfd(self, fd, addr, length, datamatch=None, pio=False, deassign=False):
+        if not deassign:
+            raise OSError(17, "File exists")
+        super().ioeventfd(fd, addr, length, datamatch, pio, deassign)
+
+    def set_gsi_routing(self, entries):
+        raise OSError(22, "Invalid argument")
+
+
+def test_what_kvm_refuses_leaves_the_bar_unmapped_and_the_routes_as_they_were(memory):
+    vm, mmio, root = RefusingVm(), Bus("MMIO"), PciRoot()
+    routes = GsiRoutes(vm)
+    t = pci.VirtioPci(ToyDevice(), vm, memory, routes, mmio, BAR_AT)
+    try:
+        slot = root.add(t)
+        assert t.mapped_at is None and mmio.find(BAR_AT) is None and not vm.ioeventfds
+        g = Guest(root, mmio)
+        msix = [off for off, cap_id, _ in capabilities(g, slot) if cap_id == pcfg.PCI_CAP_ID_MSIX][0]
+        t.msix.write_table(12, 4, 0)                               # vector 0 unmasked ...
+        g.cfg_write(slot, msix + 2, 2, PCI_MSIX_FLAGS_ENABLE)      # ... and enabled: refused
+        assert routes._msi == {} and not any(t.msix._routed)
+    finally:
+        t.close()

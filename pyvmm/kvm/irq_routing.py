@@ -44,26 +44,30 @@ class GsiRoutes:
 
     def set_msi(self, gsi, address, data):
         """Route gsi to the MSI message (address, data); None unroutes it
-        (an irqfd on it then raises nothing)."""
+        (an irqfd on it then raises nothing). An OSError from KVM leaves the
+        table as it was."""
         with self._lock:
             route = None if address is None else (address, data)
             if self._msi.get(gsi) == route:
                 return
+            msi = dict(self._msi)
             if route is None:
-                del self._msi[gsi]
+                del msi[gsi]
             else:
-                self._msi[gsi] = route
-            self.vm.set_gsi_routing(self.entries())
+                msi[gsi] = route
+            self.vm.set_gsi_routing(self.entries(msi))
+            self._msi = msi
 
-    def entries(self):
-        """(under _lock) The table: KVM's default irqchip routes, then the MSIs."""
+    def entries(self, msi):
+        """The table for MSI routes msi ({gsi: (address, data)}): KVM's default
+        irqchip routes, then the MSIs."""
         table = []
         for pin in range(uapi.KVM_IOAPIC_NUM_PINS):
             table.append(_irqchip(pin, uapi.KVM_IRQCHIP_IOAPIC, pin))
             if pin < 16:
                 chip = uapi.KVM_IRQCHIP_PIC_MASTER if pin < 8 else uapi.KVM_IRQCHIP_PIC_SLAVE
                 table.append(_irqchip(pin, chip, pin % 8))
-        for gsi, (address, data) in sorted(self._msi.items()):
+        for gsi, (address, data) in sorted(msi.items()):
             entry = uapi.kvm_irq_routing_entry(gsi=gsi, type=uapi.KVM_IRQ_ROUTING_MSI)
             entry.u.msi.address_lo = address & 0xFFFF_FFFF
             entry.u.msi.address_hi = address >> 32

@@ -112,10 +112,15 @@ class MsixTable:
             address_lo, address_hi, data, ctrl = struct.unpack_from("<IIII", self.table, entry)
             deliverable = (self.enabled and not self.function_masked
                            and not ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)
-            if deliverable:
-                self.routes.set_msi(self.gsis[v], address_hi << 32 | address_lo, data)
-            else:
-                self.routes.set_msi(self.gsis[v], None, None)
+            try:
+                if deliverable:
+                    self.routes.set_msi(self.gsis[v], address_hi << 32 | address_lo, data)
+                else:
+                    self.routes.set_msi(self.gsis[v], None, None)
+            except OSError as e:
+                log.warning("%s: KVM refused the route of MSI-X vector %d (%s); it stays as "
+                            "it was", self.name, v, e.strerror)
+                continue
             if deliverable and not self._routed[v] and self._active():
                 os.eventfd_write(self.fds[v], 1)       # what may have been dropped meanwhile
             self._routed[v] = deliverable

@@ -31,6 +31,7 @@ and are there only while decoding is on and the range is free.
 import logging
 import os
 import struct
+import threading
 
 from pyvmm.devices.bus import BusConflict
 from pyvmm.devices.pci.config import (PCI_BASE_ADDRESS_0, PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR,
@@ -138,6 +139,9 @@ class VirtioPci(VirtioTransport):
         for q in self.queues:
             q.call_fd = self._unrouted_fd
         self.mapped_at = None             # where the BAR is decoded, if it is
+        # Configuration writes one at a time: a BAR moved by two vCPUs at once
+        # must end up in one place. (Linux serialises them anyway: pci_lock.)
+        self._config_lock = threading.Lock()
         struct.pack_into("<H", self.config.data, PCI_COMMAND, PCI_COMMAND_MEMORY)
         self._place_bar()                 # decoding on, as firmware leaves it
 
@@ -167,9 +171,12 @@ class VirtioPci(VirtioTransport):
         if window is not None:
             self.write(*window, value)
             return
-        if not self.config.write(offset, size, value):
-            return
-        end = offset + size
+        with self._config_lock:
+            if self.config.write(offset, size, value):
+                self._config_written(offset, offset + size)
+
+    def _config_written(self, offset, end):
+        """(under _config_lock) Act on a write to [offset, end): decoding, the BAR, MSI-X."""
         if offset < PCI_COMMAND + 2 and end > PCI_COMMAND or \
                 offset < PCI_BASE_ADDRESS_0 + 4 and end > PCI_BASE_ADDRESS_0:
             self._place_bar()
@@ -201,6 +208,25 @@ class VirtioPci(VirtioTransport):
         if wanted is not None:
             self._map(wanted)
 
+    def _notify_ioeventfds(self, address, deassign=False):
+        """Each back-end queue's notify address at BAR address: an ioeventfd
+        (16-bit writes of the queue index), or none any more (deassign)."""
+        done = []
+        try:
+            for q in self.queues:
+                if q.kick_fd is not None:
+                    self.vm.ioeventfd(q.kick_fd,
+                                      address + NOTIFY + NOTIFY_OFF_MULTIPLIER * q.index, 2,
+                                      datamatch=q.index, deassign=deassign)
+                    done.append(q)
+        except OSError:
+            if not deassign:       # take back the ones made, and say why
+                for q in done:
+                    self.vm.ioeventfd(q.kick_fd,
+                                      address + NOTIFY + NOTIFY_OFF_MULTIPLIER * q.index, 2,
+                                      datamatch=q.index, deassign=True)
+            raise
+
     def _map(self, address):
         try:
             self.mmio_bus.add(address, BAR_SIZE, self, self.device.name)
@@ -208,18 +234,17 @@ class VirtioPci(VirtioTransport):
             log.warning("%s: the guest put its BAR at %#x, over another device; it is not "
                         "decoded there", self.device.name, address)
             return
+        try:
+            self._notify_ioeventfds(address)
+        except OSError as e:
+            self.mmio_bus.remove(address)
+            log.warning("%s: KVM refused the notify ioeventfds at %#x (%s); the BAR is not "
+                        "decoded there", self.device.name, address, e.strerror)
+            return
         self.mapped_at = address
-        for q in self.queues:
-            if q.kick_fd is not None:
-                self.vm.ioeventfd(q.kick_fd, address + NOTIFY + NOTIFY_OFF_MULTIPLIER * q.index,
-                                  2, datamatch=q.index)
 
     def _unmap(self):
-        for q in self.queues:
-            if q.kick_fd is not None:
-                self.vm.ioeventfd(q.kick_fd,
-                                  self.mapped_at + NOTIFY + NOTIFY_OFF_MULTIPLIER * q.index,
-                                  2, datamatch=q.index, deassign=True)
+        self._notify_ioeventfds(self.mapped_at, deassign=True)
         self.mmio_bus.remove(self.mapped_at)
         self.mapped_at = None
 
