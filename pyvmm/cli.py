@@ -37,6 +37,7 @@ examples:
   pyvmm run --scsi vhost-kernel,image=disk.img -- cat /sys/block/sda/size
   pyvmm run --cpus 2 --mem 512M -- sh -c 'nproc; free -m'
   pyvmm run --stats -- true        # boot time and vCPU exits per reason
+  pyvmm run --transport mmio --stats -- true   # the same on virtio-mmio
   pyvmm backend rng --socket-path /tmp/rng.sock &     # a vhost-user back-end
   pyvmm run --rng vhost-user,socket=/tmp/rng.sock -- head -c 16 /dev/hwrng
   pyvmm run --blk vhost-user,socket=/tmp/vub.sock --trace vhost-user -- true
@@ -52,7 +53,8 @@ DEFAULT_TRANSPORT = "pci"
 
 def parse_transport(text):
     if text not in TRANSPORTS:
-        raise argparse.ArgumentTypeError(f"{text!r}: pci or mmio")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a transport: pci or mmio "
+                                         f"(--transport, or $PYVMM_TRANSPORT for its default)")
     return text
 
 

@@ -35,6 +35,7 @@ def test_sizes(text, size):
     (["--cpus", "0"], "--cpus must be at least 1"),
     (["--cpus", "two"], "invalid int value"),
     (["--console", "tcp:1"], "use stdio or file:PATH"),
+    (["--transport", "isa"], "'isa' is not a transport: pci or mmio"),
 ])
 def test_usage_errors(args, message):
     r = pyvmm("run", *args, "--", "true")
@@ -105,6 +106,14 @@ def test_version_and_bare_command():
     assert pyvmm("--version").stdout.startswith("pyvmm ")
     r = pyvmm()
     assert r.returncode == 2 and "run" in r.stdout
+
+
+def test_a_bad_transport_from_the_environment_names_where_it_came_from():
+    r = subprocess.run([*PYVMM, "run", "--", "true"], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL, env={**os.environ, "PYVMM_TRANSPORT": "vme"})
+    assert r.returncode == 2
+    assert one_line_error(r).endswith("'vme' is not a transport: pci or mmio "
+                                      "(--transport, or $PYVMM_TRANSPORT for its default)")
 
 
 def test_net_and_vsock_options_parse():

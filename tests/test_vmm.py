@@ -407,3 +407,14 @@ def test_cpuid_topology_fields_fit_their_bits(ncpus):
         assert four.eax & 0x03FF_FFFF == 0x121                    # cache type and level kept
         assert by_leaf[(0xB, 1)].ebx == ncpus and by_leaf[(0xB, 0)].edx == vcpu_id
         assert by_leaf[(0x8000_0008, 0)].ecx & 0xFF == ncpus - 1
+
+
+def test_the_guest_finds_its_devices_by_the_transport_it_was_given():
+    from pyvmm.vmm.machine import guest_cmdline
+    from pyvmm.vmm.virtio_devices import PlannedDevice
+    devices = [PlannedDevice(None, 0xD000_0000, 5, ["pyvmm.net=eth0,"], "a NIC"),
+               PlannedDevice(None, 0xD000_1000, 6, [], "a disk")]
+    assert guest_cmdline("console=ttyS0", "pci", devices) == "console=ttyS0 pyvmm.net=eth0,"
+    assert guest_cmdline("console=ttyS0", "mmio", devices) == (
+        "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 "
+        "pci=off pyvmm.net=eth0,")

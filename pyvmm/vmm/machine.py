@@ -51,6 +51,17 @@ class MachineConfig:
     transport: str = "mmio"                    # how the guest finds virtio devices: mmio or pci
 
 
+def guest_cmdline(base, transport, devices):
+    """The kernel command line: base, how the guest finds the devices
+    (PlannedDevices) on transport, and what each device's guest end needs."""
+    if transport == "pci":
+        announce = []           # the guest scans PCI bus 0
+    else:
+        # Each device on the command line, and no PCI bus to probe for.
+        announce = [mmio_cmdline(p.base, p.gsi) for p in devices] + ["pci=off"]
+    return " ".join([base] + announce + [arg for p in devices for arg in p.guest_args])
+
+
 class Machine:
     def __init__(self, config, console, started_at=None):
         """started_at: time.monotonic() of the process start, for the boot time."""
@@ -92,14 +103,7 @@ class Machine:
         for planned in self.devices:
             self._closers.append(planned.device.close)
         self.mark("guest memory and the devices' host side")
-        if config.transport == "pci":
-            # The guest finds the devices by scanning PCI bus 0.
-            announce = []
-        else:
-            # Each device on the command line; and no PCI bus to probe for.
-            announce = [mmio_cmdline(p.base, p.gsi) for p in self.devices] + ["pci=off"]
-        cmdline = " ".join([config.cmdline] + announce
-                           + [arg for p in self.devices for arg in p.guest_args])
+        cmdline = guest_cmdline(config.cmdline, config.transport, self.devices)
         self.boot = load_linux(self.memory, config.kernel, config.initrd, cmdline, config.cpus)
         self.mark("kernel and initrd loaded")
 
