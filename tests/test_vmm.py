@@ -417,4 +417,4 @@ def test_the_guest_finds_its_devices_by_the_transport_it_was_given():
     assert guest_cmdline("console=ttyS0", "pci", devices) == "console=ttyS0 pyvmm.net=eth0,"
     assert guest_cmdline("console=ttyS0", "mmio", devices) == (
         "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 "
-        "pci=off pyvmm.net=eth0,")
+        "pyvmm.net=eth0,")

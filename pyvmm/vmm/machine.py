@@ -54,11 +54,9 @@ class MachineConfig:
 def guest_cmdline(base, transport, devices):
     """The kernel command line: base, how the guest finds the devices
     (PlannedDevices) on transport, and what each device's guest end needs."""
-    if transport == "pci":
-        announce = []           # the guest scans PCI bus 0
-    else:
-        # Each device on the command line, and no PCI bus to probe for.
-        announce = [mmio_cmdline(p.base, p.gsi) for p in devices] + ["pci=off"]
+    # On PCI the guest finds the devices by scanning bus 0; virtio-mmio
+    # devices are announced here.
+    announce = [] if transport == "pci" else [mmio_cmdline(p.base, p.gsi) for p in devices]
     return " ".join([base] + announce + [arg for p in devices for arg in p.guest_args])
 
 
@@ -135,6 +133,12 @@ class Machine:
                      I8042(self._i8042_reset), "i8042")
         self.pio.add(EXIT_PORT, 1, ExitPort(self._guest_exit), "exit-port")
         self.pio.add(INIT_MARK_PORT, 1, DebugCon(self._debugcon), "debugcon")
+        # The PCI bus is there on both transports: a guest with PCI support
+        # that finds no bus at all says so on the console ("PCI: Fatal: No
+        # config space access function found"), even with quiet.
+        from pyvmm.devices.pci.root import PCI_CONFIG_PORT, PCI_CONFIG_PORTS, PciRoot
+        self.pci = PciRoot()
+        self.pio.add(PCI_CONFIG_PORT, PCI_CONFIG_PORTS, self.pci, "PCI config")
         if config.transport == "pci":
             self._add_pci_devices()
         else:
@@ -154,15 +158,12 @@ class Machine:
         self.mark("devices and vCPUs set up")
 
     def _add_pci_devices(self):
-        """A PCI root bus on ports 0xCF8-0xCFF and each device as a function on
-        it, its BAR placed from VIRTIO_PCI_BAR_BASE up, its MSI-X vectors GSIs
-        routed by the guest's messages."""
-        from pyvmm.devices.pci.root import PCI_CONFIG_PORT, PCI_CONFIG_PORTS, PciRoot
+        """Each device as a function on the PCI root bus, its BAR placed from
+        VIRTIO_PCI_BAR_BASE up, its MSI-X vectors GSIs routed by the guest's
+        messages."""
         from pyvmm.devices.virtio.pci import BAR_SIZE, VirtioPci
         from pyvmm.kvm.irq_routing import GsiRoutes
         self.gsi_routes = GsiRoutes(self.vm)
-        self.pci = PciRoot()
-        self.pio.add(PCI_CONFIG_PORT, PCI_CONFIG_PORTS, self.pci, "PCI config")
         for i, planned in enumerate(self.devices):
             transport = VirtioPci(planned.device, self.vm, self.memory, self.gsi_routes,
                                   self.mmio, VIRTIO_PCI_BAR_BASE + i * BAR_SIZE)
