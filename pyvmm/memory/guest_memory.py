@@ -114,6 +114,18 @@ class GuestMemory:
                 return r.memfd_offset + gpa - r.guest_phys_addr
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not inside guest RAM")
 
+    # The regions never change: span()'s answers hold for the memory's life.
+    generation = 0
+
+    def span(self, gpa, length):
+        """(buffer, offset, start, end), as the back-end's MappedMemory.span."""
+        if length >= 0:
+            for r in self.regions:
+                if r.guest_phys_addr <= gpa and gpa + length <= r.end:
+                    return (self._map, r.memfd_offset + gpa - r.guest_phys_addr,
+                            r.guest_phys_addr, r.end)
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not inside guest RAM")
+
     def contains(self, gpa, length):
         try:
             self._offset(gpa, length)
@@ -125,6 +137,15 @@ class GuestMemory:
         """A writable memoryview of guest RAM, without copying."""
         off = self._offset(gpa, length)
         return memoryview(self._map)[off:off + length]
+
+    def views(self, ranges):
+        """view() of each (gpa, length) of ranges, as MappedMemory.views."""
+        whole = memoryview(self._map)
+        out = []
+        for gpa, length in ranges:
+            off = self._offset(gpa, length)
+            out.append(whole[off:off + length])
+        return out
 
     def read(self, gpa, length):
         off = self._offset(gpa, length)

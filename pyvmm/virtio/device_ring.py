@@ -9,17 +9,18 @@ and hold at most MAX_INDIRECT descriptors, every buffer must lie in guest
 RAM too, and a chain's readable and writable bytes must each fit the used
 ring's u32 length. A broken ring raises RingError; it never makes the
 device read or write outside guest memory. Descriptors are read one at a
-time where they are, never a whole table at once: what a guest names
-costs the device no more than what it uses.
+time where they are (unpacked in place from the mapping), never a whole
+table at once: what a guest names costs the device no more than what it
+uses.
 """
 
 import struct
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from pyvmm.virtio.splitring import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
                                     VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingError,
-                                    check_ring)
+                                    avail_ring_size, check_ring, desc_table_size,
+                                    used_ring_size)
 
 DESC = struct.Struct("<QIHH")      # addr, len, flags, next
 MAX_INDIRECT = 1 << 16             # descriptors in an indirect table (vhost's bound too)
@@ -32,41 +33,41 @@ class Buffer(NamedTuple):      # (a NamedTuple: made once per descriptor, so che
     writable: bool     # device-writable (VIRTQ_DESC_F_WRITE)
 
 
+# Buffer(addr, length, writable) at half the cost, for the walk's inner loop.
+new_buffer = tuple.__new__
+
+
 def pieces(buffers, start, length):
     """(addr, length) pieces of the bytes [start, start+length) of buffers."""
     out = []
-    for b in buffers:
+    for addr, size, _ in buffers:
         if length <= 0:
             break
-        if start >= b.length:
-            start -= b.length
+        if start >= size:
+            start -= size
             continue
-        n = min(b.length - start, length)
-        out.append((b.addr + start, n))
+        n = size - start if size - start < length else length
+        out.append((addr + start, n))
         start, length = 0, length - n
     return out
 
 
-@dataclass(frozen=True)
-class Chain:
+class Chain(NamedTuple):
+    """One request: its head, and its buffers, device-readable ones first
+    (with the lengths the walk summed, so that serving it sums nothing)."""
     head: int
-    buffers: tuple     # Buffers, device-readable ones first
+    buffers: tuple        # Buffers
+    readable_len: int     # bytes the device reads
+    writable_len: int     # bytes the device may write
+    n_readable: int       # how many of buffers are device-readable
 
     @property
     def readable(self):
-        return [b for b in self.buffers if not b.writable]
+        return self.buffers[:self.n_readable]
 
     @property
     def writable(self):
-        return [b for b in self.buffers if b.writable]
-
-    @property
-    def readable_len(self):
-        return sum(b.length for b in self.buffers if not b.writable)
-
-    @property
-    def writable_len(self):
-        return sum(b.length for b in self.buffers if b.writable)
+        return self.buffers[self.n_readable:]
 
     def read(self, memory, start, length):
         """Bytes [start, start+length) of the device-readable part, as one bytes."""
@@ -81,22 +82,48 @@ class Chain:
         return done
 
 
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")
+
+
 class DeviceRing:
+    """The device's side of one split ring in memory (a GuestMemory or a
+    back-end's MappedMemory).
+
+    Where the descriptor table and the two rings lie in the memory's
+    mappings is looked up once, and again only when the memory's table
+    changes (its generation); each descriptor is then unpacked where it
+    is, with no copy and no lookup.
+    """
+
     def __init__(self, memory, num, desc, avail, used, next_avail=0):
         check_ring(memory, num, desc, avail, used)
         self.memory = memory
         self.num = num
         self.desc, self.avail, self.used = desc, avail, used
         self.next_avail = next_avail & 0xFFFF
+        self._located = (None, None)     # (memory, generation) the spans below are of
+        self._locate()
 
-    def _u16(self, gpa):
-        return struct.unpack("<H", self.memory.read(gpa, 2))[0]
+    def _locate(self):
+        """Where the table and rings are mapped, if the memory changed since last asked."""
+        memory = self.memory
+        located_in, generation = self._located
+        if located_in is memory and generation == memory.generation:
+            return
+        num = self.num
+        self._desc_buf, self._desc_off, _, _ = memory.span(self.desc, desc_table_size(num))
+        self._avail_buf, self._avail_off, _, _ = memory.span(self.avail, avail_ring_size(num))
+        self._used_buf, self._used_off, _, _ = memory.span(self.used, used_ring_size(num))
+        self._located = (memory, memory.generation)
 
     def avail_idx(self):
-        return self._u16(self.avail + 2)
+        self._locate()
+        return U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
 
     def used_idx(self):
-        return self._u16(self.used + 2)
+        self._locate()
+        return U16.unpack_from(self._used_buf, self._used_off + 2)[0]
 
     def pop(self):
         """The next available chain, or None when the driver has made none.
@@ -107,55 +134,72 @@ class DeviceRing:
         """
         if not self._pending():
             return None
-        head = self._u16(self.avail + 4 + 2 * (self.next_avail % self.num))
-        chain = self.chain(head)
+        slot = self.next_avail % self.num
+        head = U16.unpack_from(self._avail_buf, self._avail_off + 4 + 2 * slot)[0]
+        chain = self._walk(head)
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return chain
 
     def chain(self, head):
         """The chain at head, walked and checked as pop() does (to serve it again)."""
-        return Chain(head, tuple(self._walk(head)))
+        self._locate()
+        return self._walk(head)
 
     def _walk(self, head):
-        """The buffers of the chain at head, through an indirect table if any."""
-        table, size, index = self.desc, self.num, head
+        """The chain at head, through an indirect table if any. Every buffer
+        is checked to lie inside one region of guest RAM; the bounds of the
+        region the last one was in save the lookup for the next."""
+        unpack = DESC.unpack_from
+        memory = self.memory
+        table, base, size, index = self._desc_buf, self._desc_off, self.num, head
         indirect = False
         buffers = []
-        total = {False: 0, True: 0}       # readable, writable bytes
+        n_readable = readable_len = writable_len = 0
+        start, end = 1, 0                      # no region yet
         for _ in range(self.num + 1):
             if index >= size:
                 raise RingError(f"descriptor {index} is outside a table of {size}")
-            addr, length, flags, nxt = DESC.unpack(self.memory.read(table + 16 * index, 16))
+            addr, length, flags, nxt = unpack(table, base + 16 * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if indirect or buffers:
                     raise RingError("an indirect descriptor inside a chain or an indirect table")
-                table, size, index = self._indirect(addr, length), length // 16, 0
-                indirect = True
+                table, base, size = self._indirect(addr, length)
+                index, indirect = 0, True
                 continue
-            if not self.memory.contains(addr, length):
-                raise RingError(f"buffer at {addr:#x}+{length:#x} is not inside guest RAM")
-            writable = bool(flags & VIRTQ_DESC_F_WRITE)
-            if buffers and buffers[-1].writable and not writable:
-                raise RingError("a device-readable buffer after a device-writable one")
-            total[writable] += length
-            if total[writable] > MAX_CHAIN_BYTES:
-                raise RingError(f"the chain at head {head} has more than 4 GiB of device-"
-                                f"{'writable' if writable else 'readable'} bytes")
-            buffers.append(Buffer(addr, length, writable))
+            if not (start <= addr and addr + length <= end):
+                if not memory.contains(addr, length):
+                    raise RingError(f"buffer at {addr:#x}+{length:#x} is not inside guest RAM")
+                _, _, start, end = memory.span(addr, length)
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable_len += length
+                if writable_len > MAX_CHAIN_BYTES:
+                    raise RingError(f"the chain at head {head} has more than 4 GiB of "
+                                    f"device-writable bytes")
+                buffers.append(new_buffer(Buffer, (addr, length, True)))
+            else:
+                if n_readable != len(buffers):
+                    raise RingError("a device-readable buffer after a device-writable one")
+                readable_len += length
+                if readable_len > MAX_CHAIN_BYTES:
+                    raise RingError(f"the chain at head {head} has more than 4 GiB of "
+                                    f"device-readable bytes")
+                n_readable += 1
+                buffers.append(new_buffer(Buffer, (addr, length, False)))
             if not flags & VIRTQ_DESC_F_NEXT:
-                return buffers
+                return Chain(head, tuple(buffers), readable_len, writable_len, n_readable)
             index = nxt
         raise RingError(f"the chain at head {head} is longer than the table (a loop)")
 
     def _indirect(self, addr, length):
-        """The address of an indirect table of length bytes, checked."""
+        """(buffer, offset, descriptors) of an indirect table of length bytes, checked."""
         if length % 16 or not length or not self.memory.contains(addr, length):
             raise RingError(f"indirect table at {addr:#x}+{length:#x} is not whole "
                             f"descriptors inside guest RAM")
         if length // 16 > MAX_INDIRECT:
             raise RingError(f"an indirect table of {length // 16} descriptors (at most "
                             f"{MAX_INDIRECT})")
-        return addr
+        table, base, _, _ = self.memory.span(addr, length)
+        return table, base, length // 16
 
     def has_available(self):
         """Whether pop() would return a chain; asks the driver (avail_event) to
@@ -165,8 +209,9 @@ class DeviceRing:
     def _pending(self):
         """Chains made available and not yet popped, after asking the driver
         (avail_event) to notify for any it adds from here on."""
-        self.memory.write(self.used + 4 + 8 * self.num, struct.pack("<H", self.next_avail))
-        idx = self.avail_idx()
+        self._locate()
+        U16.pack_into(self._used_buf, self._used_off + 4 + 8 * self.num, self.next_avail)
+        idx = U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
         pending = (idx - self.next_avail) & 0xFFFF
         if pending > self.num:
             raise RingError(f"the available index {idx} is {pending} entries ahead of the "
@@ -181,18 +226,23 @@ class DeviceRing:
         if new == used_before:
             return False
         if event_idx:
-            used_event = self._u16(self.avail + 4 + 2 * self.num)
+            used_event = U16.unpack_from(self._avail_buf, self._avail_off + 4 + 2 * self.num)[0]
             return (new - used_event - 1) & 0xFFFF < (new - used_before) & 0xFFFF
-        return not self._u16(self.avail) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        flags = U16.unpack_from(self._avail_buf, self._avail_off)[0]
+        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def push(self, head, written, before_publish=None):
         """Return chain head as used, with `written` bytes written into it
         (before_publish(), if given, runs between the used element and the
         index that publishes it: a back-end's fault injection)."""
-        idx = self.used_idx()
-        self.memory.write(self.used + 4 + 8 * (idx % self.num), struct.pack("<II", head, written))
+        self._locate()
+        used, off = self._used_buf, self._used_off
+        idx = U16.unpack_from(used, off + 2)[0]
+        USED_ELEM.pack_into(used, off + 4 + 8 * (idx % self.num), head, written)
         if before_publish is not None:
             before_publish()
+            self._locate()
+            used, off = self._used_buf, self._used_off
         # The entry must be visible before the index that covers it (x86 keeps
         # stores in order).
-        self.memory.write(self.used + 2, struct.pack("<H", (idx + 1) & 0xFFFF))
+        U16.pack_into(used, off + 2, (idx + 1) & 0xFFFF)

@@ -201,7 +201,7 @@ class Blk(BackendDevice):
 
     def _transfer(self, io, pieces, offset, memory):
         """preadv or pwritev between the image at offset and the guest buffers."""
-        views = [memory.view(a, n) for a, n in pieces]
+        views = memory.views(pieces)
         try:
             want = sum(n for _, n in pieces)
             done = io(self.fd, views, offset) if views else 0

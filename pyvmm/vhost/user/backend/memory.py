@@ -76,12 +76,16 @@ class MappedMemory:
         self.max_regions = max_regions
         self.allow_unsealed = allow_unsealed
         self._last = None         # the region found last: most lookups hit it again
+        # Bumped whenever the table changes: what a caller learnt from span()
+        # holds while the generation is the same.
+        self.generation = 0
 
     def add(self, region, fd):
         """ADD_MEM_REG: map one MemoryRegion from fd into a free slot (BE-37)."""
         if len(self.regions) >= self.max_regions:
             raise Refused(f"all {self.max_regions} memory slots are in use", "BE-37")
         self.regions.append(map_region(region, fd, self.allow_unsealed))
+        self.generation += 1
 
     def replace(self, regions_and_fds):
         """SET_MEM_TABLE: the new table, all of it or (Refused) none of it."""
@@ -95,6 +99,7 @@ class MappedMemory:
             raise
         self.clear()
         self.regions = new
+        self.generation += 1
 
     def remove(self, region):
         for i, r in enumerate(self.regions):
@@ -102,6 +107,7 @@ class MappedMemory:
                 r.mapping.close()
                 del self.regions[i]
                 self._last = None
+                self.generation += 1
                 return True
         return False
 
@@ -110,6 +116,7 @@ class MappedMemory:
             r.mapping.close()
         self.regions = []
         self._last = None
+        self.generation += 1
 
     def _find(self, gpa, length):
         if length >= 0:
@@ -121,6 +128,14 @@ class MappedMemory:
                     self._last = r
                     return r, r.skip + gpa - r.guest_addr
         raise OutsideMemory(f"guest range {gpa:#x}+{length:#x} is not inside the mapped memory")
+
+    def span(self, gpa, length):
+        """(buffer, offset, start, end): the mapping [gpa, gpa + length) lies in
+        (for struct.unpack_from/pack_into at offset), and the guest range
+        [start, end) of its region, within which the caller may go on without
+        another lookup until the generation changes."""
+        r, off = self._find(gpa, length)
+        return r.mapping, off, r.guest_addr, r.end
 
     def contains(self, gpa, length):
         try:
@@ -140,6 +155,21 @@ class MappedMemory:
     def view(self, gpa, length):
         r, off = self._find(gpa, length)
         return memoryview(r.mapping)[off:off + length]
+
+    def views(self, ranges):
+        """view() of each (gpa, length) of ranges, for one preadv/pwritev: one
+        memoryview of a region serves all its ranges. The caller releases
+        them before the table may change (a mapping with views cannot close)."""
+        out = []
+        start, end = 1, 0                  # the guest range of the region at hand
+        for gpa, length in ranges:
+            if not (start <= gpa and gpa + length <= end):
+                r, _ = self._find(gpa, length)
+                start, end, delta = r.guest_addr, r.end, r.skip - r.guest_addr
+                whole = memoryview(r.mapping)
+            off = gpa + delta
+            out.append(whole[off:off + length])
+        return out
 
     def guest_address(self, user_addr, length=1):
         """The guest-physical address of a front-end (user) address (BE-28)."""
