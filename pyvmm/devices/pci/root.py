@@ -30,8 +30,6 @@ HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE = 0x8086, 0x0D57
 class HostBridge:
     """00:00.0: nothing but its ids, so that the guest believes there is a bus."""
 
-    name = "host bridge"
-
     def __init__(self):
         self.config = PciConfig(HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE, PCI_CLASS_BRIDGE_HOST)
 

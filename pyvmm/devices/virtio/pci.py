@@ -114,6 +114,8 @@ class VirtioPci(VirtioTransport):
         self._unrouted_fd = self._eventfd()     # the call eventfd of a queue with no vector
         self.msix = MsixTable(device.num_queues + 1, vm, routes, self._eventfd, device.name,
                               active=lambda: self.active)
+        # MAX_QUEUES (64) + 1 vectors: 1040 bytes of table, 16 of PBA.
+        assert self.msix.table_size <= REGION_SIZE and self.msix.pba_size <= REGION_SIZE
         self.config = PciConfig(PCI_VENDOR_ID_REDHAT_QUMRANET,
                                 VIRTIO_PCI_MODERN_DEVICE_BASE + device.device_id,
                                 CLASS_CODES.get(device.device_id, PCI_CLASS_OTHERS), revision=1,
