@@ -9,6 +9,7 @@ import sys
 import time
 
 from pyvmm import __version__, guest
+from pyvmm.vmm import DEFAULT_TRANSPORT, TRANSPORTS
 
 EXIT_ERROR = 1          # pyvmm could not start the VM (the message says why)
 EXIT_USAGE = 2          # bad command line (argparse's convention)
@@ -46,10 +47,6 @@ This host's KVM may be unable to boot Linux (a paravirtual KVM, no
 /dev/kvm); then run pyvmm inside the testbed VM:
   scripts/testbed -- python3 -m pyvmm run -- uname -a
 """
-
-TRANSPORTS = ("pci", "mmio")
-DEFAULT_TRANSPORT = "pci"
-
 
 def parse_transport(text):
     if text not in TRANSPORTS:

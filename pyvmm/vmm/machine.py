@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pyvmm.devices.bus import Bus
 from pyvmm.devices.debug_ports import DebugCon, ExitPort
 from pyvmm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
+from pyvmm.devices.pci.root import PCI_CONFIG_PORT, PCI_CONFIG_PORTS, PciRoot
 from pyvmm.devices.serial import COM1_IRQ, COM1_PORT, Serial
 from pyvmm.devices.virtio.mmio import MMIO_SIZE, VirtioMmio, mmio_cmdline
 from pyvmm.guest import EXIT_PORT, INIT_MARK_PORT
@@ -24,6 +25,7 @@ from pyvmm.kvm import Kvm, KvmError
 from pyvmm.loader import load_linux
 from pyvmm.loader.mptable import MAX_APIC_ID
 from pyvmm.memory import GuestMemory
+from pyvmm.vmm import DEFAULT_TRANSPORT
 from pyvmm.vmm.cpu import configure_vcpu
 from pyvmm.vmm.lifecycle import Lifecycle, MachineExit
 from pyvmm.vmm.vcpu_thread import VcpuThread
@@ -48,7 +50,7 @@ class MachineConfig:
     generic: list = field(default_factory=list)  # VhostUserConfig per --device
     scsis: list = field(default_factory=list)  # ScsiConfig per --scsi
     tracer: object = None                      # a vhost-user Tracer (--trace vhost-user)
-    transport: str = "mmio"                    # how the guest finds virtio devices: mmio or pci
+    transport: str = DEFAULT_TRANSPORT         # how the guest finds virtio devices: pci or mmio
 
 
 def guest_cmdline(base, transport, devices):
@@ -136,7 +138,6 @@ class Machine:
         # The PCI bus is there on both transports: a guest with PCI support
         # that finds no bus at all says so on the console ("PCI: Fatal: No
         # config space access function found"), even with quiet.
-        from pyvmm.devices.pci.root import PCI_CONFIG_PORT, PCI_CONFIG_PORTS, PciRoot
         self.pci = PciRoot()
         self.pio.add(PCI_CONFIG_PORT, PCI_CONFIG_PORTS, self.pci, "PCI config")
         if config.transport == "pci":
