@@ -109,10 +109,7 @@ class GuestMemory:
         """The memfd offset of [gpa, gpa + length), which must lie in one region."""
         if length < 0:
             raise GuestMemoryError(f"negative length {length}")
-        for r in self.regions:
-            if r.guest_phys_addr <= gpa and gpa + length <= r.end:
-                return r.memfd_offset + gpa - r.guest_phys_addr
-        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not inside guest RAM")
+        return self.span(gpa, length)[1]
 
     # The regions never change: span()'s answers hold for the memory's life.
     generation = 0
