@@ -307,6 +307,22 @@ def test_unmasking_a_running_devices_vector_sends_what_may_have_been_dropped(rig
     assert drain(t.msix.fds[1]) == 1 and drain(t.msix.fds[2]) == 0
 
 
+def test_unmasking_the_function_routes_all_its_vectors_in_one_table(rig):
+    """Clearing the function mask makes every unmasked vector deliverable at
+    once: one KVM_SET_GSI_ROUTING for them all, not one per vector."""
+    t, dev, vm, g, slot = rig
+    msix = [off for off, cap_id, _ in capabilities(g, slot) if cap_id == pcfg.PCI_CAP_ID_MSIX][0]
+    g.cfg_write(slot, msix + 2, 2, PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL)
+    for v in range(t.msix.nvectors):
+        g.write(BAR_AT + pci.MSIX_TABLE + 16 * v, 4, 0xFEE0_0000)
+        g.write(BAR_AT + pci.MSIX_TABLE + 16 * v + 8, 4, 0x30 + v)
+        g.write(BAR_AT + pci.MSIX_TABLE + 16 * v + 12, 4, 0)
+    calls = vm.routing_calls
+    g.cfg_write(slot, msix + 2, 2, PCI_MSIX_FLAGS_ENABLE)
+    assert vm.routing_calls == calls + 1
+    assert sorted(vm.msi_routes()) == sorted(t.msix.gsis)
+
+
 def test_notify_writes_no_ioeventfd_took(rig):
     """Queue 2 has no back-end (pyvmm serves it): its notification reaches the
     device model. An odd-sized write to a back-end's queue is passed on to its kick."""

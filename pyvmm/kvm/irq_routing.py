@@ -35,26 +35,27 @@ class GsiRoutes:
         self._msi = {}            # gsi -> (address, data) of a routed vector
 
     def allocate(self):
-        """A GSI of our own, routed nowhere until set_msi."""
+        """A GSI of our own, routed nowhere until update() routes it."""
         with self._lock:
             if self._next_gsi >= MAX_GSI:
                 raise PyvmmError(f"out of GSIs for MSI-X vectors (at most {MAX_GSI - FIRST_MSI_GSI})")
             gsi, self._next_gsi = self._next_gsi, self._next_gsi + 1
             return gsi
 
-    def set_msi(self, gsi, address, data):
-        """Route gsi to the MSI message (address, data); None unroutes it
-        (an irqfd on it then raises nothing). An OSError from KVM leaves the
-        table as it was."""
+    def update(self, changes):
+        """Route each GSI of changes ({gsi: (address, data)}) to that MSI
+        message, or (None) nowhere: an irqfd on it then raises nothing. One
+        KVM_SET_GSI_ROUTING for them all, none if nothing changes; an OSError
+        from KVM leaves the table as it was."""
         with self._lock:
-            route = None if address is None else (address, data)
-            if self._msi.get(gsi) == route:
-                return
             msi = dict(self._msi)
-            if route is None:
-                del msi[gsi]
-            else:
-                msi[gsi] = route
+            for gsi, route in changes.items():
+                if route is None:
+                    msi.pop(gsi, None)
+                else:
+                    msi[gsi] = route
+            if msi == self._msi:
+                return
             self.vm.set_gsi_routing(self.entries(msi))
             self._msi = msi
 

@@ -106,21 +106,23 @@ class MsixTable:
         return 0       # see the module doc
 
     def _update(self, vectors):
-        """(under _lock) Route each of vectors to its message, or nowhere if masked."""
+        """(under _lock) Route each of vectors to its message, or nowhere if
+        masked: one routing table for them all."""
+        deliverable, changes = {}, {}
         for v in vectors:
             entry = v * PCI_MSIX_ENTRY_SIZE
             address_lo, address_hi, data, ctrl = struct.unpack_from("<IIII", self.table, entry)
-            deliverable = (self.enabled and not self.function_masked
-                           and not ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)
-            try:
-                if deliverable:
-                    self.routes.set_msi(self.gsis[v], address_hi << 32 | address_lo, data)
-                else:
-                    self.routes.set_msi(self.gsis[v], None, None)
-            except OSError as e:
-                log.warning("%s: KVM refused the route of MSI-X vector %d (%s); it stays as "
-                            "it was", self.name, v, e.strerror)
-                continue
-            if deliverable and not self._routed[v] and self._active():
+            deliverable[v] = (self.enabled and not self.function_masked
+                              and not ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)
+            changes[self.gsis[v]] = (address_hi << 32 | address_lo, data) if deliverable[v] \
+                else None
+        try:
+            self.routes.update(changes)
+        except OSError as e:
+            log.warning("%s: KVM refused the routes of MSI-X vectors %d-%d (%s); they stay as "
+                        "they were", self.name, min(vectors), max(vectors), e.strerror)
+            return
+        for v, now in deliverable.items():
+            if now and not self._routed[v] and self._active():
                 os.eventfd_write(self.fds[v], 1)       # what may have been dropped meanwhile
-            self._routed[v] = deliverable
+            self._routed[v] = now
