@@ -213,20 +213,17 @@ class VirtioPci(VirtioTransport):
     def _notify_ioeventfds(self, address, deassign=False):
         """Each back-end queue's notify address at BAR address: an ioeventfd
         (16-bit writes of the queue index), or none any more (deassign)."""
+        notifies = [(q, address + NOTIFY + NOTIFY_OFF_MULTIPLIER * q.index)
+                    for q in self.queues if q.kick_fd is not None]
         done = []
         try:
-            for q in self.queues:
-                if q.kick_fd is not None:
-                    self.vm.ioeventfd(q.kick_fd,
-                                      address + NOTIFY + NOTIFY_OFF_MULTIPLIER * q.index, 2,
-                                      datamatch=q.index, deassign=deassign)
-                    done.append(q)
+            for q, at in notifies:
+                self.vm.ioeventfd(q.kick_fd, at, 2, datamatch=q.index, deassign=deassign)
+                done.append((q, at))
         except OSError:
             if not deassign:       # take back the ones made, and say why
-                for q in done:
-                    self.vm.ioeventfd(q.kick_fd,
-                                      address + NOTIFY + NOTIFY_OFF_MULTIPLIER * q.index, 2,
-                                      datamatch=q.index, deassign=True)
+                for q, at in done:
+                    self.vm.ioeventfd(q.kick_fd, at, 2, datamatch=q.index, deassign=True)
             raise
 
     def _map(self, address):
@@ -305,8 +302,8 @@ class VirtioPci(VirtioTransport):
             self.device.notify(index)
 
     def _field(self, at, size):
-        """The common configuration field an access names, or None (for 8-byte
-        accesses to an address, the low half's)."""
+        """The common configuration field an access of size bytes at at names
+        (its offset and size exactly), or None."""
         field = COMMON_FIELDS.get(at)
         if field is None or field[1] != size:
             return None
