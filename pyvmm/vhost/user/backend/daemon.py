@@ -26,7 +26,6 @@ the protocol) ends the connection instead.
     serve_forever("/tmp/rng.sock", Rng())     # listens; one front-end at a time
 """
 
-import copy
 import os
 
 from pyvmm.sys.eventloop import EventLoop
@@ -135,7 +134,7 @@ class Daemon:
             data, fds = self.conn.receive("the rest of a request")
             self.session.receive(data, fds)
             while True:
-                before = copy.deepcopy(self.session.negotiated)
+                before = self.session.negotiated.snapshot()
                 if (msg := self.session.next_message()) is NEED_DATA:
                     break
                 self._negotiated_before = before
