@@ -90,6 +90,18 @@ def memory16():
     m.close()
 
 
+@pytest.fixture(params=["compiled", "python"])
+def ring_walk(request, monkeypatch):
+    """Ring tests run on both chain walks: with `pytest.mark.usefixtures(
+    "ring_walk")` in a module's pytestmark, every DeviceRing made on memory
+    with host addresses walks in C (pyvmm/virtio/ring_walk.c), then in
+    Python (the reference). The compiled case fails, not skips, where the
+    walk was not built: scripts/setup builds it."""
+    from pyvmm.virtio import compiled_ring
+    monkeypatch.setattr(compiled_ring, "walker", lambda: request.param)
+    return request.param
+
+
 @pytest.fixture(params=["pci", "mmio"])
 def transport(request, monkeypatch):
     """The testbed's device suites run on both virtio transports: a module

@@ -9,6 +9,8 @@ import pytest
 from pyvmm.virtio.device_ring import MAX_INDIRECT, DeviceRing
 from pyvmm.virtio.splitring import VIRTQ_DESC_F_INDIRECT, DriverRing, RingError
 
+pytestmark = pytest.mark.usefixtures("ring_walk")   # C and Python (conftest)
+
 NUM = 8
 
 

@@ -10,6 +10,8 @@ from pyvmm.virtio.device_ring import Buffer, DeviceRing
 from pyvmm.virtio.splitring import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, DriverRing,
                                     RingError)
 
+pytestmark = pytest.mark.usefixtures("ring_walk")   # C and Python (conftest)
+
 MiB = 1 << 20
 NUM = 8
 

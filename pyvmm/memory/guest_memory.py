@@ -152,6 +152,10 @@ class GuestMemory:
         off = self._offset(gpa, len(data))
         self._map[off:off + len(data)] = data
 
+    def host_regions(self):
+        """(guest start, guest end, host address) of each region (for compiled_ring)."""
+        return [(r.guest_phys_addr, r.end, r.host_addr) for r in self.regions]
+
     def host_address(self, gpa, length=1):
         """The address of guest-physical gpa in pyvmm's own address space."""
         return self._base() + self._offset(gpa, length)

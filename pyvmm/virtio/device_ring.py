@@ -12,11 +12,17 @@ device read or write outside guest memory. Descriptors are read one at a
 time where they are (unpacked in place from the mapping), never a whole
 table at once: what a guest names costs the device no more than what it
 uses.
+
+The walk is done in C where compiled_ring.py could build it (the same
+checks, the same refusals, and the request's bytes moved in C too); this
+module's walk in Python is the reference, and what runs without it.
 """
 
+import os
 import struct
 from typing import NamedTuple
 
+from pyvmm.virtio import compiled_ring
 from pyvmm.virtio.splitring import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
                                     VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingError,
                                     avail_ring_size, check_ring, desc_table_size,
@@ -81,6 +87,25 @@ class Chain(NamedTuple):
             done += n
         return done
 
+    def read_file(self, memory, fd, offset, start, length):
+        """preadv: the file's bytes at offset into device-writable bytes [start,
+        start+length); returns the bytes read."""
+        return _file_io(os.preadv, fd, offset, memory, pieces(self.writable, start, length))
+
+    def write_file(self, memory, fd, offset, start, length):
+        """pwritev: device-readable bytes [start, start+length) to the file at offset."""
+        return _file_io(os.pwritev, fd, offset, memory, pieces(self.readable, start, length))
+
+
+def _file_io(io, fd, offset, memory, ranges):
+    """One preadv or pwritev between the file and views of the ranges."""
+    views = memory.views(ranges)
+    try:
+        return io(fd, views, offset) if views else 0
+    finally:
+        for v in views:
+            v.release()
+
 
 U16 = struct.Struct("<H")
 USED_ELEM = struct.Struct("<II")
@@ -96,12 +121,20 @@ class DeviceRing:
     is, with no copy and no lookup.
     """
 
-    def __init__(self, memory, num, desc, avail, used, next_avail=0):
+    def __init__(self, memory, num, desc, avail, used, next_avail=0, walk=None):
+        """walk: "compiled" or "python" (None: compiled where it was built and
+        the memory can tell host addresses)."""
         check_ring(memory, num, desc, avail, used)
         self.memory = memory
         self.num = num
         self.desc, self.avail, self.used = desc, avail, used
         self.next_avail = next_avail & 0xFFFF
+        if walk is None:
+            walk = compiled_ring.walker() if hasattr(memory, "host_regions") else "python"
+        if walk == "compiled" and not compiled_ring.available:
+            raise ValueError("the compiled ring walk was not built")
+        self.walk = walk
+        self._regions = None             # compiled_ring.Regions, for the compiled walk
         self._located = (None, None)     # (memory, generation) the spans below are of
         self._locate()
 
@@ -115,6 +148,9 @@ class DeviceRing:
         self._desc_buf, self._desc_off, _, _ = memory.span(self.desc, desc_table_size(num))
         self._avail_buf, self._avail_off, _, _ = memory.span(self.avail, avail_ring_size(num))
         self._used_buf, self._used_off, _, _ = memory.span(self.used, used_ring_size(num))
+        if self.walk == "compiled":
+            self._regions = compiled_ring.Regions(memory)
+            self._desc_host = self._regions.host(self.desc, desc_table_size(num))
         self._located = (memory, memory.generation)
 
     def avail_idx(self):
@@ -146,6 +182,11 @@ class DeviceRing:
         return self._walk(head)
 
     def _walk(self, head):
+        if self._regions is not None:
+            return compiled_ring.walk(self._regions, self._desc_host, self.num, head)
+        return self._walk_python(head)
+
+    def _walk_python(self, head):
         """The chain at head, through an indirect table if any. Every buffer
         is checked to lie inside one region of guest RAM; the bounds of the
         region the last one was in save the lookup for the next."""

@@ -15,6 +15,7 @@ that cannot be mapped is refused and changes nothing; the fds are the
 caller's to close (the mappings keep the memory).
 """
 
+import ctypes
 import mmap
 from dataclasses import dataclass
 
@@ -38,9 +39,14 @@ class MappedRegion:
     mapping: mmap.mmap        # the region's fd from a page boundary ...
     skip: int                 # ... so the region starts this far into the mapping
     end: int = 0              # guest_addr + size
+    host_addr: int = 0        # where guest_addr is mapped in this process
 
     def __post_init__(self):
         self.end = self.guest_addr + self.size
+        # The address alone, no lasting export: an mmap with exports cannot close.
+        anchor = ctypes.c_char.from_buffer(self.mapping)
+        self.host_addr = ctypes.addressof(anchor) + self.skip
+        del anchor
 
     def same(self, region):
         """REM_MEM_REG's match: guest address, user address, size (BE-33)."""
@@ -170,6 +176,10 @@ class MappedMemory:
             off = gpa + delta
             out.append(whole[off:off + length])
         return out
+
+    def host_regions(self):
+        """(guest start, guest end, host address) of each region (for compiled_ring)."""
+        return [(r.guest_addr, r.end, r.host_addr) for r in self.regions]
 
     def guest_address(self, user_addr, length=1):
         """The guest-physical address of a front-end (user) address (BE-28)."""
