@@ -19,6 +19,8 @@ from pyvmm.virtio.blk import (CONFIG, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_RO, VIR
                               VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
                               VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES)
 
+pytestmark = pytest.mark.usefixtures("ring_walk")   # C and Python (conftest)
+
 HEADER, DATA, STATUS = 0x100000, 0x101000, 0x180000
 MiB = 1 << 20
 VERSION_1 = 1 << 32
@@ -278,6 +280,72 @@ def test_a_ring_larger_than_the_inflight_area_is_served_untracked(memory16, imag
         assert "a ring of 64 entries, but the inflight area was made for 32" in caplog.text
         with mmap.mmap(area.fd, area.description.mmap_size) as m:
             assert m[:] == bytes(len(m))                    # untouched
+    finally:
+        rig.close()
+        device.close()
+
+
+# --- requests served at once (issue 23) ------------------------------------------
+
+def reads_at_once(rig, n):
+    """n one-page reads made available together, one kick; their used entries."""
+    q = rig.queues[0]
+    heads = []
+    for i in range(n):
+        rig.memory.write(HEADER + 16 * i, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, i))
+        heads.append(q.send([(HEADER + 16 * i, 16, False), (DATA + 4096 * i, 4096, True),
+                             (STATUS + i, 1, True)], kick=False))
+    os.eventfd_write(rig.kick, 1)
+    used = []
+    while len(used) < n:
+        rig.wait(rig.call)
+        used += q.used()
+    return heads, used
+
+
+def test_requests_made_available_together_are_served_at_once(memory16, image):
+    """Three reads in one kick are all inside serve() at the same time (a
+    barrier of three lets none through alone); each is answered once, with
+    its own data."""
+    import threading
+    device = Blk(str(image), io_threads=3)
+    barrier, serve = threading.Barrier(3, timeout=5), device.serve
+    device.serve = lambda chain, memory: barrier.wait() is None or serve(chain, memory)
+    rig = LibraryRig(memory16, device)
+    try:
+        heads, used = reads_at_once(rig, 3)
+        assert sorted(used) == sorted((h, 4097) for h in heads)
+        on_disk = image.read_bytes()
+        for i in range(3):
+            assert rig.memory.read(DATA + 4096 * i, 4096) == on_disk[512 * i:512 * i + 4096]
+            assert rig.memory.read(STATUS + i, 1) == bytes([VIRTIO_BLK_S_OK])
+        assert len([t for t in threading.enumerate() if t.name.startswith("blk-io")]) == 2
+    finally:
+        rig.close()
+        device.close()
+
+
+def test_a_device_failure_on_an_io_thread_breaks_the_ring_after_the_batch(memory16, image):
+    """What one request of a batch raised on an I/O thread reaches the loop
+    (the ring is broken, the error eventfd signalled) once the others are
+    back, answered."""
+    device = Blk(str(image), io_threads=3)
+    serve, heads = device.serve, []
+
+    def failing(chain, memory):
+        if chain.head == heads[1]:
+            raise ValueError("a bug")
+        return serve(chain, memory)
+    device.serve = failing
+    rig = LibraryRig(memory16, device)
+    try:
+        q = rig.queues[0]
+        rig.memory.write(HEADER, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0))
+        heads += [q.send([(HEADER, 16, False), (DATA + 4096 * i, 4096, True),
+                          (STATUS + i, 1, True)], kick=False) for i in range(3)]
+        os.eventfd_write(rig.kick, 1)
+        rig.wait(rig.err)
+        assert sorted(h for h, _ in q.used()) == sorted([heads[0], heads[2]])
     finally:
         rig.close()
         device.close()

@@ -35,6 +35,8 @@ def test_print_capabilities(device, kind):
      "--image /dev/null: not a regular file or block device"),
     (["blk", "--socket-path", "/tmp/x.sock", "--image", "/etc/hostname", "--queues", "0"],
      "--queues 0: give 1 to 64"),
+    (["blk", "--socket-path", "/tmp/x.sock", "--image", "/etc/hostname", "--io-threads", "0"],
+     "--io-threads 0: give 1 to 64"),
     (["rng"], "give --socket-path PATH, --fd N or --connect PATH"),
     (["vsock", "--socket-path", "/tmp/x.sock", "--guest-cid", "3"],
      "vsock needs --guest-cid N and --uds-path PATH"),

@@ -23,13 +23,15 @@ serving loop, between requests.
 
 import logging
 import os
+import queue
 import stat
+import threading
 
 from pyvmm.sys.fallocate import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
                                  FALLOC_FL_ZERO_RANGE, fallocate)
 from pyvmm.vhost.user.backend.device import RING_FEATURES, BackendDevice
 from pyvmm.virtio import spec
-from pyvmm.virtio.device_ring import pieces
+from pyvmm.virtio.splitring import RingError
 from pyvmm.virtio.blk import (
     CONFIG, DISCARD_SEGMENT, OUTHDR, SECTOR, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -43,6 +45,7 @@ log = logging.getLogger("pyvmm.backend")
 SEG_MAX = 126                 # data buffers per request: a 128-entry ring less header, status
 MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 MAX_DISCARD_SEG = 16
+IO_THREADS = 4                # requests served at once: the loop's thread and 3 more
 
 
 class RequestFailed(Exception):
@@ -58,8 +61,10 @@ class Blk(BackendDevice):
     name = "blk"
     inflight_tracking = True
 
-    def __init__(self, image, read_only=False, num_queues=1, serial=None):
-        """image: a regular file or block device, opened here (OSError if it cannot be)."""
+    def __init__(self, image, read_only=False, num_queues=1, serial=None, io_threads=IO_THREADS):
+        """image: a regular file or block device, opened here (OSError if it
+        cannot be). io_threads: requests served at once (1: one at a time,
+        in the loop's thread)."""
         self.fd = os.open(image, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         try:
             st = os.fstat(self.fd)
@@ -75,6 +80,8 @@ class Blk(BackendDevice):
         self.can_discard = not read_only and stat.S_ISREG(st.st_mode)
         self.serial = (serial or os.path.basename(image)).encode()[:VIRTIO_BLK_ID_BYTES]
         self.resize_requests = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.io_threads = max(1, io_threads)
+        self._requests = self._finished = None
 
     @property
     def features(self):
@@ -93,6 +100,9 @@ class Blk(BackendDevice):
                            *discard, 1, *discard, 1 if self.can_discard else 0)
 
     def close(self):
+        if self._requests is not None:
+            for _ in range(self.io_threads - 1):
+                self._requests.put(None)
         os.close(self.fd)
         os.close(self.resize_requests)
 
@@ -133,27 +143,69 @@ class Blk(BackendDevice):
             self.daemon.config_changed()
 
     def handle_queue(self, index, ring, memory):
-        while (chain := ring.pop()) is not None:
-            ring.push(chain.head, self.serve(chain, memory))
+        """Serve what the driver made available, a batch at a time: the first
+        request of a batch here, the others at once on the I/O threads (the
+        preadv/pwritev in C or in os release the GIL, so the copies overlap);
+        each batch is over, and pushed in the order its requests finished,
+        before the next is taken (what a dead predecessor left in flight is
+        served first, one at a time). Nothing is left in flight when this
+        returns: a new memory table or GET_VRING_BASE never finds a thread
+        still using guest memory."""
+        while True:
+            batch, broken = [], None
+            try:
+                while len(batch) < self.io_threads:
+                    alone = ring.resubmitting      # BE-74: oldest first, one at a time
+                    if (chain := ring.pop()) is None:
+                        break
+                    batch.append(chain)
+                    if alone:
+                        break
+            except RingError as e:     # what came before the break is still served
+                broken = e
+            if not batch:
+                if broken is not None:
+                    raise broken
+                return
+            for chain in batch[1:]:
+                self._io().put((chain, memory))
+            done = [(batch[0], _serving(self.serve, batch[0], memory))]
+            done += [self._finished.get() for _ in batch[1:]]
+            failed = None
+            for chain, written in done:
+                if isinstance(written, BaseException):
+                    failed = failed or written
+                else:
+                    ring.push(chain.head, written)
+            if failed is not None or broken is not None:
+                raise failed or broken
+
+    def _io(self):
+        """The queue of requests for the I/O threads (started at first use)."""
+        if self._requests is None:
+            self._requests, self._finished = queue.SimpleQueue(), queue.SimpleQueue()
+            for i in range(self.io_threads - 1):
+                threading.Thread(target=self._io_thread, name=f"blk-io-{i}", daemon=True).start()
+        return self._requests
+
+    def _io_thread(self):
+        while (job := self._requests.get()) is not None:
+            chain, memory = job
+            self._finished.put((chain, _serving(self.serve, chain, memory)))
 
     def serve(self, chain, memory):
         """Do one request; returns the bytes written into the chain."""
-        readable, writable = chain.readable, chain.writable
         in_len = chain.writable_len - 1                      # the last byte is the status
         if in_len < 0:
             log.warning("a request with no room for its status byte; returned unanswered")
             return 0
-        last = writable[-1]
-        status_addr = last.addr + last.length - 1
         written = 0
         try:
             out_len = chain.readable_len - OUTHDR.size
             if out_len < 0:
                 raise RequestFailed(VIRTIO_BLK_S_IOERR, "a request shorter than its header")
             kind, _, sector = OUTHDR.unpack(chain.read(memory, 0, OUTHDR.size))
-            data_out = pieces(readable, OUTHDR.size, out_len)
-            data_in = pieces(writable, 0, in_len)
-            written = self._do(kind, sector, data_out, data_in, out_len, in_len, memory)
+            written = self._do(kind, sector, chain, out_len, in_len, memory)
             status = VIRTIO_BLK_S_OK
         except RequestFailed as e:
             log.debug("request failed: %s", e)
@@ -161,7 +213,7 @@ class Blk(BackendDevice):
         except OSError as e:
             log.warning("I/O error on the image: %s", e.strerror)
             status = VIRTIO_BLK_S_IOERR
-        memory.write(status_addr, bytes([status]))
+        chain.write(memory, bytes([status]), in_len)
         return written + 1
 
     def _range(self, sector, length):
@@ -175,48 +227,41 @@ class Blk(BackendDevice):
         if self.read_only:
             raise RequestFailed(VIRTIO_BLK_S_IOERR, "a write to a read-only disk")
 
-    def _do(self, kind, sector, data_out, data_in, out_len, in_len, memory):
-        """The request's work; returns the bytes of data written into data_in."""
+    def _do(self, kind, sector, chain, out_len, in_len, memory):
+        """The request's work (data after the header, and before the status
+        byte); returns the bytes of data written into the chain."""
         if kind == VIRTIO_BLK_T_IN:
-            return self._transfer(os.preadv, data_in, self._range(sector, in_len), memory)
+            offset = self._range(sector, in_len)
+            return self._moved(chain.read_file(memory, self.fd, offset, 0, in_len), in_len,
+                               offset)
         if kind == VIRTIO_BLK_T_OUT:
             self._writes()
-            self._transfer(os.pwritev, data_out, self._range(sector, out_len), memory)
+            offset = self._range(sector, out_len)
+            self._moved(chain.write_file(memory, self.fd, offset, OUTHDR.size, out_len),
+                        out_len, offset)
             return 0
         if kind == VIRTIO_BLK_T_FLUSH:
             os.fdatasync(self.fd)
             return 0
         if kind == VIRTIO_BLK_T_GET_ID:
-            ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
-            done = 0
-            for addr, n in data_in:
-                n = min(n, len(ident) - done)
-                memory.write(addr, ident[done:done + n])
-                done += n
-            return done
+            return chain.write(memory, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:in_len])
         if kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES) and self.can_discard:
-            self._discard(kind, data_out, out_len, memory)
+            self._discard(kind, chain, out_len, memory)
             return 0
         raise RequestFailed(VIRTIO_BLK_S_UNSUPP, f"request type {kind}")
 
-    def _transfer(self, io, pieces, offset, memory):
-        """preadv or pwritev between the image at offset and the guest buffers."""
-        views = memory.views(pieces)
-        try:
-            want = sum(n for _, n in pieces)
-            done = io(self.fd, views, offset) if views else 0
-        finally:
-            for v in views:
-                v.release()
+    @staticmethod
+    def _moved(done, want, offset):
+        """done of want bytes at offset were read or written: all, or the request fails."""
         if done != want:
             raise RequestFailed(VIRTIO_BLK_S_IOERR, f"{done} of {want} bytes at {offset}")
         return done
 
-    def _discard(self, kind, data_out, out_len, memory):
+    def _discard(self, kind, chain, out_len, memory):
         """Each segment: punch a hole (DISCARD, or WRITE_ZEROES with UNMAP) or zero it."""
         if out_len % DISCARD_SEGMENT.size or out_len // DISCARD_SEGMENT.size > MAX_DISCARD_SEG:
             raise RequestFailed(VIRTIO_BLK_S_IOERR, f"{out_len} bytes of discard segments")
-        raw = b"".join(memory.read(a, n) for a, n in data_out)
+        raw = chain.read(memory, OUTHDR.size, out_len)
         for sector, count, flags in DISCARD_SEGMENT.iter_unpack(raw):
             if count > MAX_DISCARD_SECTORS:
                 raise RequestFailed(VIRTIO_BLK_S_IOERR, f"a segment of {count} sectors")
@@ -234,3 +279,12 @@ class Blk(BackendDevice):
                 except OSError:          # a file system without ZERO_RANGE
                     for at in range(offset, offset + length, 1 << 20):
                         os.pwrite(self.fd, bytes(min(1 << 20, offset + length - at)), at)
+
+
+def _serving(serve, chain, memory):
+    """serve(chain, memory), or the exception it raised (the loop's thread
+    raises it once the whole batch is back)."""
+    try:
+        return serve(chain, memory)
+    except Exception as e:     # noqa: BLE001 - handed to the loop's thread
+        return e

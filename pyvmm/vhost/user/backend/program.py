@@ -42,6 +42,7 @@ pyvmm run --... vhost-user,socket=PATH) and ends on SIGTERM or Ctrl-C."""
 
 
 def add_parser(sub, formatter_class=argparse.RawDescriptionHelpFormatter):
+    from pyvmm.vhost.user.backend.blk import IO_THREADS
     backend = sub.add_parser("backend", help="run a vhost-user back-end",
                              description=DESCRIPTION, formatter_class=formatter_class)
     devices = backend.add_subparsers(dest="device", metavar="DEVICE", required=True,
@@ -85,6 +86,10 @@ def add_parser(sub, formatter_class=argparse.RawDescriptionHelpFormatter):
             p.add_argument("--serial", metavar="ID",
                            help="what GET_ID answers, up to 20 bytes (default: the "
                                 "image's file name)")
+            p.add_argument("--io-threads", type=int, default=IO_THREADS, metavar="N",
+                           help="requests served at once, each by its own thread (default "
+                                f"{IO_THREADS}; 1: one at a time): the guest's requests "
+                                "that arrive together have their data copied in parallel")
         if name == "vsock":
             p.add_argument("--guest-cid", type=int, metavar="N",
                            help="the guest's CID, 3 or more (required)")
@@ -105,9 +110,11 @@ def make_device(args, parser):
         parser.error("blk needs --image FILE")
     if not 1 <= args.queues <= 64:
         parser.error(f"--queues {args.queues}: give 1 to 64")
+    if not 1 <= args.io_threads <= 64:
+        parser.error(f"--io-threads {args.io_threads}: give 1 to 64")
     try:
         return Blk(args.image, read_only=args.read_only, num_queues=args.queues,
-                   serial=args.serial)
+                   serial=args.serial, io_threads=args.io_threads)
     except OSError as e:
         parser.error(f"--image {args.image}: {e.strerror or e}")
 

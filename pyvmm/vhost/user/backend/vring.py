@@ -87,6 +87,12 @@ class Vring:
         self.device_ring = None
         return base
 
+    @property
+    def resubmitting(self):
+        """Whether pop() would return a request a dead predecessor left in
+        flight (resubmitted in the order it took them, BE-74)."""
+        return bool(self.resubmit)
+
     def available(self):
         """Whether pop() would return a chain (for a device that has something to
         put into the guest's buffers and must not take one otherwise)."""
