@@ -349,3 +349,38 @@ def test_a_device_failure_on_an_io_thread_breaks_the_ring_after_the_batch(memory
     finally:
         rig.close()
         device.close()
+
+
+def test_leaving_a_batch_early_waits_for_the_io_threads(memory16, image):
+    """SIGTERM's SystemExit (here KeyboardInterrupt) in the loop's thread
+    mid-batch: handle_queue leaves only after the I/O threads are out of
+    guest memory, which the daemon unmaps right after."""
+    import threading
+    import time
+    device = Blk(str(image), io_threads=2)
+    finished = threading.Event()
+
+    def serve(chain, memory):
+        if chain == "first":
+            raise KeyboardInterrupt
+        time.sleep(0.3)
+        finished.set()
+        return 1
+
+    class Ring:
+        chains = ["first", "second"]
+        resubmitting = False
+
+        def pop(self):
+            return self.chains.pop(0) if self.chains else None
+
+        def push(self, head, written):
+            raise AssertionError("nothing is pushed")
+
+    device.serve = serve
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            device.handle_queue(0, Ring(), memory16)
+        assert finished.is_set()
+    finally:
+        device.close()

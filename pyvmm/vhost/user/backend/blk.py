@@ -2,8 +2,10 @@
 
 Each request is one chain: the 16-byte header (type, sector), the data, and
 a status byte in the last device-writable byte (pyvmm/virtio/blk.py). Data
-moves straight between the image and guest memory (preadv/pwritev on views
-of the mapped regions); nothing is copied through Python objects.
+moves straight between the image and guest memory (the chain's read_file
+and write_file: preadv/pwritev into its buffers); nothing is copied
+through Python objects. The requests of one kick are served at once, on
+io_threads threads (handle_queue).
 
 Served: IN, OUT, FLUSH (fdatasync), GET_ID (the serial), and on a writable
 regular file DISCARD (punching a hole) and WRITE_ZEROES. A read-only disk
@@ -167,10 +169,7 @@ class Blk(BackendDevice):
                 if broken is not None:
                     raise broken
                 return
-            for chain in batch[1:]:
-                self._io().put((chain, memory))
-            done = [(batch[0], _serving(self.serve, batch[0], memory))]
-            done += [self._finished.get() for _ in batch[1:]]
+            done = self._serve_batch(batch, memory)
             failed = None
             for chain, written in done:
                 if isinstance(written, BaseException):
@@ -179,6 +178,25 @@ class Blk(BackendDevice):
                     ring.push(chain.head, written)
             if failed is not None or broken is not None:
                 raise failed or broken
+
+    def _serve_batch(self, batch, memory):
+        """[(chain, bytes written or the exception)] of each chain of batch, in
+        the order they finished. Returns, or raises (SIGTERM's SystemExit, say),
+        only once no I/O thread is still in guest memory: the mappings may
+        close right after."""
+        for chain in batch[1:]:
+            self._io().put((chain, memory))
+        waiting = len(batch) - 1
+        try:
+            done = [(batch[0], _serving(self.serve, batch[0], memory))]
+            while waiting:
+                done.append(self._finished.get())
+                waiting -= 1
+            return done
+        finally:
+            while waiting:
+                self._finished.get()
+                waiting -= 1
 
     def _io(self):
         """The queue of requests for the I/O threads (started at first use)."""
