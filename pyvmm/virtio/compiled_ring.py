@@ -155,21 +155,25 @@ class CompiledChain:
         self._regions = regions
         self._buffers = None
 
+    def _made(self, first, end):
+        """Buffers first..end-1 as device_ring.Buffer tuples (only when asked for)."""
+        from pyvmm.virtio.device_ring import Buffer
+        return tuple(Buffer(b.addr, b.len, bool(b.writable)) for b in self._bufs[first:end])
+
     @property
     def buffers(self):
         if self._buffers is None:
-            from pyvmm.virtio.device_ring import Buffer
-            self._buffers = tuple(Buffer(b.addr, b.len, bool(b.writable))
-                                  for b in self._bufs[0:self._n])
+            self._buffers = self._made(0, self._n)
         return self._buffers
 
     @property
     def readable(self):
-        return self.buffers[:self.n_readable]
+        """The device-readable buffers (made without the others)."""
+        return self._made(0, self.n_readable)
 
     @property
     def writable(self):
-        return self.buffers[self.n_readable:]
+        return self._made(self.n_readable, self._n)
 
     def _part(self, memory, writable):
         """(first buffer, count) of the device-readable or -writable part, once
