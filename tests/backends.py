@@ -8,6 +8,17 @@ import time
 from pyvmm.sys.process import stop as _stop   # SIGTERM, then SIGKILL
 
 
+def mapped_memory(guest, regions):
+    """A back-end's MappedMemory of guest's memfd (a GuestMemory), one region
+    per (guest_addr, size, fd offset) of regions."""
+    from pyvmm.vhost.user.backend.memory import MappedMemory
+    from pyvmm.vhost.user.messages import MemoryRegion
+    memory = MappedMemory()
+    memory.replace([(MemoryRegion(gpa, size, gpa, offset), os.dup(guest.fd))
+                    for gpa, size, offset in regions])
+    return memory
+
+
 def _remove_stale(sock):
     """A back-end killed earlier leaves its socket file: gone before the next
     one starts, so that waiting for the file waits for the new back-end."""

@@ -5,6 +5,7 @@ guest memory that big: tests/test_backend_refusals.py). No KVM."""
 import struct
 
 import pytest
+from backends import mapped_memory
 
 from pyvmm.virtio.device_ring import MAX_INDIRECT, DeviceRing
 from pyvmm.virtio.splitring import VIRTQ_DESC_F_INDIRECT, DriverRing, RingError
@@ -42,22 +43,10 @@ def test_an_indirect_table_is_at_most_65536_descriptors(memory16):
 
 # --- where the ring is mapped, learnt once (issue 23) ---------------------------
 
-def mapped(memory16, regions):
-    """A back-end's MappedMemory of memory16's memfd, as [(guest_addr, size, fd offset)]."""
-    import os
-
-    from pyvmm.vhost.user.backend.memory import MappedMemory
-    from pyvmm.vhost.user.messages import MemoryRegion
-    memory = MappedMemory()
-    memory.replace([(MemoryRegion(gpa, size, gpa, offset), os.dup(memory16.fd))
-                    for gpa, size, offset in regions])
-    return memory
-
-
 def test_a_ring_follows_a_new_memory_table_to_its_new_mappings(memory16):
     """The ring learns where its table and rings are mapped once; a new table
     (SET_MEM_TABLE: every old mapping closed) has it look them up again."""
-    memory = mapped(memory16, [(0, 16 << 20, 0)])
+    memory = mapped_memory(memory16, [(0, 16 << 20, 0)])
     driver = DriverRing(memory16, 0x10000, NUM)
     device = DeviceRing(memory, NUM, driver.desc_addr, driver.avail_addr, driver.used_addr)
     head = driver.add([(0x20000, 16, False), (0x30000, 8, True)])
@@ -67,7 +56,7 @@ def test_a_ring_follows_a_new_memory_table_to_its_new_mappings(memory16):
     assert memory.generation > generation
     with pytest.raises(RingError):                        # ... then the ring is outside memory
         device.pop()
-    memory = mapped(memory16, [(0, 16 << 20, 0)])
+    memory = mapped_memory(memory16, [(0, 16 << 20, 0)])
     device.memory = memory               # the same rings in another memory, at its generation 2
     head2 = driver.add([(0x20000, 16, False)])
     assert device.pop().head == head2
@@ -77,7 +66,7 @@ def test_a_ring_follows_a_new_memory_table_to_its_new_mappings(memory16):
 def test_buffers_in_two_regions_and_across_their_border(memory16):
     """The walk keeps the bounds of the region the last buffer was in; a buffer
     in the other region is looked up, one across both is refused."""
-    memory = mapped(memory16, [(0, 8 << 20, 0), (8 << 20, 8 << 20, 8 << 20)])
+    memory = mapped_memory(memory16, [(0, 8 << 20, 0), (8 << 20, 8 << 20, 8 << 20)])
     driver = DriverRing(memory16, 0x10000, NUM)
     device = DeviceRing(memory, NUM, driver.desc_addr, driver.avail_addr, driver.used_addr)
     driver.add([(0x20000, 16, False), (9 << 20, 4096, True), (0x30000, 1, True)])
@@ -92,7 +81,7 @@ def test_buffers_in_two_regions_and_across_their_border(memory16):
 
 def test_views_of_ranges_in_two_regions(memory16):
     from pyvmm.vhost.user.backend.memory import OutsideMemory
-    memory = mapped(memory16, [(0, 8 << 20, 0), (8 << 20, 8 << 20, 8 << 20)])
+    memory = mapped_memory(memory16, [(0, 8 << 20, 0), (8 << 20, 8 << 20, 8 << 20)])
     memory16.write(0x1000, b"abcd")
     memory16.write(9 << 20, b"wxyz")
     views = memory.views([(0x1000, 4), (9 << 20, 4), (0x1002, 2)])

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from backends import mapped_memory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,16 +25,6 @@ MiB = 1 << 20
 DESC, AVAIL, USED, INDIRECT = 0x10000, 0x11000, 0x12000, 0x20000
 REGIONS = [(0, 8 * MiB, 0), (9 * MiB, 7 * MiB, 9 * MiB)]      # a hole at 8 MiB
 EXAMPLES = int(os.environ.get("PYVMM_FUZZ_EXAMPLES", 1500))
-
-
-def mapped(memory16, regions=REGIONS):
-    """A back-end's MappedMemory of memory16's memfd, as [(guest_addr, size, fd offset)]."""
-    from pyvmm.vhost.user.backend.memory import MappedMemory
-    from pyvmm.vhost.user.messages import MemoryRegion
-    memory = MappedMemory()
-    memory.replace([(MemoryRegion(gpa, size, gpa, offset), os.dup(memory16.fd))
-                    for gpa, size, offset in regions])
-    return memory
 
 
 def outcome(memory, num, walk):
@@ -75,7 +66,7 @@ def test_random_tables_are_walked_alike(memory16):
     the two walks must find the same chain or refuse it with the same words."""
     import random
     rng = random.Random(23)
-    memory = mapped(memory16)
+    memory = mapped_memory(memory16, REGIONS)
     tried = refused = 0
     for _ in range(EXAMPLES):
         num = rng.choice([1, 2, 4, 8, 16, 64])
@@ -105,7 +96,7 @@ def test_bytes_are_moved_alike(memory16, tmp_path_factory, lengths, n_readable, 
                                data):
     """read, write, read_file and write_file of any part of a chain whose
     buffers lie in both regions (some across nothing: each in one region)."""
-    memory = mapped(memory16)
+    memory = mapped_memory(memory16, REGIONS)
     n_readable = min(n_readable, len(lengths))
     addrs = [data.draw(st.sampled_from([0x100000 + 0x4000 * i, 9 * MiB + 0x4000 * i]))
              for i in range(len(lengths))]
@@ -141,7 +132,7 @@ def test_bytes_are_moved_alike(memory16, tmp_path_factory, lengths, n_readable, 
 def test_a_chain_from_an_old_memory_table_moves_no_bytes(memory16):
     """A CompiledChain holds host addresses: after SET_MEM_TABLE (every old
     mapping closed) it refuses, rather than touch what may be unmapped."""
-    memory = mapped(memory16)
+    memory = mapped_memory(memory16, REGIONS)
     memory16.write(DESC, struct.pack("<QIHH", 0x100000, 4096, 2, 0))
     memory16.write(AVAIL, struct.pack("<HHH", 0, 2, 0) + struct.pack("<H", 0))
     ring = DeviceRing(memory, 4, DESC, AVAIL, USED, walk="compiled")
