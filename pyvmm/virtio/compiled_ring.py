@@ -9,10 +9,12 @@ it found, so that Python's work per request no longer grows with its
 descriptors.
 
 It is optional. `python -m pyvmm.virtio.compiled_ring` (scripts/setup runs
-it) compiles it with cffi next to this file; where there is no compiler,
-no cffi, a build older than ring_walk.c, or PYVMM_RING_WALK=python in the
-environment, DeviceRing walks in Python (device_ring.py), which stays the
-reference the compiled walk is tested against.
+it) compiles it with cffi next to this file, unless a build of the present
+source is there already (a build carries its source's hash); where there is
+no compiler, no cffi, only a build of another ring_walk.c, or
+PYVMM_RING_WALK=python in the environment, DeviceRing walks in Python
+(device_ring.py), which stays the reference the compiled walk is tested
+against.
 
 A CompiledChain holds host addresses of guest memory: it is good only
 while the memory's table is the one it was walked in (its generation);
@@ -71,17 +73,23 @@ def build():
     return target
 
 
-def _load():
-    """The compiled module, or None (see the module's docstring)."""
-    if os.environ.get("PYVMM_RING_WALK", "compiled") == "python":
-        return None
+def built():
+    """The compiled module if there is one built from this ring_walk.c and
+    these declarations, else None."""
     try:
         from pyvmm.virtio import _ring_walk
     except ImportError:
         return None
     if _ring_walk.ffi.string(_ring_walk.lib.pv_source_hash).decode() != source_hash():
-        return None           # built from another ring_walk.c: walk in Python
+        return None           # built from another ring_walk.c
     return _ring_walk
+
+
+def _load():
+    """The compiled module to walk with, or None (see the module's docstring)."""
+    if os.environ.get("PYVMM_RING_WALK", "compiled") == "python":
+        return None
+    return built()
 
 
 _module = _load()
@@ -117,18 +125,9 @@ class Regions:
     def __init__(self, memory):
         self.memory, self.generation = memory, memory.generation
         table = memory.host_regions()
-        self.table = table
         self.array = ffi.new("struct pv_region[]", [(s, e, ffi.cast("char *", h))
                                                     for s, e, h in table])
         self.count = len(table)
-
-    def host(self, gpa, length):
-        """The host address of [gpa, gpa + length), inside one region (the
-        caller has checked that it is)."""
-        for start, end, host in self.table:
-            if start <= gpa and gpa + length <= end:
-                return host + gpa - start
-        raise RingError(f"guest range {gpa:#x}+{length:#x} is not inside guest RAM")
 
 
 def walk(regions, table, num, head):
@@ -221,6 +220,10 @@ def _file_io(fd, to_file, offset, bufs, n, start, length):
 
 
 if __name__ == "__main__":
+    # (scripts/setup: builds only when there is no build of this source yet)
+    if built() is not None:
+        sys.exit(0)
+    print("pyvmm: building the compiled ring walk (cffi, gcc)", file=sys.stderr, flush=True)
     try:
         print(f"pyvmm: built {os.path.basename(build())}")
     except Exception as e:     # noqa: BLE001 - no compiler, no cffi: Python walks instead

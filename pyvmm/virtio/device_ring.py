@@ -150,7 +150,7 @@ class DeviceRing:
         self._used_buf, self._used_off, _, _ = memory.span(self.used, used_ring_size(num))
         if self.walk == "compiled":
             self._regions = compiled_ring.Regions(memory)
-            self._desc_host = self._regions.host(self.desc, desc_table_size(num))
+            self._desc_host = memory.host_address(self.desc, desc_table_size(num))
         self._located = (memory, memory.generation)
 
     def avail_idx(self):

@@ -177,6 +177,11 @@ class MappedMemory:
             out.append(whole[off:off + length])
         return out
 
+    def host_address(self, gpa, length=1):
+        """Where guest-physical gpa is mapped in this process (as GuestMemory.host_address)."""
+        r, _ = self._find(gpa, length)
+        return r.host_addr + gpa - r.guest_addr
+
     def host_regions(self):
         """(guest start, guest end, host address) of each region (for compiled_ring)."""
         return [(r.guest_addr, r.end, r.host_addr) for r in self.regions]
