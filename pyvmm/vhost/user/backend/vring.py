@@ -96,7 +96,7 @@ class Vring:
     def available(self):
         """Whether pop() would return a chain (for a device that has something to
         put into the guest's buffers and must not take one otherwise)."""
-        return bool(self.resubmit) or self.device_ring.has_available()
+        return self.resubmitting or self.device_ring.has_available()
 
     def pop(self):
         """The next chain to serve (a Chain of guest buffers), or None."""
