@@ -14,8 +14,12 @@ def mapped_memory(guest, regions):
     from pyvmm.vhost.user.backend.memory import MappedMemory
     from pyvmm.vhost.user.messages import MemoryRegion
     memory = MappedMemory()
-    memory.replace([(MemoryRegion(gpa, size, gpa, offset), os.dup(guest.fd))
-                    for gpa, size, offset in regions])
+    fd = os.dup(guest.fd)
+    try:                         # (each mapping keeps an fd of its own, as the daemon's do)
+        memory.replace([(MemoryRegion(gpa, size, gpa, offset), fd)
+                        for gpa, size, offset in regions])
+    finally:
+        os.close(fd)
     return memory
 
 

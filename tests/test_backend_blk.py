@@ -286,6 +286,10 @@ def test_a_ring_larger_than_the_inflight_area_is_served_untracked(memory16, imag
 
 
 # --- requests served at once (issue 23) ------------------------------------------
+# The Python path's I/O threads: with the ring walked in C, reads and writes
+# are served whole in C instead (test_blk_requests.py), so these walk in Python.
+
+python_path = pytest.mark.parametrize("ring_walk", ["python"], indirect=True)
 
 def reads_at_once(rig, n):
     """n one-page reads made available together, one kick; their used entries."""
@@ -303,6 +307,7 @@ def reads_at_once(rig, n):
     return heads, used
 
 
+@python_path
 def test_requests_made_available_together_are_served_at_once(memory16, image):
     """Three reads in one kick are all inside serve() at the same time (a
     barrier of three lets none through alone); each is answered once, with
@@ -325,6 +330,7 @@ def test_requests_made_available_together_are_served_at_once(memory16, image):
         device.close()
 
 
+@python_path
 def test_a_device_failure_on_an_io_thread_breaks_the_ring_after_the_batch(memory16, image):
     """What one request of a batch raised on an I/O thread reaches the loop
     (the ring is broken, the error eventfd signalled) once the others are
@@ -351,6 +357,7 @@ def test_a_device_failure_on_an_io_thread_breaks_the_ring_after_the_batch(memory
         device.close()
 
 
+@python_path
 def test_leaving_a_batch_early_waits_for_the_io_threads(memory16, image):
     """SIGTERM's SystemExit (here KeyboardInterrupt) in the loop's thread
     mid-batch: handle_queue leaves only after the I/O threads are out of
@@ -369,7 +376,7 @@ def test_leaving_a_batch_early_waits_for_the_io_threads(memory16, image):
 
     class Ring:
         chains = ["first", "second"]
-        resubmitting = False
+        resubmitting = compiled = False
 
         def pop(self):
             return self.chains.pop(0) if self.chains else None

@@ -151,7 +151,16 @@ class DeviceRing:
         if self.walk == "compiled":
             self._regions = compiled_ring.Regions(memory)
             self._desc_host = memory.host_address(self.desc, desc_table_size(num))
+            self._avail_host = memory.host_address(self.avail, avail_ring_size(num))
+            self._used_host = memory.host_address(self.used, used_ring_size(num))
         self._located = (memory, memory.generation)
+
+    def host_layout(self):
+        """For C that serves this ring itself (compiled_ring.serve_blk), on the
+        compiled walk: (Regions, the host addresses of the descriptor table,
+        the avail ring and the used ring), of the memory's present table."""
+        self._locate()
+        return self._regions, self._desc_host, self._avail_host, self._used_host
 
     def avail_idx(self):
         self._locate()

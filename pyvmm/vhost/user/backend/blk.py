@@ -32,7 +32,7 @@ import threading
 from pyvmm.sys.fallocate import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
                                  FALLOC_FL_ZERO_RANGE, fallocate)
 from pyvmm.vhost.user.backend.device import RING_FEATURES, BackendDevice
-from pyvmm.virtio import spec
+from pyvmm.virtio import compiled_ring, spec
 from pyvmm.virtio.splitring import RingError
 from pyvmm.virtio.blk import (
     CONFIG, DISCARD_SEGMENT, OUTHDR, SECTOR, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD,
@@ -84,6 +84,7 @@ class Blk(BackendDevice):
         self.resize_requests = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.io_threads = max(1, io_threads)
         self._requests = self._finished = None
+        self._plain = {}          # queue index -> its compiled_ring.BlkRequests
 
     @property
     def features(self):
@@ -100,6 +101,9 @@ class Blk(BackendDevice):
         return CONFIG.pack(self.size // SECTOR, 0, SEG_MAX, 0, 0, 0, SECTOR,
                            0, 0, 0, 0, 0, 0, self.num_queues,
                            *discard, 1, *discard, 1 if self.can_discard else 0)
+
+    def reset(self):
+        self._plain.clear()       # (each holds its ring, and so the memory)
 
     def close(self):
         if self._requests is not None:
@@ -145,7 +149,10 @@ class Blk(BackendDevice):
             self.daemon.config_changed()
 
     def handle_queue(self, index, ring, memory):
-        """Serve what the driver made available, a batch at a time: the first
+        """Serve what the driver made available. Where the ring is walked in C
+        (and no fault point is armed, nothing resubmitted: Vring.compiled),
+        reads and writes are served whole in C, and each other request in
+        turn here. Else a batch at a time: the first
         request of a batch here, the others at once on the I/O threads (the
         preadv/pwritev in C or in os release the GIL, so the copies overlap);
         each batch is over, and pushed in the order its requests finished,
@@ -154,9 +161,12 @@ class Blk(BackendDevice):
         returns: a new memory table or GET_VRING_BASE never finds a thread
         still using guest memory."""
         while True:
+            compiled = ring.compiled
+            if compiled and not self._serve_plain(index, ring):
+                return                # the ring is empty (and the driver asked to kick)
             batch, broken = [], None
             try:
-                while len(batch) < self.io_threads:
+                while len(batch) < (1 if compiled else self.io_threads):
                     alone = ring.resubmitting      # BE-74: oldest first, one at a time
                     if (chain := ring.pop()) is None:
                         break
@@ -178,6 +188,22 @@ class Blk(BackendDevice):
                     ring.push(chain.head, written)
             if failed is not None or broken is not None:
                 raise failed or broken
+
+    def _serve_plain(self, index, ring):
+        """Reads and writes served in C (compiled_ring.BlkRequests: what serve()
+        and the ring's pop and push do, for those), up to the first request
+        of another kind, which the Python path takes next. False once the
+        ring is empty."""
+        plain = self._plain.get(index)
+        if plain is None or plain.ring is not ring.device_ring:
+            plain = self._plain[index] = compiled_ring.BlkRequests(ring.device_ring,
+                                                                   self.io_threads)
+        stopped, _, failed, error = plain.serve(ring.inflight, self.fd, self.size,
+                                                self.read_only)
+        if failed:
+            log.warning("I/O error on the image: %s", os.strerror(error) if error else
+                        f"{failed} short read(s) or write(s)")
+        return stopped
 
     def _serve_batch(self, batch, memory):
         """[(chain, bytes written or the exception)] of each chain of batch, in

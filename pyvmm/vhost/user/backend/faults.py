@@ -42,6 +42,11 @@ def arm(spec):
     _armed = [point, n]
 
 
+def armed():
+    """Whether a point is armed (requests then go the way that reaches each)."""
+    return _armed is not None
+
+
 def reach(point):
     """The back-end is at point: die here if this is the armed point's Nth time."""
     if _armed is None or _armed[0] != point:

@@ -93,6 +93,15 @@ class Vring:
         flight (resubmitted in the order it took them, BE-74)."""
         return bool(self.resubmit)
 
+    @property
+    def compiled(self):
+        """Whether a device may serve requests whole in C, as Vring.pop and
+        push would (compiled_ring.serve_blk): the ring is walked in C, nothing
+        waits to be resubmitted (BE-74), and no --die-at point is armed (those
+        are reached per request, here)."""
+        return (self.device_ring is not None and self.device_ring.walk == "compiled"
+                and not self.resubmit and not faults.armed())
+
     def available(self):
         """Whether pop() would return a chain (for a device that has something to
         put into the guest's buffers and must not take one otherwise)."""
