@@ -15,7 +15,8 @@
  *
  * A batch at a time, as the Python path's batches (Blk.handle_queue):
  * each request of the batch is taken, in ring order:
- *   avail_event = next_avail (VIRTIO_RING_F_EVENT_IDX), then avail idx read
+ *   the avail idx read; none there: avail_event = next_avail
+ *   (VIRTIO_RING_F_EVENT_IDX), then the avail idx read again
  *   the head walked (pv_walk), the 16-byte header read, checked
  *   next_avail + 1; inflight: desc[head] = {1, next 0, counter++}
  * then their preadv/pwritev run at once, on the caller's thread and the
@@ -207,9 +208,12 @@ static int take(const struct pv_region *regions, int nregions, struct pv_queue *
     uint32_t type;
     uint64_t offset, length;
 
-    store16(q->used + 4 + 8 * (uint64_t)q->num, q->next_avail);    /* avail_event */
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);    /* the driver sees it before we look */
     idx = __atomic_load_n((uint16_t *)(q->avail + 2), __ATOMIC_ACQUIRE);
+    if (idx == q->next_avail) {     /* none: ask for a kick for the next, look again */
+        store16(q->used + 4 + 8 * (uint64_t)q->num, q->next_avail);    /* avail_event */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);    /* the driver sees it before we look */
+        idx = __atomic_load_n((uint16_t *)(q->avail + 2), __ATOMIC_ACQUIRE);
+    }
     q->stopped = idx != q->next_avail;
     if (idx == q->next_avail || (uint16_t)(idx - q->next_avail) > q->num)
         return 0;                               /* none, or the Python path's refusal */

@@ -173,9 +173,9 @@ class DeviceRing:
     def pop(self):
         """The next available chain, or None when the driver has made none.
 
-        Each call also tells the driver (avail_event, VIRTIO_RING_F_EVENT_IDX)
-        to notify for anything it adds from here on; so a caller that pops
-        until None misses nothing added meanwhile.
+        Returning None, it has told the driver (avail_event,
+        VIRTIO_RING_F_EVENT_IDX) to notify for anything it adds from here on;
+        so a caller that pops until None misses nothing added meanwhile.
         """
         if not self._pending():
             return None
@@ -257,11 +257,18 @@ class DeviceRing:
         return self._pending() > 0
 
     def _pending(self):
-        """Chains made available and not yet popped, after asking the driver
-        (avail_event) to notify for any it adds from here on."""
+        """Chains made available and not yet popped. Finding none, the device
+        asks the driver (avail_event, VIRTIO_RING_F_EVENT_IDX) to notify for
+        the next one and looks again, so that one added meanwhile is not
+        missed; while there are some, avail_event stays where it was: the
+        driver need not notify of chains the device takes anyway (each
+        notification is a VM exit, and a wake-up of the back-end that finds
+        nothing new)."""
         self._locate()
-        U16.pack_into(self._used_buf, self._used_off + 4 + 8 * self.num, self.next_avail)
         idx = U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
+        if idx == self.next_avail:
+            U16.pack_into(self._used_buf, self._used_off + 4 + 8 * self.num, self.next_avail)
+            idx = U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
         pending = (idx - self.next_avail) & 0xFFFF
         if pending > self.num:
             raise RingError(f"the available index {idx} is {pending} entries ahead of the "
