@@ -5,7 +5,11 @@ a status byte in the last device-writable byte (pyvmm/virtio/blk.py). Data
 moves straight between the image and guest memory (the chain's read_file
 and write_file: preadv/pwritev into its buffers); nothing is copied
 through Python objects. The requests of one kick are served at once, on
-io_threads threads (handle_queue).
+io_threads threads (handle_queue). Where the compiled ring walk was built,
+plain reads and writes go through C whole (pyvmm/virtio/blk_requests.c:
+taken from the ring, done and given back as this file's Python path
+would); the Python path stays the reference, and serves every other
+request, and all of them while a --die-at point is armed.
 
 Served: IN, OUT, FLUSH (fdatasync), GET_ID (the serial), and on a writable
 regular file DISCARD (punching a hole) and WRITE_ZEROES. A read-only disk
@@ -47,7 +51,14 @@ log = logging.getLogger("pyvmm.backend")
 SEG_MAX = 126                 # data buffers per request: a 128-entry ring less header, status
 MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 MAX_DISCARD_SEG = 16
-IO_THREADS = 4                # requests served at once: the loop's thread and 3 more
+# Requests served at once: the loop's thread and one more. A guest's 1 MiB
+# read comes as two requests of 504 KiB in one kick (seg_max) and a small
+# one: two copies at once take the most of it; more threads only cost
+# wake-ups (`scripts/bench blk-backend` inside the testbed, 2 vCPUs: CPU
+# per GiB 0.86-0.89x of qemu-storage-daemon's in the transfers with 2,
+# 0.93-0.95x with 4, the same throughput). More queues or a busier guest
+# may want more (--io-threads).
+IO_THREADS = 2
 
 
 class RequestFailed(Exception):
