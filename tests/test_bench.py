@@ -111,3 +111,4 @@ def test_the_ring_benchmark_runs_here_with_no_vm(capsys):
     out = capsys.readouterr().out
     assert "86-descriptor read chains" in out
     assert float(out.split("Python's part")[1].split(",")[1].split()[0]) > 0, out
+    assert "whole in C, less the preadv" in out        # the compiled walk is built here
