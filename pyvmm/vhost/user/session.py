@@ -26,7 +26,6 @@ raises again.
     reply = session.next_message()        # a Message, or NEED_DATA
 """
 
-import copy
 import enum
 from dataclasses import dataclass, field
 
