@@ -109,7 +109,10 @@ struct pv_io {
 };
 
 /* The pool: threads that take the I/O of a batch beside the caller's. One
-   batch at a time (one serving loop per process). */
+   batch at a time: a second caller (another serving loop of the same
+   process) waits for the first one's batch to end (batch_lock). */
+static pthread_mutex_t batch_lock = PTHREAD_MUTEX_INITIALIZER;
+
 static struct {
     pthread_mutex_t lock;
     pthread_cond_t work, finished;
@@ -152,8 +155,8 @@ static void *pool_thread(void *unused)
     return NULL;
 }
 
-/* Have threads more threads in the pool (the process keeps them). Returns
-   how many it has. */
+/* At least threads threads in the pool (the process keeps them); returns
+   how many it has (fewer if no more could start). */
 int pv_pool_start(int threads)
 {
     pthread_mutex_lock(&pool.lock);
@@ -184,6 +187,7 @@ static void run_batch(struct pv_io *io, uint32_t count)
             run(&io[i]);
         return;
     }
+    pthread_mutex_lock(&batch_lock);
     pthread_mutex_lock(&pool.lock);
     pool.io = io;
     pool.count = count;
@@ -196,6 +200,7 @@ static void run_batch(struct pv_io *io, uint32_t count)
     pool.io = NULL;
     pool.count = pool.next = 0;
     pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&batch_lock);
 }
 
 /* Take the next plain request of q into io (its I/O) and *head, *written_if_ok,

@@ -10,15 +10,15 @@ it found, so that Python's work per request no longer grows with its
 descriptors. blk_requests.c goes further for the one device measured
 against a C back-end (`scripts/bench blk-backend`): a read or write of the
 disk is taken, done and given back in C, as the Python path would do it
-(serve_blk).
+(BlkRequests).
 
 It is optional. `python -m pyvmm.virtio.compiled_ring` (scripts/setup runs
 it) compiles it with cffi next to this file, unless a build of the present
 source is there already (a build carries its source's hash); where there is
-no compiler, no cffi, only a build of another ring_walk.c, or
+no compiler, no cffi, only a build of other C sources, or
 PYVMM_RING_WALK=python in the environment, DeviceRing walks in Python
-(device_ring.py), which stays the reference the compiled walk is tested
-against.
+(device_ring.py) and pyvmm backend blk serves every request in Python
+(blk.py): the references the C is tested against.
 
 A CompiledChain holds host addresses of guest memory: it is good only
 while the memory's table is the one it was walked in (its generation);
@@ -249,7 +249,7 @@ class BlkRequests:
         self.ring = ring
         at_once = max(1, min(at_once, ring.num))
         if at_once > 1:
-            at_once = lib.pv_pool_start(at_once - 1) + 1    # (fewer if threads cannot start)
+            at_once = min(at_once, lib.pv_pool_start(at_once - 1) + 1)   # (fewer: no threads)
         room = at_once * (ring.num + 1)
         self._q, self._disk = ffi.new("struct pv_queue *"), ffi.new("struct pv_disk *")
         self._args = (self._q, self._disk, ffi.new("struct pv_buf[]", room),

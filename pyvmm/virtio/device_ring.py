@@ -156,7 +156,7 @@ class DeviceRing:
         self._located = (memory, memory.generation)
 
     def host_layout(self):
-        """For C that serves this ring itself (compiled_ring.serve_blk), on the
+        """For C that serves this ring itself (compiled_ring.BlkRequests), on the
         compiled walk: (Regions, the host addresses of the descriptor table,
         the avail ring and the used ring), of the memory's present table."""
         self._locate()

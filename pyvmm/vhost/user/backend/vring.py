@@ -96,7 +96,7 @@ class Vring:
     @property
     def compiled(self):
         """Whether a device may serve requests whole in C, as Vring.pop and
-        push would (compiled_ring.serve_blk): the ring is walked in C, nothing
+        push would (compiled_ring.BlkRequests): the ring is walked in C, nothing
         waits to be resubmitted (BE-74), and no --die-at point is armed (those
         are reached per request, here)."""
         return (self.device_ring is not None and self.device_ring.walk == "compiled"
