@@ -242,6 +242,41 @@ def test_a_kick_of_many_reads_and_writes_is_served_in_c(tmp_path, memory16, at_o
     """Many plain requests in one kick: all served by C (none by the Python
     path), in batches of at_once, each with its own data; the inflight
     area ends with nothing marked and the ring's used index."""
+    check_many(*serve_many(tmp_path, memory16, at_once))
+
+
+def test_two_serving_loops_share_the_pool(tmp_path):
+    """Two back-ends in one process (two threads, each its own rings and
+    disk) serving at once: one batch at a time goes to the pool, and each
+    request still gets its own data."""
+    import threading
+    for round_ in range(50):
+        memories = [GuestMemory(16 * MiB) for _ in range(2)]
+        try:
+            runs, failures = [], []
+
+            def serve(i):
+                try:
+                    runs.append(serve_many(tmp_path / f"{round_}-{i}", memories[i], 4))
+                except Exception as e:        # noqa: BLE001 - reported below
+                    failures.append(e)
+            threads = [threading.Thread(target=serve, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert not failures and len(runs) == 2
+            for run in runs:
+                check_many(*run)
+        finally:
+            for m in memories:
+                m.close()
+
+
+def serve_many(tmp_path, memory16, at_once):
+    """20 reads and writes of a page each made available in one ring,
+    served by Blk.handle_queue with at_once; what check_many looks at."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(128 << 10))
     mapped = mapped_memory(memory16, [(0, 16 * MiB, 0)])
@@ -272,6 +307,11 @@ def test_a_kick_of_many_reads_and_writes_is_served_in_c(tmp_path, memory16, at_o
         device.handle_queue(0, ring, mapped)
     finally:
         device.close()
+        mapped.clear()
+    return image, memory16, guest, heads, data, area, ring
+
+
+def check_many(image, memory16, guest, heads, data, area, ring):
     disk = image.read_bytes()
     used = [struct.unpack_from("<II", memory16.read(USED + 4 + 8 * i, 8)) for i in range(20)]
     assert [h for h, _ in used] == heads                       # in ring order
@@ -287,4 +327,3 @@ def test_a_kick_of_many_reads_and_writes_is_served_in_c(tmp_path, memory16, at_o
     assert inflight.HEADER.unpack_from(area)[4] == 20          # used_idx
     assert all(area[16 + 16 * h] == 0 for h in range(64))      # nothing marked
     assert ring.inflight.counter == 20 and ring.device_ring.next_avail == 20
-    mapped.clear()
