@@ -291,6 +291,7 @@ def test_a_ring_larger_than_the_inflight_area_is_served_untracked(memory16, imag
 
 python_path = pytest.mark.parametrize("ring_walk", ["python"], indirect=True)
 
+
 def reads_at_once(rig, n):
     """n one-page reads made available together, one kick; their used entries."""
     q = rig.queues[0]
