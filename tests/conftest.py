@@ -94,9 +94,10 @@ def memory16():
 def ring_walk(request, monkeypatch):
     """Ring tests run on both chain walks: with `pytest.mark.usefixtures(
     "ring_walk")` in a module's pytestmark, every DeviceRing made on memory
-    with host addresses walks in C (pyvmm/virtio/ring_walk.c), then in
-    Python (the reference). The compiled case fails, not skips, where the
-    walk was not built: scripts/setup builds it."""
+    with host addresses walks in C (pyvmm/virtio/ring_walk.c; and blk's
+    reads and writes go through blk_requests.c), then in Python (the
+    reference). The compiled case fails, not skips, where the walk was not
+    built: scripts/setup builds it."""
     from pyvmm.virtio import compiled_ring
     monkeypatch.setattr(compiled_ring, "walker", lambda: request.param)
     return request.param
