@@ -203,8 +203,9 @@ static void run_batch(struct pv_io *io, uint32_t count)
     pthread_mutex_unlock(&batch_lock);
 }
 
-/* Take the next plain request of q into io (its I/O) and *head, *written_if_ok,
-   *status_at; 0 if there is none, or the next one is for the Python path. */
+/* Take the next plain request of q: its chain into c (its buffers into bufs),
+   its I/O into io, its head into *head. 0 if there is none, or if the next
+   one is for the Python path (left untaken: q->stopped says which). */
 static int take(const struct pv_region *regions, int nregions, struct pv_queue *q,
                 const struct pv_disk *disk, struct pv_buf *bufs, struct iovec *iov,
                 struct pv_io *io, struct pv_chain *c, uint16_t *head)
