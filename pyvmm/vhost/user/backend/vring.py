@@ -100,7 +100,7 @@ class Vring:
         waits to be resubmitted (BE-74), and no --die-at point is armed (those
         are reached per request, here)."""
         return (self.device_ring is not None and self.device_ring.walk == "compiled"
-                and not self.resubmit and not faults.armed())
+                and not self.resubmitting and not faults.armed())
 
     def available(self):
         """Whether pop() would return a chain (for a device that has something to
