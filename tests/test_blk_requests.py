@@ -199,8 +199,8 @@ def served(tmp_path, seed, walk):
 
 
 def test_the_compiled_path_serves_every_ring_as_the_python_path(tmp_path, monkeypatch):
-    """CASES random rings, each served both ways: the same outcome, byte for
-    byte. The C path must have served (and the Python one refused or
+    """BE-73. CASES random rings, each served both ways: the same outcome,
+    byte for byte, the inflight area's marks and counters too. The C path must have served (and the Python one refused or
     served) a good share of them, or the comparison proves little."""
     assert compiled_ring.available, "run scripts/setup (python -m pyvmm.virtio.compiled_ring)"
     in_c = []
@@ -225,8 +225,9 @@ def test_the_compiled_path_serves_every_ring_as_the_python_path(tmp_path, monkey
 
 
 def test_an_armed_fault_point_keeps_requests_on_the_python_path(memory16, monkeypatch):
-    """--die-at points are reached per request in Python: with one armed, and
-    while a dead predecessor's requests are resubmitted, nothing goes to C."""
+    """BE-74. --die-at points are reached per request in Python: with one
+    armed, and while a dead predecessor's requests are resubmitted (oldest
+    first, by the Python path), nothing goes to C."""
     mapped = mapped_memory(memory16, [(0, 16 * MiB, 0)])
     ring = Vring(0, None)
     ring.device_ring = DeviceRing(mapped, 8, DESC, AVAIL, USED, walk="compiled")
@@ -241,9 +242,9 @@ def test_an_armed_fault_point_keeps_requests_on_the_python_path(memory16, monkey
 
 @pytest.mark.parametrize("at_once", [1, 2, 4])
 def test_a_kick_of_many_reads_and_writes_is_served_in_c(tmp_path, memory16, at_once):
-    """Many plain requests in one kick: all served by C (none by the Python
-    path), in batches of at_once, each with its own data; the inflight
-    area ends with nothing marked and the ring's used index."""
+    """BE-73. Many plain requests in one kick: all served by C (none by the
+    Python path), in batches of at_once, each with its own data; the
+    inflight area ends with nothing marked and the ring's used index."""
     check_many(*serve_many(tmp_path, memory16, at_once))
 
 
