@@ -98,6 +98,40 @@ def test_a_dead_peer_on_send(pair):
             ours.send(b"x" * 4096)
 
 
+def test_a_frame_larger_than_the_socket_buffer_waits_for_room(pair):
+    """Sending never blocks in the kernel (MSG_DONTWAIT) but waits, within
+    the timeout, while the peer reads: the frame arrives whole, its fd with
+    its first byte."""
+    ours, theirs = pair
+    ours.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = os.urandom(256 << 10)
+    frame = encode(FrontendReq.SET_CONFIG, 0x1, payload)
+    r, w = os.pipe()
+    received = []
+
+    def read_slowly():
+        peer = Connection(theirs.dup(), "the front-end", timeout=5)
+        header, fds = peer.receive()
+        received.append((header + peer.read(len(frame) - len(header)), fds))
+        peer.close()
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    ours.send(frame, (r,))
+    reader.join(5)
+    (data, fds), = received
+    assert data == frame and len(fds) == 1
+    os.close(fds[0]), os.close(r), os.close(w)
+
+
+def test_a_peer_that_stops_reading_times_out_a_send(pair):
+    ours, theirs = pair
+    started = time.monotonic()
+    with pytest.raises(ChannelTimeout, match="the back-end did not take a message for 0.5 s"):
+        for _ in range(10000):              # fills both socket buffers, then waits
+            ours.send(b"x" * 65536)
+    assert 0.4 < time.monotonic() - started < 5
+
+
 def test_connect_errors_say_what_is_wrong(tmp_path):
     with pytest.raises(ChannelError, match="no socket at .*is the back-end running"):
         Connection.connect(tmp_path / "missing.sock")
