@@ -14,6 +14,7 @@ sent: that is rules.py.
 """
 
 import enum
+import functools
 import struct
 from dataclasses import dataclass, fields
 
@@ -159,6 +160,13 @@ class ProtocolFeature(enum.IntEnum):
         return 1 << self.value
 
 
+def methods_by_request(cls, prefix, requests=FrontendReq):
+    """{request: method} of cls's methods named prefix + a request's name in
+    lower case (_set_features for SET_FEATURES, say): looked up once, not by
+    building the name for every message."""
+    return {r: m for r in requests if (m := getattr(cls, prefix + r.name.lower(), None))}
+
+
 def protocol_feature_names(bits):
     """'MQ|REPLY_ACK|...' for a protocol feature mask; unknown bits as numbers."""
     names = []
@@ -194,12 +202,18 @@ def _exact(cls, data, size):
         raise PayloadError(f"{cls.__name__} is {size} bytes, got {len(data)}")
 
 
+@functools.cache
+def _field_names(cls):
+    """A dataclass's field names in order (dataclasses.fields, once per class)."""
+    return tuple(f.name for f in fields(cls))
+
+
 class _Struct:
     """A payload that is one fixed C struct: LAYOUT packs the dataclass's fields
     in their order (padding included in LAYOUT)."""
 
     def pack(self):
-        return self.LAYOUT.pack(*(getattr(self, f.name) for f in fields(self)))
+        return self.LAYOUT.pack(*[getattr(self, name) for name in _field_names(type(self))])
 
     @classmethod
     def unpack(cls, data):

@@ -150,13 +150,11 @@ class Channel(enum.Enum):
 
     def __init__(self, title, requests, rules):
         self.title, self.requests, self.rules = title, requests, rules
+        self._by_number = {int(r): r for r in requests}
 
     def request(self, number):
         """The request with this number on this channel, or None."""
-        try:
-            return self.requests(number)
-        except ValueError:
-            return None
+        return self._by_number.get(number)
 
 
 # Protocol features that only make sense with others (FE-11 to FE-13, BE-14).

@@ -34,7 +34,7 @@ from pyvmm.vhost.user.errors import LocalProtocolError, RemoteProtocolError
 from pyvmm.vhost.user.messages import (
     U64, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_REPLY_MASK,
     VHOST_USER_VERSION, VHOST_USER_VRING_IDX_MASK, VHOST_VRING_F_LOG, DeviceConfig, Empty, FrontendReq, Message,
-    PayloadError, ProtocolFeature)
+    PayloadError, ProtocolFeature, methods_by_request)
 from pyvmm.vhost.user.rules import Channel, Fds, Reply, Side
 from pyvmm.vhost.user.wire import NEED_DATA, FrameReader, close_fds, encode
 
@@ -87,7 +87,7 @@ class Negotiated:
 
     def has(self, feature):
         """A protocol feature both sides have agreed on."""
-        return bool(self.protocol_acked & feature.mask)
+        return bool(self.protocol_acked >> feature & 1)     # (feature: its bit number)
 
     @property
     def protocol_features_on(self):
@@ -279,9 +279,8 @@ class Session:
         if msg.need_reply and rule.reply is not Reply.ALWAYS and not n.has(PF.REPLY_ACK):
             raise error(f"{name} asks for a reply (NEED_REPLY) without REPLY_ACK negotiated",
                         "FE-6")
-        check = getattr(self, f"_request_{msg.request.name.lower()}", None)
-        if check is not None and self.channel is Channel.MAIN:
-            check(msg, error)
+        if self.channel is Channel.MAIN and (check := _REQUEST_CHECKS.get(msg.request)):
+            check(self, msg, error)
         if self._reply_expected(rule, msg):
             self.awaiting = msg
 
@@ -354,9 +353,9 @@ class Session:
             raise error(f"the ack of {name} is not a u64", "BE-5")
         self._check_fds(msg.fds, Fds.NONE if is_ack else rule.reply_fds, msg, error,
                         "BE-5" if sender is Side.BACKEND else None)
-        check = getattr(self, f"_reply_{name.lower()}", None)
-        if check is not None and not is_ack and self.channel is Channel.MAIN:
-            check(request, msg, error)
+        if not is_ack and self.channel is Channel.MAIN and (
+                check := _REPLY_CHECKS.get(msg.request)):
+            check(self, request, msg, error)
 
     # --- what each request may carry and what it changes (main socket) --------------
 
@@ -548,6 +547,12 @@ class Session:
         if bool(msg.fds) != bool(msg.payload.mmap_size):
             raise error(f"GET_INFLIGHT_FD answered mmap_size {msg.payload.mmap_size} with "
                         f"{len(msg.fds)} fds", "BE-71")
+
+
+# What Session checks of a request, and of a reply, beyond rules.py's table:
+# _request_set_features for SET_FEATURES, _reply_get_features for its reply.
+_REQUEST_CHECKS = methods_by_request(Session, "_request_")
+_REPLY_CHECKS = methods_by_request(Session, "_reply_")
 
 
 def _rules_of(side):

@@ -26,6 +26,7 @@ the protocol) ends the connection instead.
     serve_forever("/tmp/rng.sock", Rng())     # listens; one front-end at a time
 """
 
+import functools
 import os
 
 from pyvmm.sys.eventloop import EventLoop
@@ -41,7 +42,7 @@ from pyvmm.vhost.user.errors import (ChannelError, Disconnected, ProtocolError,
                                      RemoteProtocolError)
 from pyvmm.vhost.user.messages import (
     U64, VHOST_USER_F_PROTOCOL_FEATURES, BackendReq, DeviceConfig, Empty, FrontendReq,
-    Inflight, ProtocolFeature, VringState)
+    Inflight, ProtocolFeature, VringState, methods_by_request)
 from pyvmm.vhost.user.rules import Channel
 from pyvmm.vhost.user.session import NEED_DATA, Role, Session
 from pyvmm.vhost.user.wire import close_fds
@@ -70,6 +71,7 @@ NO_ERROR_FORM = {R.GET_VRING_BASE, R.GET_VRING_BASE_SKIP_DRAIN, R.GET_STATUS,
 # notes, 4.1 A1-A6): the handshake that decides whether to go on.
 BEFORE_OWNER = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.SET_PROTOCOL_FEATURES,
                 R.GET_QUEUE_NUM, R.GET_MAX_MEM_SLOTS, R.SET_BACKEND_REQ_FD, R.SET_OWNER}
+EVENT_IDX = spec.bit(spec.VIRTIO_RING_F_EVENT_IDX)     # (checked at every interrupt)
 # How long a message to the front-end on the back-end channel may wait for
 # room: a front-end that does not read that channel must not stall this one.
 BACKEND_CHANNEL_TIMEOUT = 1.0
@@ -131,13 +133,11 @@ class Daemon:
 
     def _on_socket(self):
         try:
+            # One whole frame per wake-up: receive() reads exactly one.
             data, fds = self.conn.receive("the rest of a request")
             self.session.receive(data, fds)
-            while True:
-                before = self.session.negotiated.snapshot()
-                if (msg := self.session.next_message()) is NEED_DATA:
-                    break
-                self._negotiated_before = before
+            self._negotiated_before = self.session.negotiated.snapshot()
+            if (msg := self.session.next_message()) is not NEED_DATA:
                 self.dispatch(msg)
         except Disconnected:
             log.info("the front-end disconnected")
@@ -174,10 +174,10 @@ class Daemon:
     def _apply(self, msg):
         if not self.owner and msg.request not in BEFORE_OWNER:
             raise Refused("it comes before SET_OWNER", "BE-90")
-        handler = getattr(self, f"_{msg.request.name.lower()}", None)
+        handler = _handlers(type(self)).get(msg.request)
         if handler is None:
             raise Refused("not served")
-        return handler(msg)
+        return handler(self, msg)
 
     def _refusal(self, msg, why):
         """The answer that says no to msg; what the session recorded of it undone."""
@@ -480,7 +480,7 @@ class Daemon:
 
     def _interrupt(self, ring, used_before):
         """Signal the call eventfd if the driver wants to hear of what was used."""
-        event_idx = self.features & spec.bit(spec.VIRTIO_RING_F_EVENT_IDX)
+        event_idx = self.features & EVENT_IDX
         try:
             if ring.call is not None and ring.device_ring is not None and \
                     ring.device_ring.should_notify(used_before, event_idx):
@@ -493,6 +493,12 @@ class Daemon:
         ring.broken = True
         if ring.err is not None:
             _signal(ring.err)
+
+
+@functools.cache
+def _handlers(daemon_class):
+    """Each request's handler in daemon_class: _set_features for SET_FEATURES..."""
+    return methods_by_request(daemon_class, "_")
 
 
 def _signal(fd):
