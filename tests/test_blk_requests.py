@@ -276,6 +276,70 @@ def test_two_serving_loops_share_the_pool(tmp_path):
                 m.close()
 
 
+def test_the_c_path_follows_the_ring_s_inflight_area(tmp_path, memory16):
+    """BE-73. C keeps where the ring's inflight area is from one kick to the
+    next: a ring given a new area has its marks kept there (the old one is
+    left alone), and an area whose mmap has been closed is refused as the
+    Python path would refuse it (ValueError), rather than written to."""
+    import mmap
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(128 << 10))
+    mapped = mapped_memory(memory16, [(0, 16 * MiB, 0)])
+    guest = Guest(random.Random(2), 64)
+    heads = [guest.chain([(OUTHDR.pack(VIRTIO_BLK_T_IN, 0, 8 * i), False), (4096, True),
+                          (1, True)]) for i in range(6)]
+    for gpa, raw in guest.writes:
+        memory16.write(gpa, raw)
+    for i, head in enumerate(heads):
+        memory16.write(AVAIL + 4 + 2 * i, struct.pack("<H", head))
+    device = Blk(str(image), io_threads=1)
+    device.serve = None                       # the Python path must not be asked
+    ring = Vring(0, None)
+    ring.device_ring = DeviceRing(mapped, 64, DESC, AVAIL, USED, walk="compiled")
+    areas = [mmap.mmap(-1, inflight.queue_region_size(64)) for _ in range(2)]
+
+    def kick(area, available):
+        if ring.inflight is None or ring.inflight.m is not area:
+            counter = ring.inflight.counter if ring.inflight else 0
+            ring.inflight = inflight.InflightQueue(area, 0, 64)
+            ring.inflight.start(64, ring.device_ring.next_avail)
+            ring.inflight.counter = counter
+        memory16.write(AVAIL + 2, struct.pack("<H", available))
+        device.handle_queue(0, ring, mapped)
+    try:
+        kick(areas[0], 2)
+        kick(areas[1], 4)
+        assert [inflight.HEADER.unpack_from(a)[4] for a in areas] == [2, 4]   # used_idx
+        assert ring.inflight.counter == 4
+        areas[1].close()
+        with pytest.raises(ValueError, match="inflight area is closed"):
+            kick(areas[1], 6)
+        assert ring.device_ring.next_avail == 4                  # nothing more taken
+        assert struct.unpack("<H", memory16.read(USED + 2, 2))[0] == 4
+    finally:
+        device.close()
+        mapped.clear()
+        areas[0].close()
+
+
+def test_the_c_path_s_threads_start_with_the_device(tmp_path):
+    """The pool's threads start when Blk is made (the program's start), not
+    at the guest's first request, where they cost the connection's set-up
+    about 10 ms inside the testbed. In a process of its own: the pool is
+    the process's."""
+    import subprocess
+    import sys
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    script = ("import sys; from pyvmm.vhost.user.backend.blk import Blk; "
+              "from pyvmm.virtio import compiled_ring as c; "
+              "before = c.lib.pv_pool_start(0); Blk(sys.argv[1], io_threads=3); "
+              "print(before, c.lib.pv_pool_start(0))")
+    out = subprocess.run([sys.executable, "-c", script, str(image)], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert out.split() == ["0", "2"]
+
+
 def serve_many(tmp_path, memory16, at_once):
     """20 reads and writes of a page each made available in one ring,
     served by Blk.handle_queue with at_once; what check_many looks at."""

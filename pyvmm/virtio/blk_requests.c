@@ -302,6 +302,8 @@ uint32_t pv_blk_serve(const struct pv_region *regions, int nregions, struct pv_q
     uint32_t served = 0, room = q->num + 1;
 
     q->stopped = 0;
+    disk->failed = 0;
+    disk->error = 0;
     for (;;) {
         uint32_t n = 0;
 

@@ -258,34 +258,52 @@ class BlkRequests:
                       at_once)
         self._q.num = ring.num
         self._regions = None
+        self._inflight = None       # the InflightQueue q.inflight points into
+        self._disk_set = None       # the (fd, size, read_only) in self._disk
 
     def serve(self, inflight, fd, size, read_only):
         """Serve what C can (inflight: the ring's InflightQueue, or None), up to
         the first request of another kind, or not whole, or broken, which it
         leaves untaken: the Python path serves or refuses that one. Returns
         (whether it stopped at such a request, requests served, how many of
-        them failed, the errno of the last failure or 0 for a short count)."""
+        them failed, the errno of the last failure or 0 for a short count).
+        This runs at every kick: C's structs are written only where what
+        they hold changed."""
         ring, q, disk = self.ring, self._q, self._disk
         regions, desc, avail, used = ring.host_layout()
         if regions is not self._regions:             # a new memory table
             q.desc, q.avail, q.used = (ffi.cast("char *", a) for a in (desc, avail, used))
             self._regions = regions
+        if inflight is not self._inflight:
+            q.inflight = ffi.NULL if inflight is None else _address(inflight.m) + inflight.base
+            self._inflight = inflight
+        if (fd, size, read_only) != self._disk_set:
+            disk.fd, disk.size, disk.read_only = self._disk_set = (fd, size, read_only)
         q.next_avail = ring.next_avail
-        area = None
         if inflight is not None:
-            area = ffi.from_buffer("char[]", inflight.m, require_writable=True)
-            q.inflight, q.counter = area + inflight.base, inflight.counter
-        else:
-            q.inflight = ffi.NULL
-        disk.fd, disk.read_only, disk.size, disk.failed, disk.error = fd, read_only, size, 0, 0
+            # An area closed under the ring fails as the Python path would
+            # (ValueError), rather than C writing where it was mapped.
+            if getattr(inflight.m, "closed", False):  # (tests' areas: bytearrays)
+                raise ValueError("the inflight area is closed")
+            q.counter = inflight.counter
         try:
             served = lib.pv_blk_serve(regions.array, regions.count, *self._args)
         finally:
             ring.next_avail = q.next_avail
-            if area is not None:
+            if inflight is not None:
                 inflight.counter = q.counter
-                ffi.release(area)       # the area's mmap can be closed again
-        return bool(q.stopped), served, disk.failed, disk.error
+        failed = disk.failed
+        return bool(q.stopped), served, failed, disk.error if failed else 0
+
+
+def _address(mapping):
+    """The address of an mmap's first byte, for C, not holding an export of
+    it (which would keep the mmap from closing): the address stays good as
+    long as the mmap is open."""
+    view = ffi.from_buffer("char[]", mapping, require_writable=True)
+    address = ffi.cast("char *", view)
+    ffi.release(view)
+    return address
 
 
 if __name__ == "__main__":
