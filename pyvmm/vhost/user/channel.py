@@ -111,7 +111,7 @@ class Connection:
             # A size beyond the limit is refused by the frame reader; do not
             # wait for bytes that will never be read.
             body = self._read(min(size, MAX_PAYLOAD_SIZE), deadline, None, waiting_for,
-                              limit=limit)
+                              limit=limit) if size else b""
         except BaseException:
             close_fds(fds)
             raise
@@ -143,13 +143,15 @@ class Connection:
                 chunk, ancillary, flags = b"", [], 0
             except OSError as e:
                 raise ChannelError(f"reading from {self.name}: {e.strerror or e}") from None
-            received = _fds_of(ancillary)
-            if fds is None:
-                close_fds(received)
-                if received:
-                    raise ChannelError(f"{self.name} sent fds in the middle of a message (FE-3)")
-            else:
-                fds.extend(received)
+            if ancillary:
+                received = _fds_of(ancillary)
+                if fds is None:
+                    close_fds(received)
+                    if received:
+                        raise ChannelError(f"{self.name} sent fds in the middle of a message "
+                                           f"(FE-3)")
+                else:
+                    fds.extend(received)
             if flags & _MSG_CTRUNC:
                 raise ChannelError(f"{self.name} sent more than {MAX_FDS} fds with one message")
             if not chunk:
@@ -159,6 +161,8 @@ class Connection:
                                           if waiting_for else ""))
                 raise Truncated(f"{self.name} closed the connection in the middle of a "
                                 f"message ({len(data)} of {length} bytes)")
+            if not data and len(chunk) == length:
+                return chunk                  # (the usual case: all of it at once)
             data += chunk
         return bytes(data)
 

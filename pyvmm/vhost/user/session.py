@@ -126,12 +126,12 @@ class Session:
         self.failed = None            # the error that ended the session
         if role is Role.OBSERVER:
             self._readers = {side: FrameReader(_rules_of(side)) for side in Side}
-        elif role is Role.FRONTEND:
-            self._side = Side.FRONTEND
-            self._readers = {Side.BACKEND: FrameReader("BE")}
+            self._peer_side = self._peer_reader = None
         else:
-            self._side = Side.BACKEND
-            self._readers = {Side.FRONTEND: FrameReader("FE")}
+            self._side = Side.FRONTEND if role is Role.FRONTEND else Side.BACKEND
+            self._peer_side = Side.BACKEND if role is Role.FRONTEND else Side.FRONTEND
+            self._peer_reader = FrameReader(_rules_of(self._peer_side))
+            self._readers = {self._peer_side: self._peer_reader}
 
     # --- building messages -----------------------------------------------------
 
@@ -168,9 +168,9 @@ class Session:
         """Bytes (and the fds that came with them) from the peer, or, for an
         observer, from `sender` (a Side)."""
         self._guard(RemoteProtocolError)
-        sender = sender or self._peer()
+        sender, reader = self._reader(sender)
         try:
-            self._readers[sender].feed(data, fds)
+            reader.feed(data, fds)
         except RemoteProtocolError as e:
             self.failed = e
             raise
@@ -179,10 +179,10 @@ class Session:
         """The next whole message from the peer (or `sender`), checked: a
         Message, or NEED_DATA."""
         self._guard(RemoteProtocolError)
-        sender = sender or self._peer()
+        sender, reader = self._reader(sender)
         frame = None
         try:
-            frame = self._readers[sender].next()
+            frame = reader.next()
             if frame is NEED_DATA:
                 return NEED_DATA
             message = self._decode(frame, sender)
@@ -201,10 +201,13 @@ class Session:
         for reader in self._readers.values():
             reader.close()
 
-    def _peer(self):
-        if self.role is Role.OBSERVER:
+    def _reader(self, sender):
+        """(sender, its FrameReader); sender None: the peer (an observer must say)."""
+        if sender is not None:
+            return sender, self._readers[sender]
+        if self._peer_reader is None:
             raise LocalProtocolError("an observer must say which side sent the bytes")
-        return Side.BACKEND if self._side is Side.FRONTEND else Side.FRONTEND
+        return self._peer_side, self._peer_reader
 
     def _guard(self, error):
         if self.failed is not None:
@@ -214,10 +217,9 @@ class Session:
 
     def _decode(self, frame, sender):
         request = self.channel.request(frame.request)
-        peer_rules = _rules_of(sender)
         if request is None:
             raise RemoteProtocolError(f"unknown request {frame.request} on the "
-                                      f"{self.channel.title}", f"{peer_rules}-2")
+                                      f"{self.channel.title}", f"{_rules_of(sender)}-2")
         rule = self.channel.rules[request]
         is_reply = bool(frame.flags & VHOST_USER_REPLY_MASK)
         if is_reply != (sender is self.answerer):
@@ -232,15 +234,14 @@ class Session:
                 raise RemoteProtocolError(f"a reply to {request.name} arrived, but {due} "
                                           f"was due", "BE-4" if self.awaiting else "BE-6")
             layout = self._reply_layout(rule, frame)
-            what = f"the reply to {request.name}"
         else:
             layout = rule.payload
-            what = request.name
         try:
             payload = layout.unpack(frame.payload)
         except PayloadError as e:
+            what = f"the reply to {request.name}" if is_reply else request.name
             raise RemoteProtocolError(f"{what}: {e}",
-                                      "BE-5" if peer_rules == "BE" else "FE-2") from None
+                                      "BE-5" if sender is Side.BACKEND else "FE-2") from None
         return Message(request, frame.flags, payload, frame.fds)
 
     def _reply_layout(self, rule, frame):

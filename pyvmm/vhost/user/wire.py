@@ -13,7 +13,7 @@ and a chunk with fds but no header start is a protocol error.
 """
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm.vhost.user.errors import RemoteProtocolError
 from pyvmm.vhost.user.messages import (HEADER, HEADER_SIZE, KNOWN_FLAGS, MAX_FDS,
@@ -23,8 +23,7 @@ from pyvmm.vhost.user.messages import (HEADER, HEADER_SIZE, KNOWN_FLAGS, MAX_FDS
 NEED_DATA = "NEED_DATA"   # next() has no whole frame yet
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):         # (a tuple: made for every message, at little cost)
     request: int          # the number in the header, not yet checked against a channel
     flags: int
     payload: bytes
@@ -80,16 +79,17 @@ class FrameReader:
                        "BE-5" if self.peer_rules == "BE" else "FE-2")
         if len(self._buffer) < HEADER_SIZE + size:
             return NEED_DATA
-        fds = self._take_fds(self._consumed)
+        fds = self._take_fds(self._consumed) if self._fd_chunks else ()
         payload = bytes(self._buffer[HEADER_SIZE:HEADER_SIZE + size])
         del self._buffer[:HEADER_SIZE + size]
         self._consumed += HEADER_SIZE + size
-        try:
-            # Fds that came in the middle of this frame, with no header of their own.
-            self._check_no_stray_fds(self._consumed)
-        except RemoteProtocolError:
-            close_fds(fds)
-            raise
+        if self._fd_chunks:
+            try:
+                # Fds that came in the middle of this frame, with no header of their own.
+                self._check_no_stray_fds(self._consumed)
+            except RemoteProtocolError:
+                close_fds(fds)
+                raise
         return Frame(request, flags, payload, fds)
 
     def _take_fds(self, frame_start):

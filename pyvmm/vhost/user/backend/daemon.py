@@ -71,6 +71,7 @@ NO_ERROR_FORM = {R.GET_VRING_BASE, R.GET_VRING_BASE_SKIP_DRAIN, R.GET_STATUS,
 # notes, 4.1 A1-A6): the handshake that decides whether to go on.
 BEFORE_OWNER = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.SET_PROTOCOL_FEATURES,
                 R.GET_QUEUE_NUM, R.GET_MAX_MEM_SLOTS, R.SET_BACKEND_REQ_FD, R.SET_OWNER}
+ACK = U64(0)            # success, to a request that asked for an ack
 EVENT_IDX = spec.bit(spec.VIRTIO_RING_F_EVENT_IDX)     # (checked at every interrupt)
 # How long a message to the front-end on the back-end channel may wait for
 # room: a front-end that does not read that channel must not stall this one.
@@ -155,9 +156,9 @@ class Daemon:
         came with it are closed afterwards unless a handler kept one (_keep)."""
         faults.reach("message")
         self._fds = list(msg.fds)
-        answer, fds = U64(0), ()
+        answer, fds = ACK, ()
         try:
-            answer = self._apply(msg) or U64(0)
+            answer = self._apply(msg) or ACK
             if isinstance(answer, tuple):         # a payload and fds to pass
                 answer, fds = answer
         except Refused as e:
