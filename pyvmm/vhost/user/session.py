@@ -266,20 +266,22 @@ class Session:
             self._check_request(message, rule, sender, error)
 
     def _check_request(self, msg, rule, sender, error):
-        name = msg.request.name
+        # (The request's name is looked up only for an error's words: every
+        # message comes through here.)
         n = self.negotiated
         if sender is not self.requester:
-            raise error(f"{name} sent by the {sender.value} without the reply flag",
-                        "BE-1" if sender is Side.BACKEND else None)
+            raise error(f"{msg.request.name} sent by the {sender.value} without the reply "
+                        f"flag", "BE-1" if sender is Side.BACKEND else None)
         if self.awaiting is not None:
-            raise error(f"{name} sent while the reply to {self.awaiting.request.name} was "
-                        f"still due", "FE-8" if sender is Side.FRONTEND else None)
+            raise error(f"{msg.request.name} sent while the reply to "
+                        f"{self.awaiting.request.name} was still due",
+                        "FE-8" if sender is Side.FRONTEND else None)
         self._check_gate(msg, rule, error)
         self._check_fds(msg.fds, rule.fds, msg, error,
                         "FE-4" if sender is Side.FRONTEND else "BE-83")
         if msg.need_reply and rule.reply is not Reply.ALWAYS and not n.has(PF.REPLY_ACK):
-            raise error(f"{name} asks for a reply (NEED_REPLY) without REPLY_ACK negotiated",
-                        "FE-6")
+            raise error(f"{msg.request.name} asks for a reply (NEED_REPLY) without REPLY_ACK "
+                        f"negotiated", "FE-6")
         if self.channel is Channel.MAIN and (check := _REQUEST_CHECKS.get(msg.request)):
             check(self, msg, error)
         if self._reply_expected(rule, msg):
@@ -295,15 +297,15 @@ class Session:
 
     def _check_gate(self, msg, rule, error):
         n = self.negotiated
-        name = msg.request.name
         if self.channel is Channel.BACKEND and not n.has(PF.BACKEND_REQ):
-            raise error(f"{name} on a back-end channel without BACKEND_REQ negotiated", "BE-81")
+            raise error(f"{msg.request.name} on a back-end channel without BACKEND_REQ "
+                        f"negotiated", "BE-81")
         if rule.needs is not None and not n.has(rule.needs):
-            raise error(f"{name} needs protocol feature {rule.needs.name}, which was not "
-                        f"negotiated", rule.needs_rule)
+            raise error(f"{msg.request.name} needs protocol feature {rule.needs.name}, which "
+                        f"was not negotiated", rule.needs_rule)
         if msg.request in (FrontendReq.GET_PROTOCOL_FEATURES, FrontendReq.SET_PROTOCOL_FEATURES):
             if not (n.features_offered or 0) & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
-                raise error(f"{name} sent though the back-end did not offer "
+                raise error(f"{msg.request.name} sent though the back-end did not offer "
                             f"VHOST_USER_F_PROTOCOL_FEATURES (bit 30)", "FE-9")
         if msg.request is FrontendReq.SET_VRING_ENABLE and not n.protocol_features_on:
             raise error("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES (bit 30) "
@@ -337,21 +339,21 @@ class Session:
             raise error(f"{what} carries {count} fds; it takes {expected.value}", rule)
 
     def _check_reply(self, msg, rule, sender, error):
-        name = msg.request.name
         if sender is not self.answerer:
-            raise error(f"the {sender.value} set the reply flag on {name}",
+            raise error(f"the {sender.value} set the reply flag on {msg.request.name}",
                         "FE-1" if sender is Side.FRONTEND else None)
         if self.awaiting is None or self.awaiting.request != msg.request:
             due = self.awaiting.request.name if self.awaiting else "nothing"
-            raise error(f"a reply to {name} while {due} was awaited",
+            raise error(f"a reply to {msg.request.name} while {due} was awaited",
                         "BE-4" if self.awaiting else "BE-6")
         if msg.flags != VHOST_USER_VERSION | VHOST_USER_REPLY_MASK:
-            raise error(f"the reply to {name} has flags {msg.flags:#x}, not 0x5", "BE-3")
+            raise error(f"the reply to {msg.request.name} has flags {msg.flags:#x}, not 0x5",
+                        "BE-3")
         request, self.awaiting = self.awaiting, None
         is_ack = not (rule.reply is Reply.ALWAYS or (rule.reply is Reply.ALWAYS_WITH_LOG_SHMFD
                                                      and self.negotiated.has(PF.LOG_SHMFD)))
         if is_ack and not isinstance(msg.payload, U64):
-            raise error(f"the ack of {name} is not a u64", "BE-5")
+            raise error(f"the ack of {msg.request.name} is not a u64", "BE-5")
         self._check_fds(msg.fds, Fds.NONE if is_ack else rule.reply_fds, msg, error,
                         "BE-5" if sender is Side.BACKEND else None)
         if not is_ack and self.channel is Channel.MAIN and (
