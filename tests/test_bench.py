@@ -112,3 +112,17 @@ def test_the_ring_benchmark_runs_here_with_no_vm(capsys):
     assert "86-descriptor read chains" in out
     assert float(out.split("Python's part")[1].split(",")[1].split()[0]) > 0, out
     assert "whole in C, less the preadv" in out        # the compiled walk is built here
+
+
+def test_bench_connect_measures_both_back_ends(capsys):
+    """bench connect on this host, a short run: both back-ends served every
+    connection (a failed one would print FAILED and end in SystemExit), and
+    the table has a CPU time for each and their ratio."""
+    bench.bench_connect(1, later=3)
+    out, err = capsys.readouterr()
+    assert "FAILED" not in err
+    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines()
+            if line.startswith(("first connection", "later, each"))}
+    assert set(rows) == {"first connection", "later, each"}
+    for qsd, _, pyvmm, _, ratio in rows.values():
+        assert float(qsd) > 0 and float(pyvmm) > 0 and float(ratio) > 0
