@@ -275,7 +275,7 @@ class BlkRequests:
             q.desc, q.avail, q.used = (ffi.cast("char *", a) for a in (desc, avail, used))
             self._regions = regions
         if inflight is not self._inflight:
-            q.inflight = ffi.NULL if inflight is None else _address(inflight.m) + inflight.base
+            q.inflight = ffi.NULL if inflight is None else ffi.cast("char *", inflight.host_addr)
             self._inflight = inflight
         if (fd, size, read_only) != self._disk_set:
             disk.fd, disk.size, disk.read_only = self._disk_set = (fd, size, read_only)
@@ -294,16 +294,6 @@ class BlkRequests:
                 inflight.counter = q.counter
         failed = disk.failed
         return bool(q.stopped), served, failed, disk.error if failed else 0
-
-
-def _address(mapping):
-    """The address of an mmap's first byte, for C, not holding an export of
-    it (which would keep the mmap from closing): the address stays good as
-    long as the mmap is open."""
-    view = ffi.from_buffer("char[]", mapping, require_writable=True)
-    address = ffi.cast("char *", view)
-    ffi.release(view)
-    return address
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import struct
 
 from pyvmm.vhost.user.backend import fds as checked
 from pyvmm.vhost.user.backend.device import Refused
+from pyvmm.vhost.user.backend.memory import mapping_address
 
 HEADER = struct.Struct("<QHHHH")     # features, version, desc_num, last_batch_head, used_idx
 DESC = struct.Struct("<B5xHQ")       # inflight, padding, next, counter
@@ -95,6 +96,7 @@ class InflightArea:
 class InflightQueue:
     def __init__(self, mapping, base, queue_size):
         self.m, self.base, self.queue_size = mapping, base, queue_size
+        self.host_addr = mapping_address(mapping) + base    # (for C: compiled_ring)
         self.counter = 0
 
     def _u16(self, offset):

@@ -27,6 +27,13 @@ MAX_MEM_SLOTS = 32                 # what GET_MAX_MEM_SLOTS answers
 ADDRESS_LIMIT = 1 << 64
 
 
+def mapping_address(mapping):
+    """Where a writable mmap (or bytearray) starts in this process, for C. No
+    export of it is kept (an mmap with exports cannot close): the address
+    is good for as long as the mapping stays open."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+
+
 class OutsideMemory(RingError):
     """A guest address outside every mapped region: a ring that points there is broken."""
 
@@ -43,10 +50,7 @@ class MappedRegion:
 
     def __post_init__(self):
         self.end = self.guest_addr + self.size
-        # The address alone, no lasting export: an mmap with exports cannot close.
-        anchor = ctypes.c_char.from_buffer(self.mapping)
-        self.host_addr = ctypes.addressof(anchor) + self.skip
-        del anchor
+        self.host_addr = mapping_address(self.mapping) + self.skip
 
     def same(self, region):
         """REM_MEM_REG's match: guest address, user address, size (BE-33)."""
