@@ -200,8 +200,9 @@ def served(tmp_path, seed, walk):
 
 def test_the_compiled_path_serves_every_ring_as_the_python_path(tmp_path, monkeypatch):
     """BE-73. CASES random rings, each served both ways: the same outcome,
-    byte for byte, the inflight area's marks and counters too. The C path must have served (and the Python one refused or
-    served) a good share of them, or the comparison proves little."""
+    byte for byte, the inflight area's marks and counters too. The C path
+    must have served (and the Python one refused or served) a good share
+    of them, or the comparison proves little."""
     assert compiled_ring.available, "run scripts/setup (python -m pyvmm.virtio.compiled_ring)"
     in_c = []
     serve = compiled_ring.BlkRequests.serve
