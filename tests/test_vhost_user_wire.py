@@ -16,9 +16,9 @@ from pyvmm.vhost.user import rules
 from pyvmm.vhost.user.errors import RemoteProtocolError
 from pyvmm.vhost.user.messages import (
     U64, BackendReq, DeviceConfig, DeviceStateTransfer, Empty, FrontendReq, Inflight, IotlbMsg,
-    LogArea, MemoryRegion, MemTable, PayloadError, ProtocolFeature, Raw, SingleMemRegion, Uuid,
-    VringAddress, VringArea, VringFd, VringState, flag_names, protocol_feature_names)
-from pyvmm.vhost.user.wire import NEED_DATA, Frame, FrameReader, encode
+    LogArea, MemoryRegion, MemTable, Message, PayloadError, ProtocolFeature, Raw, SingleMemRegion,
+    Uuid, VringAddress, VringArea, VringFd, VringState, flag_names, protocol_feature_names)
+from pyvmm.vhost.user.wire import MAX_FDS, NEED_DATA, Frame, FrameReader, encode
 
 
 def h(text):
@@ -173,3 +173,17 @@ def test_any_bytes_give_frames_need_data_or_a_protocol_error(chunks):
                 assert len(frame.payload) <= 0x1000
     except RemoteProtocolError as e:
         assert "\n" not in str(e)
+
+
+
+def test_a_message_is_a_frozen_record():
+    """(Message fills its own __dict__, for speed: still a frozen dataclass.)"""
+    import dataclasses
+    m = Message(FrontendReq.GET_FEATURES, 1, Empty())
+    assert m == Message(FrontendReq.GET_FEATURES, 1, Empty(), ()) and hash(m) == hash(
+        Message(FrontendReq.GET_FEATURES, 1, Empty()))
+    assert repr(m) == ("Message(request=<FrontendReq.GET_FEATURES: 1>, flags=1, "
+                       "payload=Empty(), fds=())")
+    assert [f.name for f in dataclasses.fields(m)] == ["request", "flags", "payload", "fds"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.flags = 5
