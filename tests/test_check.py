@@ -182,7 +182,7 @@ def _ignore_disable(self, msg):
 def _reset_status_only(self, msg):
     """RESET_DEVICE clears the status and nothing else: the rings run on as
     they were (the session, playing by the rules, had disabled them)."""
-    for index, ring in self._negotiated_before.rings.items():
+    for index, ring in self.session.before.rings.items():
         self.session.negotiated.ring(index).enabled = ring.enabled
     self.status = 0
 

@@ -118,6 +118,38 @@ def test_without_protocol_features_set_features_enables_every_ring():
         p.fe.send(p.fe.request(R.SET_VRING_ENABLE, VringState(1, 1)))
 
 
+def test_undo_puts_back_what_a_refused_request_changed():
+    """A back-end that refuses a request undoes it: the record is as before it."""
+    p = Pair()
+    p.handshake()
+    p.ask(R.SET_FEATURES, U64(VERSION_1 | BIT30))
+    p.ask(R.SET_MEM_TABLE, MemTable((REGION,)), fds=(os.dup(0),))
+    p.ask(R.SET_VRING_NUM, VringState(0, 256))
+    p.ask(R.SET_VRING_NUM, VringState(0, 64))
+    assert p.be.before.rings[0].num == 256
+    p.be.undo()
+    assert p.be.negotiated.rings[0].num == 256
+    p.ask(R.SET_VRING_NUM, VringState(1, 32))          # a ring the record had not seen
+    p.be.undo()
+    assert 1 not in p.be.negotiated.rings
+    p.ask(R.SET_FEATURES, U64(VERSION_1))               # (SET_FEATURES without bit 30
+    p.be.undo()                                         # enables every ring: undone too)
+    n = p.be.negotiated
+    assert n.features_acked == VERSION_1 | BIT30 and not n.rings[0].enabled
+
+
+def test_a_request_whose_checks_change_nothing_leaves_nothing_to_undo():
+    p = Pair()
+    p.handshake()
+    p.ask(R.SET_VRING_NUM, VringState(0, 256))
+    assert p.be.before is not None
+    p.call(R.GET_FEATURES, answer=U64(VERSION_1 | BIT30))
+    assert p.be.before is None
+    p.be.undo()                                         # (nothing to put back)
+    assert p.be.negotiated.rings[0].num == 256
+    assert p.fe.before is None and p.observer.before is None   # only a back-end refuses
+
+
 # --- each rule, broken by each side ---------------------------------------------------
 
 def both_sides(pair, message_bytes, local_call, rule):

@@ -175,6 +175,69 @@ def test_any_bytes_give_frames_need_data_or_a_protocol_error(chunks):
         assert "\n" not in str(e)
 
 
+# --- frame(): one whole frame, as Connection.receive reads it --------------------------
+
+def _as_fed(data, fds=()):
+    """What feed() then next() make of data, on a new reader."""
+    reader = FrameReader("FE")
+    reader.feed(data, fds)
+    return reader.next()
+
+
+@pytest.mark.parametrize("text", [f[3] for f in FRAMES])
+def test_a_whole_frame_is_the_frame_feed_and_next_give(text):
+    reader = FrameReader("FE")
+    frame = reader.frame(h(text))
+    assert frame == _as_fed(h(text)) and type(frame.payload) is bytes
+    assert reader.frame(h(text)) == frame          # and the next one too
+
+
+def test_frame_with_a_part_frame_buffered_goes_through_the_buffer():
+    data = h(FRAMES[1][3]) + h(FRAMES[2][3])
+    reader = FrameReader("FE")
+    reader.feed(data[:5])
+    assert reader.frame(data[5:]).request == 1      # the buffered start, then the rest
+    assert reader.next().request == 8
+    assert reader.frame(data[:5]) is NEED_DATA      # less than a header: kept for later
+
+
+def test_fds_of_a_whole_frame_are_its_own_and_the_next_frame_takes_its_own():
+    r, w = os.pipe()
+    kick = h(FRAMES[3][3])
+    reader = FrameReader("FE")
+    assert reader.frame(kick, (r,)).fds == (r,)
+    reader.feed(h(FRAMES[0][3])[:5], fds=(w,))       # the next header's start brings an fd
+    reader.feed(h(FRAMES[0][3])[5:])
+    assert reader.next().fds == (w,)
+    os.close(r), os.close(w)
+
+
+@pytest.mark.parametrize("frame,message", [
+    ("01000000 02000000 00000000", "version 2, not 1"),
+    ("01000000 11000000 00000000", "unknown flag bits 0x10"),
+])
+def test_a_whole_frame_with_a_bad_header_closes_its_fds(frame, message):
+    r, w = os.pipe()
+    reader = FrameReader("FE")
+    with pytest.raises(RemoteProtocolError, match=message):
+        reader.frame(h(frame), (r,))
+    with pytest.raises(OSError):                     # nobody else would close it
+        os.fstat(r)
+    os.close(w)
+    with pytest.raises(RemoteProtocolError, match="already broke"):
+        reader.frame(h(FRAMES[0][3]))
+
+
+def test_a_whole_frame_with_too_many_fds_closes_them_all():
+    pipes = [os.pipe() for _ in range(MAX_FDS + 1)]
+    reader = FrameReader("FE")
+    with pytest.raises(RemoteProtocolError, match=f"{MAX_FDS + 1} fds with one message"):
+        reader.frame(h(FRAMES[0][3]), tuple(r for r, _ in pipes))
+    for r, w in pipes:
+        with pytest.raises(OSError):
+            os.fstat(r)
+        os.close(w)
+
 
 def test_a_message_is_a_frozen_record():
     """(Message fills its own __dict__, for speed: still a frozen dataclass.)"""

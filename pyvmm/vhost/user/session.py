@@ -97,11 +97,11 @@ class Negotiated:
             self.features_acked is None or bool(self.features_acked & bit))
 
     def snapshot(self):
-        """A copy to put back if a request is refused: the lists and ring
-        states copied, the payloads in them shared (nothing changes a
-        message's payload in place). copy.deepcopy did the same at several
-        times the cost, before every message (0.1 s of a connection's
-        set-up inside the testbed VM)."""
+        """A copy to put back if a request is refused (Session.undo): the
+        lists and ring states copied, the payloads in them shared (nothing
+        changes a message's payload in place). copy.deepcopy did the same at
+        several times the cost (0.1 s of a connection's set-up inside the
+        testbed VM, when it was taken before every message)."""
         snap = _shallow(self)
         snap.regions = list(self.regions)
         snap.rings = {i: _shallow(r) for i, r in self.rings.items()}
@@ -124,6 +124,10 @@ class Session:
         self.answerer = Side.BACKEND if self.requester is Side.FRONTEND else Side.FRONTEND
         self.awaiting = None          # the request Message whose reply is due
         self.failed = None            # the error that ended the session
+        # A back-end may refuse a request it received: `before` keeps the
+        # record as it was before the last one, for undo(); None when that
+        # request's checks could not change it (GET_FEATURES, say).
+        self.before = None
         if role is Role.OBSERVER:
             self._readers = {side: FrameReader(_rules_of(side)) for side in Side}
             self._peer_side = self._peer_reader = None
@@ -180,9 +184,21 @@ class Session:
         Message, or NEED_DATA."""
         self._guard(RemoteProtocolError)
         sender, reader = self._reader(sender)
+        return self._message(sender, reader.next)
+
+    def message(self, data, fds=()):
+        """receive(data, fds) then next_message(), for data that is one whole
+        frame from the peer (what Connection.receive reads): it does not go
+        through the frame reader's buffer."""
+        self._guard(RemoteProtocolError)
+        sender, reader = self._reader(None)
+        return self._message(sender, reader.frame, data, fds)
+
+    def _message(self, sender, read, *args):
+        """The Message of the frame read(*args) gives, checked; or NEED_DATA."""
         frame = None
         try:
-            frame = reader.next()
+            frame = read(*args)
             if frame is NEED_DATA:
                 return NEED_DATA
             message = self._decode(frame, sender)
@@ -195,6 +211,12 @@ class Session:
             self.close()
             raise
         return message
+
+    def undo(self):
+        """Put the record back as it was before the last request received:
+        the back-end refused it, so nothing it asked for took effect."""
+        if self.before is not None:
+            vars(self.negotiated).update(vars(self.before))
 
     def close(self):
         """Close every fd received but not yet handed out."""
@@ -283,7 +305,14 @@ class Session:
             raise error(f"{msg.request.name} asks for a reply (NEED_REPLY) without REPLY_ACK "
                         f"negotiated", "FE-6")
         if self.channel is Channel.MAIN and (check := _REQUEST_CHECKS.get(msg.request)):
+            # (Only these checks change the record; it is copied for undo()
+            # only then: a copy before every message was a tenth of the
+            # back-end's Python per message.)
+            if self.role is Role.BACKEND:
+                self.before = n.snapshot()
             check(self, msg, error)
+        elif self.role is Role.BACKEND:
+            self.before = None
         if self._reply_expected(rule, msg):
             self.awaiting = msg
 

@@ -59,24 +59,34 @@ class FrameReader:
         if fds:
             self._fd_chunks.append([start, start + len(data), tuple(fds)])
 
+    def frame(self, data, fds=()):
+        """feed(data, fds) then next(), for data that is one whole frame (what
+        Connection.receive reads): with nothing buffered, checked as next()
+        checks it without going through the buffer."""
+        if self._buffer or self._fd_chunks or self.failed or len(data) < HEADER_SIZE:
+            self.feed(data, fds)
+            return self.next()
+        request, flags, size = HEADER.unpack_from(data)
+        if len(data) != HEADER_SIZE + size:
+            self.feed(data, fds)
+            return self.next()
+        try:
+            self._check_header(request, flags, size)
+            if len(fds) > MAX_FDS:
+                self._fail_fds(len(fds))
+        except RemoteProtocolError:
+            close_fds(fds)          # (not in the buffer's bookkeeping: close() misses them)
+            raise
+        self._consumed += len(data)
+        return Frame(request, flags, bytes(data[HEADER_SIZE:]), tuple(fds))
+
     def next(self):
         """The next whole frame, or NEED_DATA."""
         if len(self._buffer) < HEADER_SIZE:
             self._check_no_stray_fds(self._consumed + len(self._buffer))
             return NEED_DATA
         request, flags, size = HEADER.unpack_from(self._buffer)
-        if flags & VHOST_USER_VERSION_MASK != VHOST_USER_VERSION:
-            self._fail(f"header of request {request} has version "
-                       f"{flags & VHOST_USER_VERSION_MASK}, not 1",
-                       "BE-2" if self.peer_rules == "BE" else "FE-1")
-        if flags & ~KNOWN_FLAGS:
-            self._fail(f"header of request {request} sets unknown flag bits "
-                       f"{flags & ~KNOWN_FLAGS:#x}",
-                       "BE-3" if self.peer_rules == "BE" else "FE-1")
-        if size > MAX_PAYLOAD_SIZE:
-            self._fail(f"header of request {request} announces {size} bytes of payload "
-                       f"(at most {MAX_PAYLOAD_SIZE})",
-                       "BE-5" if self.peer_rules == "BE" else "FE-2")
+        self._check_header(request, flags, size)
         if len(self._buffer) < HEADER_SIZE + size:
             return NEED_DATA
         fds = self._take_fds(self._consumed) if self._fd_chunks else ()
@@ -92,6 +102,20 @@ class FrameReader:
                 raise
         return Frame(request, flags, payload, fds)
 
+    def _check_header(self, request, flags, size):
+        if flags & VHOST_USER_VERSION_MASK != VHOST_USER_VERSION:
+            self._fail(f"header of request {request} has version "
+                       f"{flags & VHOST_USER_VERSION_MASK}, not 1",
+                       "BE-2" if self.peer_rules == "BE" else "FE-1")
+        if flags & ~KNOWN_FLAGS:
+            self._fail(f"header of request {request} sets unknown flag bits "
+                       f"{flags & ~KNOWN_FLAGS:#x}",
+                       "BE-3" if self.peer_rules == "BE" else "FE-1")
+        if size > MAX_PAYLOAD_SIZE:
+            self._fail(f"header of request {request} announces {size} bytes of payload "
+                       f"(at most {MAX_PAYLOAD_SIZE})",
+                       "BE-5" if self.peer_rules == "BE" else "FE-2")
+
     def _take_fds(self, frame_start):
         """The fds of chunks in which the header at frame_start begins."""
         self._check_no_stray_fds(frame_start)
@@ -100,9 +124,12 @@ class FrameReader:
             fds.extend(self._fd_chunks.pop(0)[2])
         if len(fds) > MAX_FDS:
             close_fds(fds)
-            self._fail(f"{len(fds)} fds with one message (at most {MAX_FDS})",
-                       "BE-83" if self.peer_rules == "BE" else "FE-36")
+            self._fail_fds(len(fds))
         return tuple(fds)
+
+    def _fail_fds(self, count):
+        self._fail(f"{count} fds with one message (at most {MAX_FDS})",
+                   "BE-83" if self.peer_rules == "BE" else "FE-36")
 
     def _check_no_stray_fds(self, position):
         """Fds of a chunk that ended before `position` without starting a header."""

@@ -90,7 +90,6 @@ class Daemon:
         self.memory = MappedMemory(allow_unsealed=allow_unsealed_memory)
         self.rings = [Vring(i, self.session.negotiated) for i in range(device.num_queues)]
         self._fds = []                    # the fds of the request being applied, not kept
-        self._negotiated_before = None    # the session's record before that request
         self._pending = []                # rings to run (_process), in order
         self._processing = False
         self.owner = False                # SET_OWNER came (BE-90)
@@ -136,9 +135,7 @@ class Daemon:
         try:
             # One whole frame per wake-up: receive() reads exactly one.
             data, fds = self.conn.receive("the rest of a request")
-            self.session.receive(data, fds)
-            self._negotiated_before = self.session.negotiated.snapshot()
-            if (msg := self.session.next_message()) is not NEED_DATA:
+            if (msg := self.session.message(data, fds)) is not NEED_DATA:
                 self.dispatch(msg)
         except Disconnected:
             log.info("the front-end disconnected")
@@ -182,8 +179,7 @@ class Daemon:
 
     def _refusal(self, msg, why):
         """The answer that says no to msg; what the session recorded of it undone."""
-        if self._negotiated_before is not None:
-            vars(self.session.negotiated).update(vars(self._negotiated_before))
+        self.session.undo()
         if msg.request in NO_ERROR_FORM:
             raise RemoteProtocolError(f"{msg.request.name}: {why}")
         log.warning("%s refused: %s", msg.request.name, why)
