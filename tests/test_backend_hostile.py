@@ -188,6 +188,9 @@ def framing_cases(backend):
         yield f"a header cut after {n} bytes", raw(header[:n], whole=False)
     for flags in (0, 2, 3, VERSION | 0x4, VERSION | 0x10, VERSION | 0x8000_0000, 0xFFFF_FFFF):
         yield f"flags {flags:#x}", raw(HEADER.pack(GET_FEATURES, flags, 0))
+    for flags in (2, VERSION | 0x10):                  # (the fds are the back-end's to close)
+        yield f"flags {flags:#x} on a whole SET_VRING_CALL with 2 fds", raw(
+            HEADER.pack(SET_VRING_CALL, flags, 8) + bytes(8), fds_count=2)
     for size in (1, 8, 0x1001, 0x10_0000, 0xFFFF_FFFF):
         yield f"GET_FEATURES announcing {size} bytes, none sent", raw(
             HEADER.pack(GET_FEATURES, VERSION, size), whole=False)
