@@ -38,6 +38,7 @@ import time
 
 import pytest
 
+from pyvmm.check.target import ready
 from pyvmm.sys.process import stop
 
 START_TIMEOUT = 30
@@ -78,7 +79,7 @@ def vhost_user_backend(vhost_user_socket):
             fail(cannot_start(argv, e))
         started[sock] = [argv, proc]
         deadline = time.monotonic() + timeout
-        while not os.path.exists(sock):
+        while not ready(sock):           # (listening: not only its file there)
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 out = proc.communicate()[0]

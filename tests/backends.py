@@ -5,6 +5,7 @@ import os
 import subprocess
 import time
 
+from pyvmm.check.target import ready
 from pyvmm.sys.process import stop as _stop   # SIGTERM, then SIGKILL
 
 
@@ -31,8 +32,10 @@ def _remove_stale(sock):
 
 
 def _wait_for_socket(proc, sock, what):
+    """Until proc listens on sock, not only until the file is there
+    (check.target.ready: these programs bind their socket in place)."""
     deadline = time.monotonic() + 30
-    while not os.path.exists(sock):
+    while not ready(sock):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             out = proc.communicate()[0] if proc.stdout else "(its output is in its log file)"

@@ -195,6 +195,26 @@ def test_connect_waits_while_the_listener_s_backlog_is_full(tmp_path):
     server.close()
 
 
+def test_the_tests_wait_for_a_back_end_that_listens_not_for_its_socket_file(tmp_path):
+    """tests/backends.py starts qemu-storage-daemon, virtiofsd and testpmd,
+    which bind their socket in place: the file exists before they listen.
+    Waiting for the file, a test could connect in between and be refused."""
+    import subprocess
+    import sys
+    from backends import _wait_for_socket
+    path = str(tmp_path / "slow.sock")
+    proc = subprocess.Popen([sys.executable, "-c", "import socket, sys, time; "
+                             "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); "
+                             "time.sleep(1); s.listen(); time.sleep(60)", path])
+    try:
+        _wait_for_socket(proc, path, "the slow listener")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_client_that_connects_as_soon_as_the_socket_file_appears_is_never_refused(tmp_path):
     """Listener's file appears only once it listens (bound under another
     name, then renamed). Bound in place, the file existed before listen(),

@@ -230,19 +230,43 @@ class CommandTarget(Target):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def listening_inode(path):
-    """The inode of the socket listening on path, from /proc/net/unix (None:
-    none, or no /proc to say)."""
+def _bound_to(path):
+    """[(flags, inode)] of the Unix sockets bound to path, from /proc/net/unix
+    (None: no /proc to say)."""
     try:
         with open("/proc/net/unix") as f:
             lines = f.readlines()[1:]
     except OSError:
         return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 8 and fields[7] == path and fields[3] == "00010000":  # __SO_ACCEPTCON
-            return fields[6]
+    return [(int(fields[3], 16), fields[6]) for fields in map(str.split, lines)
+            if len(fields) >= 8 and fields[7] == path]
+
+
+_SO_ACCEPTCON = 0x10000           # a listening socket, in /proc/net/unix's flags
+
+
+def listening_inode(path):
+    """The inode of the socket listening on path, from /proc/net/unix (None:
+    none, or no /proc to say)."""
+    for flags, inode in _bound_to(path) or ():
+        if flags & _SO_ACCEPTCON:
+            return inode
     return None
+
+
+def ready(path):
+    """Whether the program that made the socket file at path can take a
+    connection there now, for a caller that just started it and removed
+    any stale file first. Not when the file appears: qemu-storage-daemon
+    binds in place, so its file is there before it listens, and a
+    connection in between is refused. /proc/net/unix then lists a socket
+    bound to path that does not listen yet. pyvmm's Listener binds under
+    another name and renames the file once it listens, so nothing is
+    listed under path itself: the file is the sign."""
+    if not os.path.exists(path):
+        return False
+    bound = _bound_to(path)
+    return not bound or any(flags & _SO_ACCEPTCON for flags, _ in bound)
 
 
 def connect_when_listening(path, proc, timeout, output=lambda: ""):
