@@ -38,7 +38,6 @@ import time
 
 import pytest
 
-from pyvmm.check.target import ready
 from pyvmm.sys.process import stop
 
 START_TIMEOUT = 30
@@ -70,6 +69,7 @@ def vhost_user_backend(vhost_user_socket):
     started = {}                       # socket path -> [argv, Popen]
 
     def spawn(argv, sock, timeout):
+        from pyvmm.check.target import ready
         if os.path.lexists(sock):
             os.unlink(sock)            # a killed back-end's: wait for the new one's
         try:
