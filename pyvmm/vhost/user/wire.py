@@ -63,22 +63,20 @@ class FrameReader:
         """feed(data, fds) then next(), for data that is one whole frame (what
         Connection.receive reads): with nothing buffered, checked as next()
         checks it without going through the buffer."""
-        if self._buffer or self._fd_chunks or self.failed or len(data) < HEADER_SIZE:
-            self.feed(data, fds)
-            return self.next()
-        request, flags, size = HEADER.unpack_from(data)
-        if len(data) != HEADER_SIZE + size:
-            self.feed(data, fds)
-            return self.next()
-        try:
-            self._check_header(request, flags, size)
-            if len(fds) > MAX_FDS:
-                self._fail_fds(len(fds))
-        except RemoteProtocolError:
-            close_fds(fds)          # (not in the buffer's bookkeeping: close() misses them)
-            raise
-        self._consumed += len(data)
-        return Frame(request, flags, bytes(data[HEADER_SIZE:]), tuple(fds))
+        if not (self._buffer or self._fd_chunks or self.failed) and len(data) >= HEADER_SIZE:
+            request, flags, size = HEADER.unpack_from(data)
+            if len(data) == HEADER_SIZE + size:
+                try:
+                    self._check_header(request, flags, size)
+                    if len(fds) > MAX_FDS:
+                        self._fail_fds(len(fds))
+                except RemoteProtocolError:
+                    close_fds(fds)      # (not in the buffer's bookkeeping: close() misses them)
+                    raise
+                self._consumed += len(data)
+                return Frame(request, flags, bytes(data[HEADER_SIZE:]), tuple(fds))
+        self.feed(data, fds)
+        return self.next()
 
     def next(self):
         """The next whole frame, or NEED_DATA."""
