@@ -31,6 +31,13 @@ def _remove_stale(sock):
         os.unlink(sock)
 
 
+# A program that binds its socket in place and listens a second later, as
+# qemu-storage-daemon does with no second in between: its file exists
+# before anything listens on it (python -c SLOW_LISTENER PATH).
+SLOW_LISTENER = ("import socket, sys, time; s = socket.socket(socket.AF_UNIX); "
+                 "s.bind(sys.argv[1]); time.sleep(1); s.listen(); time.sleep(60)")
+
+
 def _wait_for_socket(proc, sock, what):
     """Until proc listens on sock, not only until the file is there
     (check.target.ready: these programs bind their socket in place)."""

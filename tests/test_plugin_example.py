@@ -60,17 +60,11 @@ def test_a_back_end_that_never_listens_fails_in_one_line(pytester):
     result.stdout.fnmatch_lines(["*sh did not listen on * (exit status 3):*"])
 
 
-# A back-end that binds its socket in place and listens a second later, as
-# qemu-storage-daemon does with no second in between: its file exists before
-# anything listens on it.
-SLOW_LISTENER = ("import socket, sys, time; s = socket.socket(socket.AF_UNIX); "
-                 "s.bind(sys.argv[1]); time.sleep(1); s.listen(); time.sleep(60)")
-
-
 def test_the_back_end_fixture_waits_for_a_listening_socket_not_for_its_file(pytester):
     """vhost_user_backend returns once the back-end listens: a connection
     made at once is not refused (it was, when the fixture waited for the
     socket file only)."""
+    from backends import SLOW_LISTENER      # (tests/backends.py: not an author's import)
     pytester.makepyfile(f"""
         import socket, sys
         def test_it(vhost_user_backend):

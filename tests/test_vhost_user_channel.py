@@ -201,11 +201,9 @@ def test_the_tests_wait_for_a_back_end_that_listens_not_for_its_socket_file(tmp_
     Waiting for the file, a test could connect in between and be refused."""
     import subprocess
     import sys
-    from backends import _wait_for_socket
+    from backends import SLOW_LISTENER, _wait_for_socket
     path = str(tmp_path / "slow.sock")
-    proc = subprocess.Popen([sys.executable, "-c", "import socket, sys, time; "
-                             "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); "
-                             "time.sleep(1); s.listen(); time.sleep(60)", path])
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_LISTENER, path])
     try:
         _wait_for_socket(proc, path, "the slow listener")
         with socket.socket(socket.AF_UNIX) as s:
