@@ -15,10 +15,12 @@ stopped and the refusal, if any, must come out the same."""
 
 import os
 import random
+import select
 import struct
+import time
 
 import pytest
-from backends import mapped_memory
+from backends import LibraryRig, mapped_memory
 
 from pyvmm.memory import GuestMemory
 from pyvmm.vhost.user.backend import faults, inflight
@@ -28,8 +30,8 @@ from pyvmm.virtio import compiled_ring
 from pyvmm.virtio.blk import (OUTHDR, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
                               VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT)
 from pyvmm.virtio.device_ring import DeviceRing
-from pyvmm.virtio.splitring import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
-                                    VIRTQ_DESC_F_WRITE, RingError)
+from pyvmm.virtio.splitring import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
+                                    VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, RingError)
 
 MiB = 1 << 20
 DESC, AVAIL, USED, INDIRECT = 0x10000, 0x11000, 0x12000, 0x20000
@@ -105,13 +107,19 @@ def split(rng, data):
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def request(rng, guest):
-    """One request of any kind into guest's ring; its head."""
-    kind = rng.choice([VIRTIO_BLK_T_IN] * 4 + [VIRTIO_BLK_T_OUT] * 4 + [
-        VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD, 7, "short", "no status"])
-    sector = rng.choice([0, 1, rng.randrange(SECTORS), SECTORS - 1, SECTORS, SECTORS + 1,
-                         2 ** 55, 2 ** 64 - 1])
-    length = rng.choice([0, 1, 511, 512, 1024, 4096, 8192, 0x10000])
+def request(rng, guest, plain=False):
+    """One request of any kind into guest's ring (plain: a whole read or write
+    of the disk, as C serves); its head."""
+    if plain:
+        kind = rng.choice([VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT])
+        sector, length = rng.randrange(SECTORS - 16), rng.choice([512, 1024, 4096])
+    else:
+        kind = rng.choice([VIRTIO_BLK_T_IN] * 4 + [VIRTIO_BLK_T_OUT] * 4 + [
+            VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD, 7, "short",
+            "no status"])
+        sector = rng.choice([0, 1, rng.randrange(SECTORS), SECTORS - 1, SECTORS, SECTORS + 1,
+                             2 ** 55, 2 ** 64 - 1])
+        length = rng.choice([0, 1, 511, 512, 1024, 4096, 8192, 0x10000])
     header = OUTHDR.pack(kind if isinstance(kind, int) else VIRTIO_BLK_T_IN, 0, sector)
     if kind == "short":
         header = header[:rng.randrange(16)]
@@ -135,7 +143,8 @@ def request(rng, guest):
     parts = [(d, False) for d in readable] + [(d, True) for d in writable]
     if not parts:
         parts = [(1, True)]
-    return guest.chain(parts, indirect=rng.random() < 0.3, outside=rng.random() < 0.03)
+    return guest.chain(parts, indirect=rng.random() < 0.3,
+                       outside=rng.random() < 0.03 and not plain)
 
 
 def scenario(seed):
@@ -145,9 +154,10 @@ def scenario(seed):
     start = rng.choice([0, 5, 0xFFFE, rng.randrange(0x10000)])
     guest = Guest(rng, num)
     heads = []
+    plain = random.Random(f"plain {seed}").random() < 0.3    # all C's (then a kick is)
     for _ in range(rng.randrange(1, num + 1)):
         try:
-            heads.append(request(rng, guest))
+            heads.append(request(rng, guest, plain))
         except OverflowError:
             break
     for i, head in enumerate(heads):
@@ -160,69 +170,107 @@ def scenario(seed):
     return num, start, rng.random() < 0.15, rng.random() < 0.5, guest
 
 
+def interrupts_wanted(seed, num, start):
+    """(VIRTIO_RING_F_EVENT_IDX negotiated, the avail ring's flags, its used_event)
+    for the scenario of seed: when its driver wants an interrupt."""
+    rng = random.Random(f"interrupts {seed}")
+    return (rng.random() < 0.5, rng.choice([0, 0, VIRTQ_AVAIL_F_NO_INTERRUPT]),
+            (start + rng.randrange(-2, num + 2)) & 0xFFFF)
+
+
 def served(tmp_path, seed, walk):
-    """Blk.handle_queue on the scenario of seed, the ring walked by walk: what it left."""
+    """Blk.handle_queue on the scenario of seed, the ring walked by walk
+    ("python", "compiled"; "kick": compiled, and a kick as the daemon serves
+    it, Blk.serve_kick first): what it left, and whether the driver got
+    the interrupt it asked for."""
     num, start, read_only, tracked, guest = scenario(seed)
+    event_idx, flags, used_event = interrupts_wanted(seed, num, start)
     (tmp_path / walk).mkdir(exist_ok=True)
     image = tmp_path / walk / "disk.img"           # (GET_ID answers with its name)
     image.write_bytes(random.Random(seed).randbytes(SECTORS * 512))
     memory = GuestMemory(16 * MiB)
     for gpa, data in guest.writes:
         memory.write(gpa, data)
+    memory.write(AVAIL, struct.pack("<H", flags))
+    memory.write(AVAIL + 4 + 2 * num, struct.pack("<H", used_event))
     mapped = mapped_memory(memory, REGIONS)
     # One request at a time both ways: requests served at once may overlap on
     # the disk, and then either order is right (the many-requests tests
     # below serve batches, on requests of their own sectors).
     device = Blk(str(image), read_only=read_only, io_threads=1)
     ring = Vring(0, None)
-    ring.device_ring = DeviceRing(mapped, num, DESC, AVAIL, USED, next_avail=start, walk=walk)
+    ring.device_ring = DeviceRing(mapped, num, DESC, AVAIL, USED, next_avail=start,
+                                  walk="python" if walk == "python" else "compiled")
     area = None
     if tracked:
         area = bytearray(inflight.queue_region_size(num))
         ring.inflight = inflight.InflightQueue(area, 0, num)
         ring.inflight.start(num, start)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    used_before = None            # as Daemon._run notes it, for Daemon._interrupt
     try:
-        device.handle_queue(0, ring, mapped)
+        if walk != "kick" or not device.serve_kick(0, ring, call, event_idx):
+            used_before = ring.device_ring.used_idx()
+            device.handle_queue(0, ring, mapped)
         refusal = None
     except RingError as e:
         refusal = str(e)
     finally:
         device.close()
+    if used_before is not None and ring.device_ring.should_notify(used_before, event_idx):
+        os.eventfd_write(call, 1)
+    interrupted = bool(select.select([call], [], [], 0)[0])
+    os.close(call)
     seen = [memory.read(gpa, length) for gpa, length in guest.buffers
             if not 8 * MiB <= gpa < 9 * MiB]
     seen += [memory.read(DESC, 0x30000 - DESC)]          # the table, rings, indirect tables
     out = (refusal, ring.device_ring.next_avail, bytes(area) if area else None,
-           ring.inflight.counter if tracked else None, seen, image.read_bytes())
+           ring.inflight.counter if tracked else None, seen, image.read_bytes(), interrupted)
     mapped.clear()
     memory.close()
     return out
 
 
 def test_the_compiled_path_serves_every_ring_as_the_python_path(tmp_path, monkeypatch):
-    """BE-73. CASES random rings, each served both ways: the same outcome,
-    byte for byte, the inflight area's marks and counters too. The C path
-    must have served (and the Python one refused or served) a good share
-    of them, or the comparison proves little."""
+    """BE-73, BE-65. CASES random rings, each served three ways: by the
+    Python path, by handle_queue on the compiled walk, and as a kick
+    (serve_kick, then handle_queue if C left requests to it): the same
+    outcome, byte for byte, the inflight area's marks and counters too,
+    and the same answer to whether the driver wanted an interrupt. The C
+    path must have served (and the Python one refused or served) a good
+    share of them, and the kicks both signalled and not, or the
+    comparison proves little."""
     assert compiled_ring.available, "run scripts/setup (python -m pyvmm.virtio.compiled_ring)"
-    in_c = []
-    serve = compiled_ring.BlkRequests.serve
+    in_c, whole = [], []
+    serve, serve_kick = compiled_ring.BlkRequests.serve, Blk.serve_kick
 
     def counting(self, *args):
         result = serve(self, *args)
         in_c.append(result[1])
         return result
+
+    def counting_kicks(self, *args):
+        whole.append(serve_kick(self, *args))
+        return whole[-1]
     monkeypatch.setattr(compiled_ring.BlkRequests, "serve", counting)
-    refused = alike = 0
+    monkeypatch.setattr(Blk, "serve_kick", counting_kicks)
+    refused = alike = interrupted = 0
     for seed in range(CASES):
         python = served(tmp_path, seed, "python")
         compiled = served(tmp_path, seed, "compiled")
         assert compiled == python, f"seed {seed}"
+        kicked = served(tmp_path, seed, "kick")
+        assert kicked == python, f"seed {seed}, as a kick"
         alike += 1
         refused += python[0] is not None
+        interrupted += python[-1]
     print(f"{CASES} rings tried, {alike} alike; {refused} refused; "
-          f"{sum(in_c)} requests served in C")
+          f"{sum(in_c)} requests served in C; {sum(whole)} kicks whole in C; "
+          f"{interrupted} interrupted")
     assert alike == CASES
     assert sum(in_c) > CASES and refused > CASES // 20
+    assert CASES // 10 < sum(whole) < CASES - CASES // 10
+    assert CASES // 10 < interrupted < CASES - CASES // 10
 
 
 def test_an_armed_fault_point_keeps_requests_on_the_python_path(memory16, monkeypatch):
@@ -395,3 +443,69 @@ def check_many(image, memory16, guest, heads, data, area, ring):
     assert inflight.HEADER.unpack_from(area)[4] == 20          # used_idx
     assert all(area[16 + 16 * h] == 0 for h in range(64))      # nothing marked
     assert ring.inflight.counter == 20 and ring.device_ring.next_avail == 20
+
+
+def test_a_kick_of_reads_and_writes_is_served_and_signalled_in_c(tmp_path, memory16,
+                                                                  monkeypatch):
+    """BE-65, BE-73. Through the back-end library: a kick whose requests are
+    all reads and writes is served and signalled in C (Blk.serve_kick),
+    with no request left to handle_queue; with VIRTIO_RING_F_EVENT_IDX the call
+    eventfd is signalled for the used entry the driver asked for
+    (used_event), not before."""
+    assert compiled_ring.available, "run scripts/setup (python -m pyvmm.virtio.compiled_ring)"
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(MiB))
+    python_path = []                 # handle_queue's calls with requests to serve
+
+    def handle_queue(self, index, ring, memory):
+        if ring.available():
+            python_path.append(index)     # (it leaves them: the test then times out)
+    monkeypatch.setattr(Blk, "handle_queue", handle_queue)
+    device = Blk(str(image))
+    rig = LibraryRig(memory16, device, features=1 << 32 | 1 << 29)    # VERSION_1, EVENT_IDX
+    try:
+        ring = rig.ring
+        rig.memory.write(ring.avail_addr + 4 + 2 * ring.num, struct.pack("<H", 2))
+        for i in range(3):                           # a read of sector i into page i
+            header = 0x100000 + 32 * i
+            rig.memory.write(header, OUTHDR.pack(VIRTIO_BLK_T_IN, 0, i))
+            ring.add([(header, 16, False), (0x200000 + 4096 * i, 512, True),
+                      (0x300000 + i, 1, True)])
+            os.eventfd_write(rig.kick, 1)
+            if i < 2:
+                deadline = time.monotonic() + 5
+                while ring.used_idx() != i + 1:
+                    assert time.monotonic() < deadline, "the read was not served"
+                    time.sleep(0.01)
+                assert not select.select([rig.call], [], [], 0.1)[0], f"entry {i}: interrupted"
+        assert rig.wait(rig.call) == 1                # entry 2: the one asked for
+        assert ring.used_idx() == 3 and python_path == []
+        on_disk = image.read_bytes()
+        for i in range(3):
+            assert rig.memory.read(0x200000 + 4096 * i, 512) == on_disk[512 * i:512 * (i + 1)]
+            assert rig.memory.read(0x300000 + i, 1) == b"\0"
+    finally:
+        rig.close()
+        device.close()
+
+
+def test_a_subclass_s_own_handle_queue_sees_every_kick(tmp_path, memory16):
+    """A Blk subclass that overrides handle_queue (a test's broken back-end, a
+    user's extra work per request) gets the kicks there, C's or not."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    seen = []
+
+    class Counting(Blk):
+        def handle_queue(self, index, ring, memory):
+            seen.append(ring.available())
+            super().handle_queue(index, ring, memory)
+    device = Counting(str(image))
+    rig = LibraryRig(memory16, device)
+    try:
+        rig.memory.write(0x100000, OUTHDR.pack(VIRTIO_BLK_T_IN, 0, 0))
+        rig.submit([(0x100000, 16, False), (0x200000, 512, True), (0x300000, 1, True)])
+        assert True in seen
+    finally:
+        rig.close()
+        device.close()

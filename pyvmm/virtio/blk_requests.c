@@ -28,15 +28,21 @@
  *   inflight: desc[head].inflight = 0, used_idx = the ring's
  * With VIRTIO_RING_F_EVENT_IDX negotiated or not: avail_event is written
  * either way, as the Python path writes it.
+ *
+ * pv_blk_kick is a whole kick (Daemon._on_kick: Blk.handle_queue, then
+ * Daemon._interrupt) for a ring whose front is plain requests: served,
+ * then the driver interrupted if it asked to be, with no Python between.
  */
 
 #include <pthread.h>
+#include <unistd.h>
 
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
 #define VIRTIO_BLK_S_OK 0
 #define VIRTIO_BLK_S_IOERR 1
 #define SECTOR 512
+#define VIRTQ_AVAIL_F_NO_INTERRUPT 1
 
 struct pv_queue {           /* one split ring, and its part of the inflight area */
     char *desc, *avail, *used;      /* host addresses */
@@ -324,4 +330,52 @@ uint32_t pv_blk_serve(const struct pv_region *regions, int nregions, struct pv_q
         if (n < batch && served < q->num)   /* the ring had no more, or the next is Python's */
             return served;
     }
+}
+
+/* Whether the driver wants an interrupt for what was used since the used
+   index was used_before (DeviceRing.should_notify): past its used_event with
+   VIRTIO_RING_F_EVENT_IDX, else unless it set VIRTQ_AVAIL_F_NO_INTERRUPT. */
+static int wants_interrupt(const struct pv_queue *q, uint16_t used_before, int event_idx)
+{
+    uint16_t used_idx = load16(q->used + 2);
+
+    if (used_idx == used_before)
+        return 0;
+    /* The used index out before the driver's wish is read (as the kernel's
+       vhost_notify): else a driver that enables interrupts (used_event)
+       and then reads the used index between the two could miss both this
+       entry and its interrupt. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (event_idx)
+        return (uint16_t)(used_idx - load16(q->avail + 4 + 2 * (uint64_t)q->num) - 1)
+               < (uint16_t)(used_idx - used_before);
+    return !(load16(q->avail) & VIRTQ_AVAIL_F_NO_INTERRUPT);
+}
+
+/* Add 1 to eventfd fd (daemon._signal): when that fails, its counter is
+   full (EAGAIN), and an interrupt is pending already. */
+static void signal_eventfd(int fd)
+{
+    uint64_t one = 1;
+
+    if (write(fd, &one, sizeof one) < 0)
+        return;
+}
+
+/* pv_blk_serve, then the call eventfd call (-1: none) signalled if the driver
+   wants to hear of what it used. Returns what pv_blk_serve returns; with
+   q->stopped set, the Python path goes on from there (and interrupts for
+   what it uses itself). */
+uint32_t pv_blk_kick(const struct pv_region *regions, int nregions, struct pv_queue *q,
+                     struct pv_disk *disk, struct pv_buf *bufs, struct iovec *iov,
+                     struct pv_io *io, struct pv_chain *chains, uint16_t *heads,
+                     uint32_t batch, int call, int event_idx)
+{
+    uint16_t used_before = load16(q->used + 2);
+    uint32_t served = pv_blk_serve(regions, nregions, q, disk, bufs, iov, io, chains, heads,
+                                   batch);
+
+    if (call >= 0 && wants_interrupt(q, used_before, event_idx))
+        signal_eventfd(call);
+    return served;
 }

@@ -96,6 +96,8 @@ class Blk(BackendDevice):
         self.io_threads = max(1, io_threads)
         self._requests = self._finished = None
         self._plain = {}          # queue index -> its compiled_ring.BlkRequests
+        # A subclass with a handle_queue of its own gets every kick there.
+        self._kicks_in_c = type(self).handle_queue is Blk.handle_queue
         if compiled_ring.available and self.io_threads > 1:
             # The C path's threads start with the device rather than at the
             # guest's first request, where starting them cost a connection
@@ -205,17 +207,25 @@ class Blk(BackendDevice):
             if failed is not None or broken is not None:
                 raise failed or broken
 
-    def _serve_plain(self, index, ring):
+    def serve_kick(self, index, ring, call, event_idx):
+        """A kick whose ring holds only reads and writes, served and signalled
+        in C with no Python per request (Device.serve_kick); any other
+        request stops C, and handle_queue goes on from it. (Not in a
+        subclass that has its own handle_queue: that one sees every kick.)"""
+        return (self._kicks_in_c and ring.compiled
+                and not self._serve_plain(index, ring, call, event_idx))
+
+    def _serve_plain(self, index, ring, call=None, event_idx=False):
         """Reads and writes served in C (compiled_ring.BlkRequests: what serve()
         and the ring's pop and push do, for those), up to the first request
-        of another kind, which the Python path takes next. False once the
-        ring is empty."""
+        of another kind, which the Python path takes next (call, event_idx:
+        BlkRequests.serve's). False once the ring is empty."""
         plain = self._plain.get(index)
         if plain is None or plain.ring is not ring.device_ring:
             plain = self._plain[index] = compiled_ring.BlkRequests(ring.device_ring,
                                                                    self.io_threads)
         stopped, _, failed, error = plain.serve(ring.inflight, self.fd, self.size,
-                                                self.read_only)
+                                                self.read_only, call, event_idx)
         if failed:
             log.warning("I/O error on the image: %s", os.strerror(error) if error else
                         f"{failed} short read(s) or write(s)")

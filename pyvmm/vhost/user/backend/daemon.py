@@ -11,7 +11,9 @@ REPLY_ACK is answered here, never by the device.
 
 Its own event loop watches the socket and the kick eventfd of each started
 ring: a kick on an enabled ring calls device.handle_queue(), after which
-the call eventfd is signalled if the driver wants it (EVENT_IDX). A ring
+the call eventfd is signalled if the driver wants it (EVENT_IDX); a device
+that can serve a kick whole, signal included (blk's reads and writes, in
+C), does so first in serve_kick(), with no Python per request. A ring
 the guest broke (RingError) is reported on the error eventfd and no longer
 processed; the back-end goes on.
 
@@ -438,7 +440,8 @@ class Daemon:
             os.eventfd_read(ring.kick)
         except BlockingIOError:
             pass
-        self._process(ring)
+        if not self._run(ring, None):
+            self._process(ring)
 
     def _process(self, ring):
         """Let the device work on ring, then interrupt the driver. Asked again
@@ -463,17 +466,25 @@ class Daemon:
             self._interrupt(r, before)
 
     def _run(self, ring, used_before):
-        """Let the device work on a started, enabled, unbroken ring."""
+        """Let the device work on a started, enabled, unbroken ring: its
+        handle_queue, noting in used_before (ring -> index) the used index
+        before it. used_before None, at a kick: the device's serve_kick
+        instead, which interrupts the driver itself; False if it left the
+        ring to handle_queue (True if it served it, or nothing could run)."""
         dr = ring.device_ring
         if dr is None or not ring.enabled or ring.broken:
-            return
+            return True
         try:
+            if used_before is None:
+                return self.device.serve_kick(ring.index, ring, ring.call,
+                                              self.features & EVENT_IDX)
             used_before.setdefault(ring, dr.used_idx())
             self.device.handle_queue(ring.index, ring, self.memory)
         except RingError as e:
             self._broken(ring, str(e))
         except Exception as e:  # noqa: BLE001 - whatever the guest made a device do
             self._broken(ring, f"the device failed: {type(e).__name__}: {e}")
+        return True
 
     def _interrupt(self, ring, used_before):
         """Signal the call eventfd if the driver wants to hear of what was used."""

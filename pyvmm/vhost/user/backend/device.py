@@ -90,6 +90,16 @@ class BackendDevice:
         buffers (read, write, view)."""
         raise NotImplementedError
 
+    def serve_kick(self, index, ring, call, event_idx):
+        """A kick on queue index, served whole in one go where a device can
+        (blk's plain reads and writes, in C): the chains served as
+        handle_queue would, then call (the queue's call eventfd, or None)
+        signalled if the driver wants to hear of them (event_idx:
+        VIRTIO_RING_F_EVENT_IDX negotiated). True if so; False leaves the
+        rest of the ring to handle_queue and the library's interrupt, as
+        for a device without one (the default)."""
+        return False
+
     def reset(self):
         """Back to the initial state (RESET_DEVICE, or a new front-end)."""
 
