@@ -509,3 +509,42 @@ def test_a_subclass_s_own_handle_queue_sees_every_kick(tmp_path, memory16):
     finally:
         rig.close()
         device.close()
+
+
+def test_c_serves_a_ring_s_kicks_until_the_loop_has_other_work(tmp_path, memory16,
+                                                                 monkeypatch):
+    """A stream of reads, each kicked on its own: after the first kick, C waits
+    for the next ones in the daemon's event loop and serves them itself
+    (Python's kick handler runs once); a message hands the loop back at
+    once (answered), and the next kick starts again from Python."""
+    from pyvmm.vhost.user.backend.daemon import Daemon
+    assert compiled_ring.available, "run scripts/setup (python -m pyvmm.virtio.compiled_ring)"
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(MiB))
+    on_kick, python_kicks = Daemon._on_kick, []
+
+    def counting(self, ring):
+        python_kicks.append(ring.index)
+        on_kick(self, ring)
+    monkeypatch.setattr(Daemon, "_on_kick", counting)
+    device = Blk(str(image))
+    rig = LibraryRig(memory16, device)
+    try:
+        def read(i):
+            rig.memory.write(0x100000, OUTHDR.pack(VIRTIO_BLK_T_IN, 0, i))
+            rig.memory.write(0x300000, b"\xff")
+            rig.submit([(0x100000, 16, False), (0x200000, 512, True), (0x300000, 1, True)])
+            assert rig.memory.read(0x300000, 1) == b"\0"
+            assert rig.memory.read(0x200000, 512) == on_disk[512 * i:512 * (i + 1)]
+        on_disk = image.read_bytes()
+        for i in range(5):
+            read(i)
+        assert python_kicks == [0]
+        started = time.monotonic()
+        assert rig.fe.get_features() & 1 << 32                # answered: C handed back
+        assert time.monotonic() - started < 1
+        read(5)
+        assert python_kicks == [0, 0]
+    finally:
+        rig.close()
+        device.close()

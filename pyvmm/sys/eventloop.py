@@ -76,5 +76,11 @@ class EventLoop:
                 except Exception as e:   # noqa: BLE001 - any failure ends the VM cleanly
                     self._on_error(what, e)
 
+    def fileno(self):
+        """The epoll fd, for C that waits on the same set and hands back what
+        it does not serve itself (the blk back-end's kicks: its sources are
+        level-triggered, so what C leaves is still ready here)."""
+        return self._epoll.fileno()
+
     def close(self):
         self._epoll.close()

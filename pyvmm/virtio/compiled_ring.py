@@ -58,7 +58,7 @@ uint32_t pv_blk_serve(const struct pv_region *, int, struct pv_queue *, struct p
                       uint16_t *, uint32_t);
 uint32_t pv_blk_kick(const struct pv_region *, int, struct pv_queue *, struct pv_disk *,
                      struct pv_buf *, struct iovec *, struct pv_io *, struct pv_chain *,
-                     uint16_t *, uint32_t, int, int);
+                     uint16_t *, uint32_t, int, int, int, int);
 extern const char pv_source_hash[];
 """
 
@@ -264,16 +264,19 @@ class BlkRequests:
         self._inflight = None       # the InflightQueue q.inflight points into
         self._disk_set = None       # the (fd, size, read_only) in self._disk
 
-    def serve(self, inflight, fd, size, read_only, call=None, event_idx=False):
+    def serve(self, inflight, fd, size, read_only, call=None, event_idx=False, wait=None):
         """Serve what C can (inflight: the ring's InflightQueue, or None), up to
         the first request of another kind, or not whole, or broken, which it
         leaves untaken: the Python path serves or refuses that one. Then, if
         call (the ring's call eventfd) is given, signal it if the driver
         wants to hear of what was used (Daemon._interrupt's test; event_idx:
-        VIRTIO_RING_F_EVENT_IDX negotiated). Returns (whether it stopped at
-        such a request, requests served, how many of them failed, the errno
-        of the last failure or 0 for a short count). This runs at every
-        kick: C's structs are written only where what they hold changed."""
+        VIRTIO_RING_F_EVENT_IDX negotiated). wait: (the event loop's epoll
+        fd, the ring's kick eventfd) to go on serving the ring's kicks in C
+        until something else is ready in the loop (or a request is left to
+        Python, or one failed). Returns (whether it stopped at such a
+        request, requests served, how many of them failed, the errno of the
+        last failure or 0 for a short count). This runs at every kick: C's
+        structs are written only where what they hold changed."""
         ring, q, disk = self.ring, self._q, self._disk
         regions, desc, avail, used = ring.host_layout()
         if regions is not self._regions:             # a new memory table
@@ -293,7 +296,8 @@ class BlkRequests:
             q.counter = inflight.counter
         try:
             served = lib.pv_blk_kick(regions.array, regions.count, *self._args,
-                                     -1 if call is None else call, 1 if event_idx else 0)
+                                     -1 if call is None else call, 1 if event_idx else 0,
+                                     *(wait or (-1, -1)))
         finally:
             ring.next_avail = q.next_avail
             if inflight is not None:

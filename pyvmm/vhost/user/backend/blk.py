@@ -210,22 +210,28 @@ class Blk(BackendDevice):
     def serve_kick(self, index, ring, call, event_idx):
         """A kick whose ring holds only reads and writes, served and signalled
         in C with no Python per request (Device.serve_kick); any other
-        request stops C, and handle_queue goes on from it. (Not in a
-        subclass that has its own handle_queue: that one sees every kick.)"""
-        return (self._kicks_in_c and ring.compiled
-                and not self._serve_plain(index, ring, call, event_idx))
+        request stops C, and handle_queue goes on from it. Attached to a
+        daemon, C then waits for the ring's next kick in the daemon's event
+        loop and serves it too, for as long as nothing else is ready there:
+        a message, another ring's kick, a resize, or a signal send it back.
+        (Not in a subclass that has its own handle_queue: that one sees
+        every kick.)"""
+        if not (self._kicks_in_c and ring.compiled):
+            return False
+        wait = (self.daemon.loop.fileno(), ring.kick) if self.daemon is not None else None
+        return not self._serve_plain(index, ring, call, event_idx, wait)
 
-    def _serve_plain(self, index, ring, call=None, event_idx=False):
+    def _serve_plain(self, index, ring, call=None, event_idx=False, wait=None):
         """Reads and writes served in C (compiled_ring.BlkRequests: what serve()
         and the ring's pop and push do, for those), up to the first request
-        of another kind, which the Python path takes next (call, event_idx:
-        BlkRequests.serve's). False once the ring is empty."""
+        of another kind, which the Python path takes next (call, event_idx,
+        wait: BlkRequests.serve's). False once the ring is empty."""
         plain = self._plain.get(index)
         if plain is None or plain.ring is not ring.device_ring:
             plain = self._plain[index] = compiled_ring.BlkRequests(ring.device_ring,
                                                                    self.io_threads)
         stopped, _, failed, error = plain.serve(ring.inflight, self.fd, self.size,
-                                                self.read_only, call, event_idx)
+                                                self.read_only, call, event_idx, wait)
         if failed:
             log.warning("I/O error on the image: %s", os.strerror(error) if error else
                         f"{failed} short read(s) or write(s)")

@@ -13,7 +13,9 @@ Its own event loop watches the socket and the kick eventfd of each started
 ring: a kick on an enabled ring calls device.handle_queue(), after which
 the call eventfd is signalled if the driver wants it (EVENT_IDX); a device
 that can serve a kick whole, signal included (blk's reads and writes, in
-C), does so first in serve_kick(), with no Python per request. A ring
+C), does so first in serve_kick(), with no Python per request (blk's C
+then serves the ring's next kicks too, waiting in this loop's epoll set,
+until anything else is ready there). A ring
 the guest broke (RingError) is reported on the error eventfd and no longer
 processed; the back-end goes on.
 
