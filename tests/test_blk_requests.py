@@ -516,7 +516,8 @@ def test_c_serves_a_ring_s_kicks_until_the_loop_has_other_work(tmp_path, memory1
     """A stream of reads, each kicked on its own: after the first kick, C waits
     for the next ones in the daemon's event loop and serves them itself
     (Python's kick handler runs once); a message hands the loop back at
-    once (answered), and the next kick starts again from Python."""
+    once (answered, even during a flood of empty kicks), and the next kick
+    starts again from Python."""
     from pyvmm.vhost.user.backend.daemon import Daemon
     assert compiled_ring.available, "run scripts/setup (python -m pyvmm.virtio.compiled_ring)"
     image = tmp_path / "disk.img"
@@ -545,6 +546,12 @@ def test_c_serves_a_ring_s_kicks_until_the_loop_has_other_work(tmp_path, memory1
         assert time.monotonic() - started < 1
         read(5)
         assert python_kicks == [0, 0]
+        for _ in range(1000):                # a flood of kicks for nothing stops no one
+            os.eventfd_write(rig.kick, 1)
+        started = time.monotonic()
+        assert rig.fe.get_features() & 1 << 32
+        assert time.monotonic() - started < 1
+        read(6)
     finally:
         rig.close()
         device.close()
