@@ -9,9 +9,11 @@ tables, buffers in two regions), other request types, requests past the end
 of the disk, a read-only disk, chains that are broken, an available index
 too far ahead; with and without an inflight area. Blk.handle_queue serves
 the same ring once with the ring walked in Python and once walked in C
-(where the plain requests go to C and the rest to the Python path): the
-guest's buffers and rings, the disk, the inflight area, where the ring
-stopped and the refusal, if any, must come out the same."""
+(where the plain requests go to C and the rest to the Python path), and
+once more as the daemon serves a kick (Blk.serve_kick, C signalling the
+call eventfd itself): the guest's buffers and rings, the disk, the
+inflight area, where the ring stopped, the refusal, if any, and whether
+the driver got the interrupt it asked for must come out the same."""
 
 import os
 import random
