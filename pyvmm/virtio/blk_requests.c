@@ -301,11 +301,12 @@ static void give_back(struct pv_queue *q, struct pv_disk *disk, const struct pv_
 
 /* Serve the plain requests at the front of queue q, batch at most at a time
    (at most num in all); returns how many. bufs: room for batch * (num + 1)
-   buffers; iov: the same; io: batch; chains, heads: batch. */
-uint32_t pv_blk_serve(const struct pv_region *regions, int nregions, struct pv_queue *q,
-                      struct pv_disk *disk, struct pv_buf *bufs, struct iovec *iov,
-                      struct pv_io *io, struct pv_chain *chains, uint16_t *heads,
-                      uint32_t batch)
+   buffers; iov: the same; io: batch; chains, heads: batch. (Python calls
+   it through pv_blk_kick.) */
+static uint32_t pv_blk_serve(const struct pv_region *regions, int nregions,
+                             struct pv_queue *q, struct pv_disk *disk, struct pv_buf *bufs,
+                             struct iovec *iov, struct pv_io *io, struct pv_chain *chains,
+                             uint16_t *heads, uint32_t batch)
 {
     uint32_t served = 0, room = q->num + 1;
 

@@ -53,9 +53,6 @@ struct pv_disk { int fd, read_only; uint64_t size; uint32_t failed; int error; }
 struct pv_io { int fd, to_file; int64_t offset; const struct pv_buf *bufs; uint32_t n;
                uint64_t start, length; struct iovec *iov; int64_t done; };
 int pv_pool_start(int);
-uint32_t pv_blk_serve(const struct pv_region *, int, struct pv_queue *, struct pv_disk *,
-                      struct pv_buf *, struct iovec *, struct pv_io *, struct pv_chain *,
-                      uint16_t *, uint32_t);
 uint32_t pv_blk_kick(const struct pv_region *, int, struct pv_queue *, struct pv_disk *,
                      struct pv_buf *, struct iovec *, struct pv_io *, struct pv_chain *,
                      uint16_t *, uint32_t, int, int, int, int);
